@@ -1,0 +1,150 @@
+"""The reference backend: NumPy arrays on the CPU."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import sympy
+
+from .base import Backend
+
+_erf_object = np.frompyfunc(math.erf, 1, 1)
+
+
+def _erf(x: Any) -> Any:
+    """erf with full float64 accuracy (NumPy has none; SciPy is not a dependency)."""
+    x = np.asarray(x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    return np.asarray(_erf_object(x), dtype=object).astype(dtype)
+
+
+# Ops whose NumPy ufunc computes exactly the spec's expression. Every other
+# elementwise spec is lambdified from its sympy expression; the test suite checks
+# that both routes agree for every registered op.
+_NATIVE: dict[str, Callable[..., Any]] = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true_divide,
+    "neg": np.negative, "pow": np.power, "exp": np.exp, "log": np.log,
+    "sqrt": np.sqrt, "abs": np.abs, "tanh": np.tanh, "sign": np.sign,
+    "maximum": np.maximum, "minimum": np.minimum, "erf": _erf,
+    "heaviside": np.heaviside,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+    "gt": np.greater, "ge": np.greater_equal,
+    "logical_and": np.logical_and, "logical_or": np.logical_or,
+    "logical_not": np.logical_not,
+}
+
+
+def _weak_result_dtype(args: Sequence[Any]) -> np.dtype:
+    """NumPy's promotion with Python scalars weak (NEP 50), as the ufuncs do."""
+    return np.result_type(*args)
+
+
+def lambdify_numpy(spec: Any) -> Callable[..., Any]:
+    """A NumPy callable from a spec's sympy expression, keeping the input float dtype.
+
+    Constants are evaluated to Python floats so they stay weakly typed and do not
+    upcast float32 arrays.
+    """
+    expr = spec.expr.evalf()
+    fn = sympy.lambdify(spec.symbols, expr, modules=[{"erf": _erf}, "numpy"])
+    is_float = spec.float_result
+
+    def run(*args: Any) -> Any:
+        dtype = _weak_result_dtype(args)
+        if is_float and dtype.kind != "f":
+            dtype = np.dtype(np.float32)
+        out = fn(*args)
+        return np.asarray(out).astype(dtype, copy=False) if spec.result != "bool" else np.asarray(out, dtype=bool)
+
+    return run
+
+
+class NumpyBackend(Backend):
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    # -- creation and conversion ------------------------------------------------
+    def asarray(self, data: Any, dtype: Any = None) -> Any:
+        return np.asarray(data, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> Any:
+        return x
+
+    def full(self, shape: tuple, value: Any, dtype: Any) -> Any:
+        return np.full(shape, value, dtype=dtype)
+
+    def arange(self, start: Any, stop: Any, step: Any, dtype: Any) -> Any:
+        return np.arange(start, stop, step, dtype=dtype)
+
+    def astype(self, x: Any, dtype: Any) -> Any:
+        return x.astype(dtype, copy=False)
+
+    def copy(self, x: Any) -> Any:
+        return np.array(x, copy=True)
+
+    # -- elementwise -------------------------------------------------------------
+    def elementwise_fn(self, spec: Any) -> Callable[..., Any]:
+        native = _NATIVE.get(spec.name)
+        if native is not None:
+            return native
+        return lambdify_numpy(spec)
+
+    # -- reductions and linear algebra -------------------------------------------
+    def sum(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
+        return np.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
+        return np.max(x, axis=axis, keepdims=keepdims)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        return np.matmul(a, b)
+
+    # -- movement ----------------------------------------------------------------
+    def reshape(self, x: Any, shape: tuple) -> Any:
+        return np.reshape(x, shape)
+
+    def transpose(self, x: Any, axes: tuple) -> Any:
+        return np.transpose(x, axes)
+
+    def broadcast_to(self, x: Any, shape: tuple) -> Any:
+        return np.broadcast_to(x, shape)
+
+    def concatenate(self, xs: Sequence[Any], axis: int) -> Any:
+        return np.concatenate(xs, axis=axis)
+
+    def pad(self, x: Any, pad_width: tuple, value: Any) -> Any:
+        return np.pad(x, pad_width, mode="constant", constant_values=value)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return np.where(cond, a, b)
+
+    # -- indexing ----------------------------------------------------------------
+    def getitem(self, x: Any, index: tuple) -> Any:
+        return x[index]
+
+    def index_add(self, shape: tuple, index: tuple, values: Any, advanced: bool) -> Any:
+        out = np.zeros(shape, dtype=values.dtype)
+        if advanced:
+            np.add.at(out, index, values)
+        else:
+            out[index] = values
+        return out
+
+    def setitem(self, x: Any, index: tuple, value: Any) -> None:
+        x[index] = value
+
+    # -- random ------------------------------------------------------------------
+    def seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def random_normal(self, shape: tuple, dtype: Any) -> Any:
+        return self.rng.standard_normal(shape, dtype=np.float64).astype(dtype, copy=False)
+
+    def random_uniform(self, shape: tuple, dtype: Any) -> Any:
+        return self.rng.random(shape, dtype=np.float64).astype(dtype, copy=False)
+
+    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
+        return (self.rng.random(shape) < p).astype(dtype)

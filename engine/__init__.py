@@ -1,0 +1,33 @@
+"""engine: a spec-driven tensor/autograd engine.
+
+    import engine as eg
+    x = eg.tensor([[1.0, 2.0]], requires_grad=True)
+    (x @ x.T).sum().backward()
+
+`from engine import nn` gives the neural-network library built on it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import autograd, dispatch  # noqa: F401  (dispatch installs the interpreter)
+from .autograd import grad as autograd_grad
+from .autograd import grad_fn as grad
+from .autograd import value_and_grad
+from .creation import (arange, bool_, eye, float16, float32, float64, from_dlpack, from_numpy,
+                       full, full_like, int8, int16, int32, int64, ones, ones_like, rand, randint,
+                       randn, tensor, uint8, zeros, zeros_like)
+from .errors import (DeviceError, DTypeError, EngineError, GradcheckError, GradError, OpError,
+                     ShapeError, TraceError)
+from .functional import *  # noqa: F401,F403
+from .functional import abs, max, min, pow, sum  # noqa: F401  (shadow builtins on purpose)
+from .gradcheck import gradcheck
+from .state import enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
+from .tensor import Tensor
+
+
+def __getattr__(name: str) -> Any:
+    if name == "nn":                  # `from engine import nn`, without an import cycle
+        import nn
+        return nn
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,207 @@
+"""Reverse-mode autodiff over the graph of autograd nodes.
+
+The walk is iterative (a chain of 100,000 ops is fine), gradients of a tensor
+used several times are summed before its VJP runs, and the graph is freed after
+backward unless `retain_graph=True`. VJPs are op calls: with `create_graph=True`
+they are recorded, so gradients can be differentiated again.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from ops.errors import GradError, ShapeError
+
+from .dispatch import FreedNode, Node
+from .state import set_grad_enabled
+from .tensor import Tensor
+
+
+def _topological(roots: Sequence[Tensor]) -> list[Tensor]:
+    """Tensors that need grad reachable from `roots`, every consumer before its inputs."""
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(r, False) for r in roots]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        ctx = t._ctx
+        if isinstance(ctx, FreedNode):
+            raise GradError(
+                f"backward through the graph a second time: the graph of {ctx.op.name} was "
+                f"freed by an earlier backward. Pass retain_graph=True to the first call if "
+                f"you need to run backward twice.")
+        if ctx is not None:
+            for x in ctx.inputs:
+                if isinstance(x, Tensor) and x.requires_grad and id(x) not in seen:
+                    stack.append((x, False))
+    order.reverse()
+    return order
+
+
+def _check_versions(t: Tensor, ctx: Node) -> None:
+    for i, (x, v) in enumerate(zip(ctx.inputs + (t,), ctx.versions)):
+        if isinstance(x, Tensor) and x._version[0] != v:
+            which = "its output" if x is t else f"input {i}"
+            raise GradError(
+                f"{ctx.op.name}: {which} (shape {x.shape}) was modified in place after the "
+                f"op used it (version {v} -> {x._version[0]}), and backward needs the old "
+                f"value. Use an out-of-place op (x = x + y) or .clone() before changing it.")
+
+
+def _accumulate(prev: Tensor | None, g: Tensor) -> Tensor:
+    return g if prev is None else prev + g
+
+
+def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
+         create_graph: bool, capture: dict[int, Tensor] | None) -> dict[int, Tensor]:
+    """Propagate `grads` from `roots`. Leaves get .grad unless `capture` names tensors
+    whose total gradient is returned instead (autograd.grad)."""
+    order = _topological(roots)
+    pending: dict[int, Tensor] = {}
+    for r, g in zip(roots, grads):
+        pending[id(r)] = _accumulate(pending.get(id(r)), g)
+    captured: dict[int, Tensor] = {}
+    with set_grad_enabled(create_graph):
+        for t in order:
+            g = pending.pop(id(t), None)
+            if g is None:
+                continue
+            if capture is not None and id(t) in capture:
+                captured[id(t)] = g
+            ctx = t._ctx
+            if ctx is None or t._retains_grad:
+                if capture is None:
+                    g_store = g if create_graph else g.detach()
+                    t.grad = g_store if t.grad is None else \
+                        (t.grad + g_store if create_graph else (t.grad + g_store).detach())
+                if ctx is None:
+                    continue
+            _check_versions(t, ctx)
+            needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in ctx.inputs)
+            in_grads = ctx.op.vjp(g, t, ctx.inputs, needs, **ctx.params)
+            for x, gx, need in zip(ctx.inputs, in_grads, needs):
+                if not need or gx is None:
+                    continue
+                if gx.shape != x.shape:
+                    raise ShapeError(f"{ctx.op.name}: its VJP returned a gradient of shape "
+                                     f"{gx.shape} for an input of shape {x.shape}")
+                if gx.dtype != x.dtype:
+                    gx = gx.to(dtype=x.dtype)
+                pending[id(x)] = _accumulate(pending.get(id(x)), gx)
+            if not retain_graph:
+                t._ctx = FreedNode(ctx.op)
+    return captured
+
+
+def _root_grad(t: Tensor, grad: Any) -> Tensor:
+    if grad is None:
+        if t.size != 1:
+            raise GradError(f"backward on a tensor of shape {t.shape} needs a gradient "
+                            f"argument; only single-element outputs get an implicit 1")
+        from .creation import ones_like
+        return ones_like(t)
+    if not isinstance(grad, Tensor):
+        from .creation import tensor
+        grad = tensor(grad, dtype=t.dtype, device=t.device)
+    if grad.shape != t.shape:
+        raise ShapeError(f"backward: gradient of shape {grad.shape} for an output of "
+                         f"shape {t.shape}")
+    return grad
+
+
+def backward(t: Tensor, grad: Any = None, retain_graph: bool = False,
+             create_graph: bool = False) -> None:
+    """Accumulate d(t)/d(leaf) (times `grad`) into `.grad` of every leaf that requires it."""
+    if not t.requires_grad:
+        raise GradError(f"backward on a tensor (shape {t.shape}) that does not require grad: "
+                        f"no input of its computation has requires_grad=True")
+    _run([t], [_root_grad(t, grad)], retain_graph or create_graph, create_graph, None)
+
+
+def grad(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+         grad_outputs: Any = None, retain_graph: bool | None = None,
+         create_graph: bool = False, allow_unused: bool = False) -> tuple:
+    """d(outputs)/d(inputs) as a tuple, without touching any .grad (torch.autograd.grad)."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    ins = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    gos = grad_outputs if isinstance(grad_outputs, (list, tuple)) else [grad_outputs] * len(outs)
+    for o in outs:
+        if not o.requires_grad:
+            raise GradError(f"grad: an output (shape {o.shape}) does not require grad")
+    for x in ins:
+        if not x.requires_grad:
+            raise GradError(f"grad: an input (shape {x.shape}) does not require grad")
+    retain = create_graph if retain_graph is None else retain_graph
+    captured = _run(outs, [_root_grad(o, g) for o, g in zip(outs, gos)], retain, create_graph,
+                    {id(x): x for x in ins})
+    result = []
+    for x in ins:
+        g = captured.get(id(x))
+        if g is None:
+            if not allow_unused:
+                raise GradError(f"grad: an input of shape {x.shape} was not used to compute "
+                                f"the outputs (pass allow_unused=True to get None)")
+        result.append(g)
+    return tuple(result)
+
+
+def _argnums(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
+def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False) -> Callable[..., Any]:
+    """f -> (x -> (f(x), df/dx)), as in JAX. f must return a scalar tensor (or
+    (scalar, aux) with has_aux). Nested calls compose: grad(grad(f)) works."""
+    nums = _argnums(argnums)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        from .creation import tensor
+        args = list(args)
+        nested = False
+        for i in nums:
+            a = args[i]
+            if isinstance(a, Tensor) and a.requires_grad:
+                nested = True          # an outer grad is watching: keep the graph
+            else:
+                a = (a.detach() if isinstance(a, Tensor) else tensor(a)).requires_grad_(True)
+                args[i] = a
+        with set_grad_enabled(True):
+            res = f(*args, **kwargs)
+        value, aux = res if has_aux else (res, None)
+        if not isinstance(value, Tensor) or value.size != 1:
+            raise GradError(f"grad: the function must return a single-element tensor, got "
+                            f"{getattr(value, 'shape', type(value).__name__)}")
+        if not value.requires_grad:
+            from .creation import zeros_like
+            gs = tuple(zeros_like(args[i]) for i in nums)
+        else:
+            gs = grad(value, [args[i] for i in nums], create_graph=nested,
+                      allow_unused=True)
+            from .creation import zeros_like
+            gs = tuple(zeros_like(args[i]) if g is None else g for i, g in zip(nums, gs))
+        out_g = gs[0] if isinstance(argnums, int) else gs
+        if not nested:
+            value = value.detach()
+        return ((value, aux), out_g) if has_aux else (value, out_g)
+
+    return wrapped
+
+
+def grad_fn(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
+            has_aux: bool = False) -> Callable[..., Any]:
+    """f -> df/dx (see value_and_grad)."""
+    vg = value_and_grad(f, argnums, has_aux)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        (value, g) = vg(*args, **kwargs)
+        return (g, value[1]) if has_aux else g
+
+    return wrapped
+

@@ -1,0 +1,136 @@
+"""Making tensors: from data, from other libraries, and from nothing."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+import ops
+from ops.errors import DeviceError
+
+from .state import DEFAULT_FLOAT, get_backend
+from .tensor import Tensor
+
+float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+int8, int16, int32, int64 = (np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
+uint8, bool_ = np.dtype(np.uint8), np.dtype(bool)
+
+
+def _infer_dtype(data: Any) -> np.dtype | None:
+    """Python floats become float32 (the default); arrays keep their dtype."""
+    if isinstance(data, (np.ndarray, np.generic)) or hasattr(data, "__array_interface__"):
+        return None
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f":
+        return DEFAULT_FLOAT
+    return None
+
+
+def tensor(data: Any, dtype: Any = None, device: str = "cpu",
+           requires_grad: bool = False) -> Tensor:
+    """A new tensor holding a copy of `data` (lists, scalars, NumPy arrays, tensors)."""
+    if isinstance(data, Tensor):
+        src = data.detach().to(device)
+        arr = src._backend.copy(src._data)
+        if dtype is not None:
+            arr = src._backend.astype(arr, np.dtype(dtype))
+        return Tensor(arr, src._backend, requires_grad=requires_grad)
+    if dtype is None:
+        dtype = _infer_dtype(data)
+    be = get_backend(device)
+    host = np.array(data, dtype=dtype, copy=True)
+    return Tensor(be.asarray(host), be, requires_grad=requires_grad)
+
+
+def from_numpy(arr: np.ndarray) -> Tensor:
+    """A CPU tensor sharing memory with `arr`."""
+    return Tensor(np.asarray(arr), get_backend("cpu"))
+
+
+def from_dlpack(obj: Any) -> Tensor:
+    """A tensor sharing memory with any DLPack producer (NumPy, CuPy, PyTorch)."""
+    device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else 1
+    if device_type == 1:                      # kDLCPU
+        return Tensor(np.from_dlpack(obj), get_backend("cpu"))
+    be = get_backend("cuda")
+    return Tensor(be.from_dlpack(obj), be)
+
+
+def transfer(t: Tensor, device: str) -> Tensor:
+    """Copy to another device. A leaf stays a leaf (requires_grad kept); moving a tensor
+    from the middle of a graph would cut it, so that is refused."""
+    if t._ctx is not None and t.requires_grad:
+        raise DeviceError(f"cannot move a non-leaf tensor (made by {t.grad_fn}) from {t.device} "
+                          f"to {device}: move the leaves (parameters, inputs) before computing")
+    target = get_backend(device)
+    host = t._backend.to_numpy(t._data)
+    return Tensor(target.asarray(host), target, requires_grad=t.requires_grad)
+
+
+def _shape(shape: Sequence[Any]) -> tuple:
+    if len(shape) == 1 and not isinstance(shape[0], int):
+        shape = tuple(shape[0])
+    return tuple(int(d) for d in shape)
+
+
+def full(shape: Any, value: Any, dtype: Any = None, device: str = "cpu",
+         requires_grad: bool = False) -> Tensor:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if dtype is None:
+        dtype = DEFAULT_FLOAT if isinstance(value, float) else np.asarray(value).dtype
+    t = ops.REGISTRY["full"](shape=shape, value=value, dtype=np.dtype(dtype), device=device)
+    return t.requires_grad_(True) if requires_grad else t
+
+
+def zeros(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    return full(_shape(shape), 0.0, dtype or DEFAULT_FLOAT, device, requires_grad)
+
+
+def ones(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    return full(_shape(shape), 1.0, dtype or DEFAULT_FLOAT, device, requires_grad)
+
+
+def zeros_like(t: Tensor, dtype: Any = None) -> Tensor:
+    return full(t.shape, 0, dtype or t.dtype, t.device)
+
+
+def ones_like(t: Tensor, dtype: Any = None) -> Tensor:
+    return full(t.shape, 1, dtype or t.dtype, t.device)
+
+
+def full_like(t: Tensor, value: Any, dtype: Any = None) -> Tensor:
+    return full(t.shape, value, dtype or t.dtype, t.device)
+
+
+def arange(start: Any, stop: Any = None, step: Any = 1, dtype: Any = None,
+           device: str = "cpu") -> Tensor:
+    if stop is None:
+        start, stop = 0, start
+    if dtype is None:
+        dtype = np.int64 if all(isinstance(v, int) for v in (start, stop, step)) else DEFAULT_FLOAT
+    return ops.REGISTRY["arange"](start=start, stop=stop, step=step, dtype=np.dtype(dtype), device=device)
+
+
+def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") -> Tensor:
+    rows = arange(n, device=device).reshape(n, 1)
+    cols = arange(n if m is None else m, device=device).reshape(1, -1)
+    return (rows == cols).to(dtype=dtype or DEFAULT_FLOAT)
+
+
+def randn(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """Standard normal samples from the device's generator (see manual_seed)."""
+    t = ops.REGISTRY["random_normal"](shape=_shape(shape), dtype=np.dtype(dtype or DEFAULT_FLOAT),
+                                      device=device)
+    return t.requires_grad_(True) if requires_grad else t
+
+
+def rand(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """Uniform samples in [0, 1)."""
+    t = ops.REGISTRY["random_uniform"](shape=_shape(shape), dtype=np.dtype(dtype or DEFAULT_FLOAT),
+                                       device=device)
+    return t.requires_grad_(True) if requires_grad else t
+
+
+def randint(low: int, high: int, shape: Sequence[int], device: str = "cpu") -> Tensor:
+    u = rand(*shape, dtype=float64, device=device)
+    return (u * (high - low) + low).to(dtype=int64).clip(low, high - 1)

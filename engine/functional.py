@@ -1,0 +1,134 @@
+"""NumPy-style functions over tensors: thin wrappers that normalise arguments and
+call ops or composites (so every interpreter sees them)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+import ops
+from ops import composite as C
+from ops.shapes import normalize_axis
+
+from .tensor import Tensor, _operand
+
+R = ops.REGISTRY
+
+
+def _t(x: Any) -> Any:
+    return _operand(x)
+
+
+def add(a: Any, b: Any) -> Tensor: return R["add"](_t(a), _t(b))
+def sub(a: Any, b: Any) -> Tensor: return R["sub"](_t(a), _t(b))
+def mul(a: Any, b: Any) -> Tensor: return R["mul"](_t(a), _t(b))
+def div(a: Any, b: Any) -> Tensor: return R["div"](_t(a), _t(b))
+def pow(a: Any, b: Any) -> Tensor: return R["pow"](_t(a), _t(b))
+def maximum(a: Any, b: Any) -> Tensor: return R["maximum"](_t(a), _t(b))
+def minimum(a: Any, b: Any) -> Tensor: return R["minimum"](_t(a), _t(b))
+def matmul(a: Any, b: Any) -> Tensor: return R["matmul"](_t(a), _t(b))
+def neg(x: Any) -> Tensor: return R["neg"](_t(x))
+def exp(x: Any) -> Tensor: return R["exp"](_t(x))
+def log(x: Any) -> Tensor: return R["log"](_t(x))
+def sqrt(x: Any) -> Tensor: return R["sqrt"](_t(x))
+def rsqrt(x: Any) -> Tensor: return R["rsqrt"](_t(x))
+def abs(x: Any) -> Tensor: return R["abs"](_t(x))
+def tanh(x: Any) -> Tensor: return R["tanh"](_t(x))
+def sigmoid(x: Any) -> Tensor: return R["sigmoid"](_t(x))
+def relu(x: Any) -> Tensor: return R["relu"](_t(x))
+def erf(x: Any) -> Tensor: return R["erf"](_t(x))
+def sign(x: Any) -> Tensor: return R["sign"](_t(x))
+
+
+def gelu(x: Any, approximate: str = "none") -> Tensor:
+    """GELU: exact (erf) form, or approximate="tanh" as in GPT-2."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return R["gelu" if approximate == "none" else "gelu_tanh"](_t(x))
+
+
+def where(cond: Any, a: Any, b: Any) -> Tensor:
+    return R["where"](_t(cond), _t(a), _t(b))
+
+
+def sum(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return x.sum(axis, keepdims)
+
+
+def max(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return x.max(axis, keepdims)
+
+
+def min(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return C.min(x, axis, keepdims)
+
+
+def mean(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return C.mean(x, axis, keepdims)
+
+
+def var(x: Tensor, axis: Any = None, keepdims: bool = False, correction: int = 0) -> Tensor:
+    return C.var(x, axis, keepdims, correction)
+
+
+logsumexp = C.logsumexp
+softmax = C.softmax
+log_softmax = C.log_softmax
+masked_fill = C.masked_fill
+expand_dims = C.expand_dims
+squeeze = C.squeeze
+swapaxes = C.swapaxes
+take_along_axis = C.take_along_axis
+layer_norm = C.layer_norm
+scaled_dot_product_attention = C.scaled_dot_product_attention
+clip = C.clip
+
+
+def one_hot(indices: Tensor, num_classes: int, dtype: Any = np.float32) -> Tensor:
+    return C.one_hot(indices, num_classes, dtype)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    return C.dropout(x, p, training)
+
+
+def reshape(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return x.reshape(tuple(shape))
+
+
+def transpose(x: Tensor, axes: Sequence[int] | None = None) -> Tensor:
+    return x.transpose() if axes is None else x.transpose(tuple(axes))
+
+
+def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return R["broadcast_to"](x, shape=tuple(shape))
+
+
+def concatenate(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+    xs = [_t(x) for x in xs]
+    return R["concatenate"](*xs, axis=normalize_axis("concatenate", axis, xs[0].ndim)[0])
+
+
+def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+    return C.stack([_t(x) for x in xs], axis)
+
+
+def split(x: Tensor, sections: int | Sequence[int], axis: int = 0) -> list:
+    return C.split(x, sections, axis)
+
+
+def pad(x: Tensor, pad_width: Any, value: float = 0.0) -> Tensor:
+    """Constant padding, NumPy's pad_width: ((before, after), ...) or one pair for all axes."""
+    if isinstance(pad_width, int):
+        pad_width = ((pad_width, pad_width),) * x.ndim
+    elif len(pad_width) == 2 and all(isinstance(p, int) for p in pad_width):
+        pad_width = (tuple(pad_width),) * x.ndim
+    return R["pad"](x, pad_width=tuple(tuple(int(v) for v in p) for p in pad_width), value=value)
+
+
+def stop_gradient(x: Tensor) -> Tensor:
+    return R["stop_gradient"](x)
+
+
+def cast(x: Tensor, dtype: Any) -> Tensor:
+    return R["cast"](x, dtype=np.dtype(dtype))

@@ -1,0 +1,71 @@
+"""Global switches: gradient recording, the default dtype, seeding."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+
+import backends
+
+DEFAULT_FLOAT = np.dtype(np.float32)
+
+
+class _GradMode:
+    enabled = True
+
+
+grad_mode = _GradMode()
+
+
+class _SetGrad(contextlib.ContextDecorator):
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.prev: list[bool] = []
+
+    def __enter__(self) -> "_SetGrad":
+        self.prev.append(grad_mode.enabled)
+        grad_mode.enabled = self.enabled
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        grad_mode.enabled = self.prev.pop()
+
+
+def no_grad() -> _SetGrad:
+    """Context manager / decorator: ops inside record no graph (as torch.no_grad)."""
+    return _SetGrad(False)
+
+
+def enable_grad() -> _SetGrad:
+    """Context manager / decorator: turn recording back on inside a no_grad block."""
+    return _SetGrad(True)
+
+
+def is_grad_enabled() -> bool:
+    return grad_mode.enabled
+
+
+@contextlib.contextmanager
+def set_grad_enabled(enabled: bool) -> Iterator[None]:
+    with _SetGrad(enabled):
+        yield
+
+
+_seed: list[int | None] = [None]
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the random generators of every device, now and of devices started later."""
+    _seed[0] = int(seed)
+    for be in backends.loaded_backends():
+        be.seed(int(seed))
+
+
+def get_backend(device: str) -> backends.Backend:
+    """The backend of `device`, seeded with the last manual_seed when first started."""
+    fresh = device not in backends._instances
+    be = backends.get_backend(device)
+    if fresh and _seed[0] is not None:
+        be.seed(_seed[0])
+    return be

@@ -1,0 +1,14 @@
+"""The op spec: every primitive declared once, listed in `REGISTRY`.
+
+Primitives live in elementwise / reduce / movement / linalg / random; composite
+functions built from them live in `composite` (listed in `COMPOSITES`). Ops never
+import a concrete backend: they receive one from the interpreter.
+"""
+from . import composite, elementwise, linalg, movement, random, reduce  # noqa: F401  (registration)
+from .composite import COMPOSITES
+from .elementwise import ElementwiseOp, sum_to
+from .errors import DeviceError, DTypeError, EngineError, GradError, OpError, ShapeError, TraceError
+from .spec import REGISTRY, Op, register, set_dispatcher
+
+__all__ = ["REGISTRY", "COMPOSITES", "Op", "ElementwiseOp", "register", "set_dispatcher", "sum_to",
+           "EngineError", "ShapeError", "DTypeError", "DeviceError", "GradError", "OpError", "TraceError"]

@@ -1,0 +1,241 @@
+"""Elementwise ops, each declared by a sympy expression.
+
+From the expression come the forward (a backend lambdifies it, or uses a native
+function the tests prove equal), the derivative (`sympy.diff`, or a stable form
+written with `out` that the tests prove equal to it), the C source of fused
+kernels, and the symbolic evaluation. Broadcasting is undone in one place:
+`_elementwise_vjp` sums each input's gradient back to the input's shape.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import sympy
+
+from . import sympy_ops
+from .shapes import broadcast_shapes, shape_of
+from .spec import Op, register
+
+X, Y = sympy.symbols("x y", real=True)
+P, Q = sympy.symbols("p q")          # truth values, for the logical ops
+OUT = sympy.Symbol("out", real=True)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, numbers.Number)
+
+
+class ElementwiseOp(Op):
+    """An op defined pointwise by a sympy expression of its inputs."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, expr: sympy.Expr, symbols: Sequence[sympy.Symbol], *,
+                 grads: Sequence[sympy.Expr] | None = None, differentiable: bool = True,
+                 float_result: bool = False, result: str = "same",
+                 impl_expr: sympy.Expr | None = None, domain: str = "real",
+                 doc: str = "") -> None:
+        super().__init__(name, kind="elementwise", forward=self._forward, infer=self._infer,
+                         vjp=self._vjp if differentiable else None, doc=doc)
+        self.expr = expr
+        self.symbols = tuple(symbols)
+        self.nin = len(symbols)
+        self.float_result = float_result
+        self.result = result                       # "same" or "bool"
+        self.impl_expr = impl_expr if impl_expr is not None else expr
+        self.domain = domain
+        self.derived_grads = tuple(sympy.diff(expr, s) for s in self.symbols)
+        self.grads = tuple(grads) if grads is not None else self.derived_grads
+        self._grad_fns: tuple[Callable, ...] | None = None
+        self.sample = functools.partial(_sample_elementwise, self)
+        self.reference = _mpmath_reference(self)
+
+    # -- forward -------------------------------------------------------------------
+    def impl(self, backend: Any) -> Callable[..., Any]:
+        """This op's callable on `backend`, built once."""
+        fn = self._impls.get(id(backend))
+        if fn is None:
+            fn = self._impls[id(backend)] = backend.elementwise_fn(self)
+        return fn
+
+    def _forward(self, backend: Any, *args: Any) -> Any:
+        if self.float_result:
+            args = tuple(a if _is_scalar(a) or a.dtype.kind in "fc" else backend.astype(a, _FLOAT32)
+                         for a in args)
+        return self.impl(backend)(*args)
+
+    # -- rules -----------------------------------------------------------------------
+    def _infer(self, *args: Any) -> tuple[tuple, Any]:
+        if len(args) != self.nin:
+            raise TypeError(f"{self.name}: expected {self.nin} inputs, got {len(args)}")
+        shape = broadcast_shapes(self.name, *(shape_of(a) for a in args))
+        return shape, self.result_dtype(*(a if _is_scalar(a) else a.dtype for a in args))
+
+    @functools.lru_cache(maxsize=None)
+    def result_dtype(self, *dtypes: Any) -> np.dtype:
+        """The output dtype for input dtypes (Python scalars stand for themselves)."""
+        if self.result == "bool":
+            return np.dtype(bool)
+        vals = []
+        for d in dtypes:
+            if _is_scalar(d):
+                vals.append(d)
+            else:
+                d = np.dtype(d)
+                if self.float_result and d.kind not in "fc":
+                    d = _FLOAT32
+                vals.append(np.empty(0, d))
+        dt = np.result_type(*vals)
+        if self.float_result and dt.kind not in "fc":
+            dt = _FLOAT32
+        return dt
+
+    # -- gradient ----------------------------------------------------------------------
+    def grad_fns(self) -> tuple[Callable, ...]:
+        """One function of (*inputs, out) per input: the partial derivative, in ops."""
+        if self._grad_fns is None:
+            syms = self.symbols + (OUT,)
+            self._grad_fns = tuple(sympy_ops.build(g, syms) for g in self.grads)
+        return self._grad_fns
+
+    def _vjp(self, g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
+        fns = self.grad_fns()
+        grads = []
+        for i, x in enumerate(inputs):
+            if not needs[i]:
+                grads.append(None)
+                continue
+            d = fns[i](*inputs, out)
+            if _is_scalar(d) and d == 0:
+                grads.append(None)
+                continue
+            grads.append(sum_to(sympy_ops.call("mul", g, d), x.shape))
+        return tuple(grads)
+
+
+def sum_to(g: Any, shape: tuple) -> Any:
+    """Sum `g` down to `shape`: the one place where broadcasting is undone."""
+    from .reduce import sum as sum_op
+    from .movement import reshape
+    gshape = g.shape
+    if gshape == shape:
+        return g
+    lead = len(gshape) - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape)
+                                      if d == 1 and gshape[i + lead] != 1)
+    out = sum_op(g, axis=axes, keepdims=False) if axes else g
+    return reshape(out, shape=shape) if out.shape != shape else out
+
+
+# -- test sampling ------------------------------------------------------------------------
+
+def _draw(domain: str, rng: np.random.Generator, shape: tuple, position: int) -> np.ndarray:
+    if domain == "bool":
+        return rng.random(shape) < 0.5
+    if domain == "positive":
+        return rng.uniform(0.5, 2.0, shape)
+    if domain == "nonzero":          # away from a kink at 0
+        return rng.choice([-1.0, 1.0], shape) * rng.uniform(0.2, 2.0, shape)
+    if domain == "separated":        # two inputs never within 0.2 of each other
+        return (rng.standard_normal(shape) + 3.0 * position) if position else rng.standard_normal(shape)
+    return rng.standard_normal(shape)
+
+
+_SHAPE_CASES = [((3, 4), (3, 4)), ((2, 3, 4), (4,)), ((3, 1), (1, 4)), ((1,), (2, 3)),
+                ((), (2, 2)), ((5,), ())]
+
+
+def _sample_elementwise(op: ElementwiseOp, rng: np.random.Generator) -> list:
+    cases = []
+    for shapes in _SHAPE_CASES:
+        args = [_draw(op.domain, rng, s, i) for i, s in enumerate(shapes[:op.nin])]
+        cases.append((args, {}))
+    if op.nin == 2 and op.name not in ("heaviside",):
+        cases.append(([_draw(op.domain, rng, (2, 3), 0), 1.5], {}))    # tensor op Python scalar
+    return cases
+
+
+def _mpmath_reference(op: ElementwiseOp) -> Callable[..., np.ndarray]:
+    """An independent evaluation of the expression (mpmath, element by element)."""
+    fn = sympy.lambdify(op.symbols, op.expr, modules="mpmath")
+
+    def ref(*args: Any) -> np.ndarray:
+        out = np.vectorize(lambda *a: float(fn(*a)) if op.result != "bool" else bool(fn(*a)),
+                           otypes=[object])(*args)
+        return np.asarray(out.tolist(), dtype=bool if op.result == "bool" else np.float64)
+    return ref
+
+
+# -- declarations ---------------------------------------------------------------------------
+
+def elementwise(name: str, fn: Callable[..., sympy.Expr], *, grads: Callable | None = None,
+                logical: bool = False, **kw: Any) -> ElementwiseOp:
+    """Declare and register an elementwise op from a sympy-building function."""
+    symbols = ((P, Q) if logical else (X, Y))[:fn.__code__.co_argcount]
+    expr = fn(*symbols)
+    g = grads(*symbols, OUT) if grads is not None else None
+    impl = kw.pop("impl", None)
+    return register(ElementwiseOp(name, expr, symbols, grads=g,
+                                  impl_expr=impl(*symbols) if impl else None, **kw))
+
+
+add = elementwise("add", lambda a, b: a + b)
+sub = elementwise("sub", lambda a, b: a - b)
+mul = elementwise("mul", lambda a, b: a * b)
+div = elementwise("div", lambda a, b: a / b, grads=lambda a, b, out: (1 / b, -out / b),
+                  float_result=True, domain="positive")
+neg = elementwise("neg", lambda x: -x)
+pow = elementwise("pow", lambda a, b: a ** b,
+                  grads=lambda a, b, out: (b * a ** (b - 1), out * sympy.log(a)),
+                  domain="positive")
+exp = elementwise("exp", lambda x: sympy.exp(x), grads=lambda x, out: (out,), float_result=True)
+log = elementwise("log", lambda x: sympy.log(x), float_result=True, domain="positive")
+sqrt = elementwise("sqrt", lambda x: sympy.sqrt(x), grads=lambda x, out: (1 / (2 * out),),
+                   float_result=True, domain="positive")
+rsqrt = elementwise("rsqrt", lambda x: 1 / sympy.sqrt(x), grads=lambda x, out: (-out ** 3 / 2,),
+                    float_result=True, domain="positive")
+abs = elementwise("abs", lambda x: sympy.Abs(x), domain="nonzero")
+tanh = elementwise("tanh", lambda x: sympy.tanh(x), grads=lambda x, out: (1 - out ** 2,),
+                   float_result=True)
+sigmoid = elementwise("sigmoid", lambda x: 1 / (1 + sympy.exp(-x)),
+                      grads=lambda x, out: (out * (1 - out),),
+                      impl=lambda x: (1 + sympy.tanh(x / 2)) / 2,    # never overflows
+                      float_result=True)
+relu = elementwise("relu", lambda x: sympy.Max(x, 0),
+                   grads=lambda x, out: (sympy.Heaviside(x, 0),),     # relu'(0) = 0
+                   domain="nonzero")
+gelu = elementwise("gelu", lambda x: x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2,
+                   float_result=True)
+gelu_tanh = elementwise(
+    "gelu_tanh",
+    lambda x: x * (1 + sympy.tanh(sympy.sqrt(2 / sympy.pi) * (x + sympy.Rational(44715, 10**6) * x ** 3))) / 2,
+    float_result=True)
+erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True)
+maximum = elementwise("maximum", lambda a, b: sympy.Max(a, b),       # ties share the gradient
+                      grads=lambda a, b, out: (sympy.Heaviside(a - b, sympy.S.Half),
+                                               sympy.Heaviside(b - a, sympy.S.Half)),
+                      domain="separated")
+minimum = elementwise("minimum", lambda a, b: sympy.Min(a, b),
+                      grads=lambda a, b, out: (sympy.Heaviside(b - a, sympy.S.Half),
+                                               sympy.Heaviside(a - b, sympy.S.Half)),
+                      domain="separated")
+
+# Not differentiable (their outputs never require grad).
+sign = elementwise("sign", lambda x: sympy.sign(x), differentiable=False)
+heaviside = elementwise("heaviside", lambda x, h: sympy.Heaviside(x, h), differentiable=False)
+eq = elementwise("eq", lambda a, b: sympy.Eq(a, b), differentiable=False, result="bool")
+ne = elementwise("ne", lambda a, b: sympy.Ne(a, b), differentiable=False, result="bool")
+lt = elementwise("lt", lambda a, b: a < b, differentiable=False, result="bool")
+le = elementwise("le", lambda a, b: a <= b, differentiable=False, result="bool")
+gt = elementwise("gt", lambda a, b: a > b, differentiable=False, result="bool")
+ge = elementwise("ge", lambda a, b: a >= b, differentiable=False, result="bool")
+logical_and = elementwise("logical_and", lambda a, b: sympy.And(a, b), differentiable=False,
+                          result="bool", logical=True, domain="bool")
+logical_or = elementwise("logical_or", lambda a, b: sympy.Or(a, b), differentiable=False,
+                         result="bool", logical=True, domain="bool")
+logical_not = elementwise("logical_not", lambda a: sympy.Not(a), differentiable=False,
+                          result="bool", logical=True, domain="bool")

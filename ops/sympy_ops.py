@@ -1,0 +1,143 @@
+"""sympy expression -> function of ops.
+
+Derivatives of elementwise specs come out of `sympy.diff` as expressions; this
+module turns them back into calls of registered ops, so the backward pass is a
+graph of ops like any other (it traces, differentiates again and runs on every
+backend). Sub-expressions whose values are Python numbers at run time are folded
+in Python, and trivial powers are simplified (x**1 -> x, x**0.5 -> sqrt).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import sympy
+
+from .spec import REGISTRY
+
+_FUNCTIONS = {
+    sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.erf: "erf",
+    sympy.Abs: "abs", sympy.sign: "sign", sympy.Heaviside: "heaviside",
+    sympy.Max: "maximum", sympy.Min: "minimum",
+}
+_RELATIONS = {
+    sympy.Eq: "eq", sympy.Ne: "ne", sympy.StrictLessThan: "lt", sympy.LessThan: "le",
+    sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge",
+}
+_PY = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "neg": lambda a: -a,
+    "exp": math.exp, "log": math.log, "tanh": math.tanh, "erf": math.erf,
+    "sqrt": math.sqrt, "rsqrt": lambda a: 1.0 / math.sqrt(a), "abs": abs,
+    "sign": lambda a: float((a > 0) - (a < 0)),
+    "heaviside": lambda a, h: 1.0 if a > 0 else (h if a == 0 else 0.0),
+    "maximum": max, "minimum": min,
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Number)
+
+
+def call(name: str, *args: Any) -> Any:
+    """Apply op `name`, folding Python numbers and trivial cases without an op."""
+    if all(_is_number(a) for a in args):
+        return _PY[name](*args)
+    if name == "mul":
+        a, b = args
+        if _is_number(a) and a == 1:
+            return b
+        if _is_number(b) and b == 1:
+            return a
+        if _is_number(a) and a == -1:
+            return REGISTRY["neg"](b)
+        if _is_number(b) and b == -1:
+            return REGISTRY["neg"](a)
+    elif name == "add":
+        a, b = args
+        if _is_number(a) and a == 0:
+            return b
+        if _is_number(b) and b == 0:
+            return a
+    elif name == "pow" and _is_number(args[1]):
+        base, e = args
+        if e == 1:
+            return base
+        if e == 0.5:
+            return REGISTRY["sqrt"](base)
+        if e == -0.5:
+            return REGISTRY["rsqrt"](base)
+        if e == -1:
+            return REGISTRY["div"](1.0, base)
+    return REGISTRY[name](*args)
+
+
+def _number(expr: sympy.Expr) -> float | int:
+    if expr.is_Integer:
+        return int(expr)
+    return float(expr)
+
+
+def build(expr: sympy.Expr, symbols: Sequence[sympy.Symbol]) -> Callable[..., Any]:
+    """A function f(*values) computing `expr` with `symbols` bound to `values`."""
+    position = {s: i for i, s in enumerate(symbols)}
+
+    def walk(e: sympy.Expr) -> Callable[[tuple], Any]:
+        if e.is_Symbol:
+            i = position[e]
+            return lambda v: v[i]
+        if e.is_Number or e.is_NumberSymbol:
+            c = _number(e)
+            return lambda v: c
+        if e.is_Add:
+            pos, neg = [], []
+            for t in e.args:
+                coeff, rest = t.as_coeff_Mul()
+                (neg if coeff.is_negative else pos).append(-t if coeff.is_negative else t)
+            terms_pos = [walk(t) for t in pos] or [lambda v: 0]
+            terms_neg = [walk(t) for t in neg]
+
+            def add(v: tuple) -> Any:
+                acc = terms_pos[0](v)
+                for f in terms_pos[1:]:
+                    acc = call("add", acc, f(v))
+                for f in terms_neg:
+                    acc = call("sub", acc, f(v))
+                return acc
+            return add
+        if e.is_Mul:
+            num, den = [], []
+            for f in e.args:
+                b, ex = f.as_base_exp()
+                if ex.is_Number and ex.is_negative:
+                    den.append(b ** -ex)
+                else:
+                    num.append(f)
+            fnum = [walk(f) for f in num] or [lambda v: 1]
+            fden = [walk(f) for f in den]
+
+            def mul(v: tuple) -> Any:
+                acc = fnum[0](v)
+                for f in fnum[1:]:
+                    acc = call("mul", acc, f(v))
+                if fden:
+                    d = fden[0](v)
+                    for f in fden[1:]:
+                        d = call("mul", d, f(v))
+                    acc = call("div", acc, d)
+                return acc
+            return mul
+        if e.is_Pow:
+            fb, fe = walk(e.base), walk(e.exp)
+            return lambda v: call("pow", fb(v), fe(v))
+        if e.func in _FUNCTIONS or e.func in _RELATIONS:
+            name = _FUNCTIONS.get(e.func) or _RELATIONS[e.func]
+            fargs = [walk(a) for a in e.args]
+            if name == "heaviside" and len(fargs) == 1:
+                raise ValueError("Heaviside needs its value at 0 stated: Heaviside(x, h0)")
+            return lambda v: call(name, *(f(v) for f in fargs))
+        raise ValueError(f"cannot turn {e} ({e.func}) into ops")
+
+    f = walk(sympy.sympify(expr))
+    return lambda *values: f(values)
