@@ -41,12 +41,13 @@ def _weak_result_dtype(args: Sequence[Any]) -> np.dtype:
 
 
 def lambdify_numpy(spec: Any) -> Callable[..., Any]:
-    """A NumPy callable from a spec's sympy expression, keeping the input float dtype.
+    """A NumPy callable from a spec's sympy expression (its stable `impl_expr` form),
+    keeping the input float dtype.
 
     Constants are evaluated to Python floats so they stay weakly typed and do not
     upcast float32 arrays.
     """
-    expr = spec.expr.evalf()
+    expr = spec.impl_expr.evalf()
     fn = sympy.lambdify(spec.symbols, expr, modules=[{"erf": _erf}, "numpy"])
     is_float = spec.float_result
 

@@ -45,7 +45,11 @@ def _topological(roots: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _check_versions(t: Tensor, ctx: Node) -> None:
-    for i, (x, v) in enumerate(zip(ctx.inputs + (t,), ctx.versions)):
+    """Raise if a value the VJP reads changed in place since the op ran."""
+    saved = ctx.op.saves
+    everything = ctx.inputs + (t,)
+    for i in (range(len(everything)) if saved is None else saved):
+        x, v = everything[i], ctx.versions[i]
         if isinstance(x, Tensor) and x._version[0] != v:
             which = "its output" if x is t else f"input {i}"
             raise GradError(

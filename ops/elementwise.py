@@ -50,6 +50,9 @@ class ElementwiseOp(Op):
         self.domain = domain
         self.derived_grads = tuple(sympy.diff(expr, s) for s in self.symbols)
         self.grads = tuple(grads) if grads is not None else self.derived_grads
+        used = set().union(*(g.free_symbols for g in self.grads)) if self.grads else set()
+        self.saves = tuple(i for i, s in enumerate(self.symbols) if s in used) + \
+            ((-1,) if OUT in used else ())
         self._grad_fns: tuple[Callable, ...] | None = None
         self.sample = functools.partial(_sample_elementwise, self)
         self.reference = _mpmath_reference(self)

@@ -53,7 +53,7 @@ def _matmul_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
 
 
 matmul = register(Op(
-    "matmul", kind="matmul",
+    "matmul", kind="matmul", saves=(0, 1),
     forward=lambda be, a, b: be.matmul(a, b),
     infer=_infer_matmul, vjp=_matmul_vjp,
     sample=lambda rng: [

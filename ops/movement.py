@@ -25,7 +25,7 @@ def _infer_reshape(x: Any, shape: tuple) -> tuple:
 
 
 reshape = register(Op(
-    "reshape", kind="movement", view=True,
+    "reshape", kind="movement", view=True, saves=(),
     forward=lambda be, x, shape: be.reshape(x, shape),
     infer=_infer_reshape,
     vjp=lambda g, out, inputs, needs, shape: (reshape(g, shape=tuple(inputs[0].shape)),),
@@ -50,7 +50,7 @@ def _inverse_permutation(axes: tuple) -> tuple:
 
 
 transpose = register(Op(
-    "transpose", kind="movement", view=True,
+    "transpose", kind="movement", view=True, saves=(),
     forward=lambda be, x, axes: be.transpose(x, axes),
     infer=_infer_transpose,
     vjp=lambda g, out, inputs, needs, axes: (transpose(g, axes=_inverse_permutation(axes)),),
@@ -74,7 +74,7 @@ def _broadcast_to_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, shape: tupl
 
 
 broadcast_to = register(Op(
-    "broadcast_to", kind="movement", view=True,
+    "broadcast_to", kind="movement", view=True, saves=(),
     forward=lambda be, x, shape: be.broadcast_to(x, shape),
     infer=_infer_broadcast_to, vjp=_broadcast_to_vjp,
     sample=lambda rng: [([rng.standard_normal((3, 1))], dict(shape=(2, 3, 4))),
@@ -115,7 +115,7 @@ def _concatenate_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: int) -
 
 
 concatenate = register(Op(
-    "concatenate", kind="movement",
+    "concatenate", kind="movement", saves=(),
     forward=lambda be, *xs, axis: be.concatenate(xs, axis),
     infer=_infer_concatenate, vjp=_concatenate_vjp,
     sample=lambda rng: [([rng.standard_normal((2, 3)), rng.standard_normal((4, 3))], dict(axis=0)),
@@ -137,7 +137,7 @@ def _pad_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, pad_width: tuple, va
 
 
 pad = register(Op(
-    "pad", kind="movement",
+    "pad", kind="movement", saves=(),
     forward=lambda be, x, pad_width, value: be.pad(x, pad_width, value),
     infer=_infer_pad, vjp=_pad_vjp,
     sample=lambda rng: [([rng.standard_normal((2, 3))], dict(pad_width=((1, 0), (2, 1)), value=0.0)),
@@ -241,9 +241,19 @@ index_add = register(Op(
 
 # -- where / cast / stop_gradient ------------------------------------------------------------
 
-def _infer_where(c: Any, a: Any, b: Any) -> tuple:
+def _check_condition(c: Any) -> None:
     if np.dtype(c.dtype) != np.dtype(bool):
-        raise DTypeError(f"where: condition must be bool, got {c.dtype}")
+        raise DTypeError(f"where: condition must be bool, got {c.dtype} (compare it first, "
+                         f"e.g. mask > 0)")
+
+
+def _where_forward(be: Any, c: Any, a: Any, b: Any) -> Any:
+    _check_condition(c)           # NumPy would silently accept a non-bool condition
+    return be.where(c, a, b)
+
+
+def _infer_where(c: Any, a: Any, b: Any) -> tuple:
+    _check_condition(c)
     shape = broadcast_shapes("where", tuple(c.shape), shape_of(a), shape_of(b))
     vals = [v if isinstance(v, (int, float, bool)) else np.empty(0, v.dtype) for v in (a, b)]
     return shape, np.result_type(*vals)
@@ -258,8 +268,8 @@ def _where_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
 
 
 where = register(Op(
-    "where", kind="select",
-    forward=lambda be, c, a, b: be.where(c, a, b),
+    "where", kind="select", saves=(0,),
+    forward=_where_forward,
     infer=_infer_where, vjp=_where_vjp,
     sample=lambda rng: [([rng.random((3, 4)) < 0.5, rng.standard_normal((3, 4)), rng.standard_normal((4,))], {}),
                         ([rng.random((3, 1)) < 0.5, rng.standard_normal((1, 4)), 2.5], {})],
@@ -272,7 +282,7 @@ def _cast_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, dtype: Any) -> tupl
 
 
 cast = register(Op(
-    "cast", kind="elementwise_cast",
+    "cast", kind="elementwise_cast", saves=(),
     forward=lambda be, x, dtype: be.astype(x, dtype),
     infer=lambda x, dtype: (tuple(x.shape), np.dtype(dtype)),
     vjp=_cast_vjp,

@@ -56,12 +56,12 @@ sum = register(Op(
     "sum", kind="reduction",
     forward=lambda be, x, axis, keepdims: be.sum(x, axis, keepdims),
     infer=lambda x, axis, keepdims: (_infer_reduce("sum", x, axis, keepdims), _sum_dtype(x.dtype)),
-    vjp=_sum_vjp, sample=_sample,
+    vjp=_sum_vjp, sample=_sample, saves=(),
     reference=lambda x, axis, keepdims: np.sum(x, axis=axis, keepdims=keepdims)))
 
 max = register(Op(
     "max", kind="reduction",
     forward=lambda be, x, axis, keepdims: be.max(x, axis, keepdims),
     infer=lambda x, axis, keepdims: (_infer_reduce("max", x, axis, keepdims), np.dtype(x.dtype)),
-    vjp=_max_vjp, sample=_sample,
+    vjp=_max_vjp, sample=_sample, saves=(0, -1),
     reference=lambda x, axis, keepdims: np.max(x, axis=axis, keepdims=keepdims)))

@@ -32,15 +32,17 @@ class Op:
     infer(*inputs, **params) -> (shape, dtype) from inputs' .shape/.dtype only
     sample(rng) -> list of (inputs, params) to test with (NumPy arrays / scalars)
     reference(*numpy_inputs, **params) -> the NumPy value the op stands for
+    saves: positions of the inputs whose values the VJP reads (-1: the output);
+           None means all. Autograd checks only these for in-place changes.
     """
 
     __slots__ = ("name", "kind", "forward", "vjp", "infer", "view", "random",
-                 "sample", "reference", "doc", "_impls", "__dict__")
+                 "sample", "reference", "doc", "saves", "_impls", "__dict__")
 
     def __init__(self, name: str, *, kind: str, forward: Callable, infer: Callable,
                  vjp: Callable | None = None, view: bool = False, random: bool = False,
                  sample: Callable | None = None, reference: Callable | None = None,
-                 doc: str = "") -> None:
+                 saves: tuple[int, ...] | None = None, doc: str = "") -> None:
         self.name = name
         self.kind = kind
         self.forward = forward
@@ -51,6 +53,7 @@ class Op:
         self.sample = sample
         self.reference = reference
         self.doc = doc
+        self.saves = saves
         self._impls: dict[int, Callable] = {}
 
     @property
