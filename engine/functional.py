@@ -72,16 +72,33 @@ def var(x: Tensor, axis: Any = None, keepdims: bool = False, correction: int = 0
 
 
 logsumexp = C.logsumexp
-softmax = C.softmax
-log_softmax = C.log_softmax
 masked_fill = C.masked_fill
 expand_dims = C.expand_dims
 squeeze = C.squeeze
 swapaxes = C.swapaxes
 take_along_axis = C.take_along_axis
-layer_norm = C.layer_norm
 scaled_dot_product_attention = C.scaled_dot_product_attention
 clip = C.clip
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Stable softmax (one fused op; `ops.composite.softmax` is its reference)."""
+    return R["softmax"](x, axis=normalize_axis("softmax", axis, x.ndim)[0])
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return R["log_softmax"](x, axis=normalize_axis("log_softmax", axis, x.ndim)[0])
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise over the last axis, then scale by `weight` and shift by `bias`."""
+    if weight is None or bias is None:
+        from .creation import full
+        d = x.shape[-1]
+        weight = full((d,), 1.0, x.dtype, x.device) if weight is None else weight
+        bias = full((d,), 0.0, x.dtype, x.device) if bias is None else bias
+    return R["layer_norm"](x, weight, bias, eps=float(eps))
 
 
 def one_hot(indices: Tensor, num_classes: int, dtype: Any = np.float32) -> Tensor:

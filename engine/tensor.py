@@ -296,10 +296,10 @@ class Tensor:
         return C.logsumexp(self, axis, keepdims)
 
     def softmax(self, axis: int = -1) -> "Tensor":
-        return C.softmax(self, axis)
+        return _ops.softmax(self, axis=normalize_axis("softmax", axis, self.ndim)[0])
 
     def log_softmax(self, axis: int = -1) -> "Tensor":
-        return C.log_softmax(self, axis)
+        return _ops.log_softmax(self, axis=normalize_axis("log_softmax", axis, self.ndim)[0])
 
     def argmax(self, axis: int | None = None) -> "Tensor":
         """Indices of the maxima (not differentiable; computed on the device)."""

@@ -1,10 +1,12 @@
 """The op spec: every primitive declared once, listed in `REGISTRY`.
 
-Primitives live in elementwise / reduce / movement / linalg / random; composite
-functions built from them live in `composite` (listed in `COMPOSITES`). Ops never
+Primitives live in elementwise / reduce / movement / linalg / random / fused;
+composite functions built from them live in `composite` (listed in `COMPOSITES`).
+The fused ops (softmax, log_softmax, layer_norm) are tested against their
+composite decompositions, which stay the reference. Ops never
 import a concrete backend: they receive one from the interpreter.
 """
-from . import composite, elementwise, linalg, movement, random, reduce  # noqa: F401  (registration)
+from . import composite, elementwise, fused, linalg, movement, random, reduce  # noqa: F401  (registration)
 from .composite import COMPOSITES
 from .elementwise import ElementwiseOp, sum_to
 from .errors import DeviceError, DTypeError, EngineError, GradError, OpError, ShapeError, TraceError

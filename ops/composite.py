@@ -237,7 +237,8 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
             scores = where(mask, scores, NEG_INF)
         else:
             scores = add(scores, mask)
-    weights = softmax(scores, -1)
+    from .fused import softmax as fused_softmax
+    weights = fused_softmax(scores, axis=scores.ndim - 1)
     out = matmul(weights, v)
     return (out, weights) if return_weights else out
 
