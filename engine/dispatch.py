@@ -65,6 +65,9 @@ def explain_failure(op: ops.Op, args: tuple, params: dict, err: Exception) -> Ex
                    f"{type(err).__name__}: {err}")
 
 
+_SCALARS = (float, int, bool)
+
+
 class EagerInterpreter:
     """Run ops now; record autograd nodes when an input requires grad."""
 
@@ -73,7 +76,7 @@ class EagerInterpreter:
         needs_grad = False
         raw = []
         for a in args:
-            if isinstance(a, Tensor):
+            if type(a) is Tensor or isinstance(a, Tensor):
                 if backend is None:
                     backend = a._backend
                 elif a._backend is not backend:
@@ -82,7 +85,7 @@ class EagerInterpreter:
                 if a.requires_grad:
                     needs_grad = True
                 raw.append(a._data)
-            elif isinstance(a, (numbers.Number, np.generic)):
+            elif type(a) in _SCALARS or isinstance(a, (numbers.Number, np.generic)):
                 raw.append(a.item() if isinstance(a, np.generic) else a)
             else:
                 raise TypeError(f"{op.name}: inputs must be tensors or Python scalars, "

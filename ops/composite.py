@@ -16,8 +16,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .elementwise import (add, div, eq, exp, log, mul, neg, rsqrt, sub)
+from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, neg, rsqrt, sub
 from .errors import DTypeError, ShapeError
+from .fused import softmax as fused_softmax
+from .linalg import matmul
 from .movement import cast, concatenate, getitem, reshape, stop_gradient, transpose, where
 from .random import arange, bernoulli
 from .reduce import max as max_op, sum as sum_op
@@ -156,7 +158,6 @@ def masked_fill(x: Any, mask: Any, value: float) -> Any:
 
 
 def clip(x: Any, lo: float | None = None, hi: float | None = None) -> Any:
-    from .elementwise import maximum, minimum
     if lo is not None:
         x = maximum(x, lo)
     if hi is not None:
@@ -228,7 +229,6 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     negative), broadcast against the scores (..., Tq, Tk). Rows with no allowed key
     give zeros, never NaN.
     """
-    from .linalg import matmul
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = mul(matmul(q, swapaxes(k, -1, -2)), scale)
@@ -237,7 +237,6 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
             scores = where(mask, scores, NEG_INF)
         else:
             scores = add(scores, mask)
-    from .fused import softmax as fused_softmax
     weights = fused_softmax(scores, axis=scores.ndim - 1)
     out = matmul(weights, v)
     return (out, weights) if return_weights else out

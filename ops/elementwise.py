@@ -16,6 +16,7 @@ import numpy as np
 import sympy
 
 from . import sympy_ops
+from . import movement as _movement, reduce as _reduce
 from .shapes import broadcast_shapes, shape_of
 from .spec import Op, register
 
@@ -122,16 +123,14 @@ class ElementwiseOp(Op):
 
 def sum_to(g: Any, shape: tuple) -> Any:
     """Sum `g` down to `shape`: the one place where broadcasting is undone."""
-    from .reduce import sum as sum_op
-    from .movement import reshape
     gshape = g.shape
     if gshape == shape:
         return g
     lead = len(gshape) - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape)
                                       if d == 1 and gshape[i + lead] != 1)
-    out = sum_op(g, axis=axes, keepdims=False) if axes else g
-    return reshape(out, shape=shape) if out.shape != shape else out
+    out = _reduce.sum(g, axis=axes, keepdims=False) if axes else g
+    return _movement.reshape(out, shape=shape) if out.shape != shape else out
 
 
 # -- test sampling ------------------------------------------------------------------------

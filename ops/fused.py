@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .elementwise import add, div, eq, exp, log, mul, rsqrt, sub, sum_to
-from .errors import ShapeError
+from .errors import DTypeError, ShapeError
 from .reduce import sum as sum_op
 from .spec import Op, register
 
@@ -53,7 +53,6 @@ def _infer_axis_op(name: str, x: Any, axis: int) -> tuple:
     if not 0 <= axis < x.ndim:
         raise ShapeError(f"{name}: axis {axis} out of range for shape {tuple(x.shape)}")
     if np.dtype(x.dtype).kind != "f":
-        from .errors import DTypeError
         raise DTypeError(f"{name}: needs a floating tensor, got {x.dtype}")
     return tuple(x.shape), np.dtype(x.dtype)
 

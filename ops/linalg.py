@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ShapeError
+from . import elementwise as _elementwise, movement as _movement
 from .shapes import broadcast_shapes
 from .spec import Op, register
 
@@ -25,16 +26,14 @@ def _infer_matmul(a: Any, b: Any) -> tuple:
 
 
 def _swap_last(x: Any) -> Any:
-    from .movement import transpose
     axes = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
-    return transpose(x, axes=axes)
+    return _movement.transpose(x, axes=axes)
 
 
 def _matmul_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
     """dA = g @ B^T, dB = A^T @ g, summed over broadcast batch dims; 1-D operands are
     treated as a row (left) or column (right) and squeezed back."""
-    from .elementwise import sum_to
-    from .movement import reshape
+    sum_to, reshape = _elementwise.sum_to, _movement.reshape
     a, b = inputs
     a2 = reshape(a, shape=(1, a.shape[0])) if a.ndim == 1 else a
     b2 = reshape(b, shape=(b.shape[0], 1)) if b.ndim == 1 else b

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DTypeError, ShapeError
+from . import elementwise as _elementwise
 from .shapes import broadcast_shapes, prod, shape_of
 from .spec import Op, register
 
@@ -69,8 +70,7 @@ def _infer_broadcast_to(x: Any, shape: tuple) -> tuple:
 
 
 def _broadcast_to_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, shape: tuple) -> tuple:
-    from .elementwise import sum_to
-    return (sum_to(g, tuple(inputs[0].shape)),)
+    return (_elementwise.sum_to(g, tuple(inputs[0].shape)),)
 
 
 broadcast_to = register(Op(
@@ -260,7 +260,7 @@ def _infer_where(c: Any, a: Any, b: Any) -> tuple:
 
 
 def _where_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
-    from .elementwise import sum_to
+    sum_to = _elementwise.sum_to
     c, a, b = inputs
     ga = sum_to(where(c, g, 0.0), tuple(a.shape)) if needs[1] else None
     gb = sum_to(where(c, 0.0, g), tuple(b.shape)) if needs[2] else None

@@ -6,16 +6,16 @@ from typing import Any
 import numpy as np
 
 from .errors import ShapeError
+from . import elementwise as _elementwise, movement as _movement
 from .shapes import reduced_shape
 from .spec import Op, register
 
 
 def _keep(g: Any, x_shape: tuple, axis: tuple | None, keepdims: bool) -> Any:
     """`g` reshaped to the keepdims form of the reduction over `axis`."""
-    from .movement import reshape
     if keepdims or g.ndim == len(x_shape):
         return g
-    return reshape(g, shape=reduced_shape(x_shape, axis, True))
+    return _movement.reshape(g, shape=reduced_shape(x_shape, axis, True))
 
 
 def _infer_reduce(name: str, x: Any, axis: tuple | None, keepdims: bool) -> tuple:
@@ -30,19 +30,17 @@ def _sum_dtype(dtype: Any) -> np.dtype:
 
 
 def _sum_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: Any, keepdims: bool) -> tuple:
-    from .movement import broadcast_to
     (x,) = inputs
-    return (broadcast_to(_keep(g, x.shape, axis, keepdims), shape=x.shape),)
+    return (_movement.broadcast_to(_keep(g, x.shape, axis, keepdims), shape=x.shape),)
 
 
 def _max_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: Any, keepdims: bool) -> tuple:
     """Gradient to the maxima; ties share it evenly."""
-    from .elementwise import div, eq, mul
-    from .movement import cast
+    ew = _elementwise
     (x,) = inputs
-    hit = cast(eq(x, _keep(out, x.shape, axis, keepdims)), dtype=x.dtype)
+    hit = _movement.cast(ew.eq(x, _keep(out, x.shape, axis, keepdims)), dtype=x.dtype)
     count = sum(hit, axis=axis, keepdims=True)
-    return (mul(_keep(g, x.shape, axis, keepdims), div(hit, count)),)
+    return (ew.mul(_keep(g, x.shape, axis, keepdims), ew.div(hit, count)),)
 
 
 def _sample(rng: np.random.Generator) -> list:

@@ -36,8 +36,11 @@ _PY = {
 }
 
 
+_NUMBER_TYPES = (int, float, bool)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Number)
+    return type(v) in _NUMBER_TYPES or isinstance(v, numbers.Number)
 
 
 def call(name: str, *args: Any) -> Any:
