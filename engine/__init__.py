@@ -21,6 +21,7 @@ from .errors import (DeviceError, DTypeError, EngineError, GradcheckError, GradE
                      ShapeError, TraceError)
 from .functional import *  # noqa: F401,F403
 from .functional import abs, max, min, pow, sum  # noqa: F401  (shadow builtins on purpose)
+from .compiler import jit
 from .gradcheck import gradcheck
 from .state import enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
 from .tensor import Tensor

@@ -15,7 +15,7 @@ import numpy as np
 import ops
 from ops.errors import DeviceError, EngineError, OpError
 
-from .state import get_backend, grad_mode
+from .state import get_backend, grad_mode, interpreter_stack
 from .tensor import Tensor
 
 
@@ -66,10 +66,33 @@ def explain_failure(op: ops.Op, args: tuple, params: dict, err: Exception) -> Ex
 
 
 _SCALARS = (float, int, bool)
+_INPLACE_OPS = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "div"}
 
 
 class EagerInterpreter:
-    """Run ops now; record autograd nodes when an input requires grad."""
+    """Run ops now; record autograd nodes when an input requires grad.
+
+    Subclasses (the jit's tracer) change only `compute` (what an op produces) and
+    `assign` (what an in-place update does); device checks and autograd recording
+    are shared, so traced programs differentiate exactly like eager ones.
+    """
+
+    def compute(self, op: ops.Op, backend: Any, raw: list, args: tuple, params: dict) -> Any:
+        try:
+            return op.forward(backend, *raw, **params)
+        except Exception as e:
+            raise explain_failure(op, args, params, e) from None
+
+    def assign(self, t: Tensor, name: str, value: Any, index: tuple | None) -> None:
+        """In-place update of t's buffer: `t op= value`, or `t[index] = value`."""
+        raw = value._data if isinstance(value, Tensor) else value
+        be = t._backend
+        if index is None:
+            op = ops.REGISTRY[_INPLACE_OPS[name]]
+            be.setitem(t._data, (Ellipsis,), op.forward(be, t._data, raw))
+        else:
+            spec, tensors = index
+            be.setitem(t._data, ops.movement.index_tuple(spec, tuple(x._data for x in tensors)), raw)
 
     def apply(self, op: ops.Op, args: tuple, params: dict) -> Tensor:
         backend = None
@@ -92,10 +115,7 @@ class EagerInterpreter:
                                 f"got {type(a).__name__}")
         if backend is None:
             backend = get_backend(params.get("device", "cpu"))
-        try:
-            out = op.forward(backend, *raw, **params)
-        except Exception as e:
-            raise explain_failure(op, args, params, e) from None
+        out = self.compute(op, backend, raw, args, params)
         t = Tensor(out, backend)
         if op.view and args:
             t._version = args[0]._version
@@ -107,12 +127,18 @@ class EagerInterpreter:
         return t
 
 
-_stack: list[Any] = [EagerInterpreter()]
+_stack = interpreter_stack
+_stack.append(EagerInterpreter())
 
 
 def apply(op: ops.Op, args: tuple, params: dict) -> Any:
     """The dispatcher installed into ops: hand the call to the current interpreter."""
     return _stack[-1].apply(op, args, params)
+
+
+def current() -> Any:
+    """The interpreter on top of the stack."""
+    return _stack[-1]
 
 
 @contextlib.contextmanager

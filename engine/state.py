@@ -10,6 +10,21 @@ import backends
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 
+# Interpreters handling op calls, innermost last (engine.dispatch fills it).
+interpreter_stack: list = []
+
+
+class _ModeEpoch:
+    """Bumped whenever a module switches train/eval: compiled programs keyed on it retrace."""
+    value = 0
+
+
+mode_epoch = _ModeEpoch()
+
+
+def bump_mode_epoch() -> None:
+    mode_epoch.value += 1
+
 
 class _GradMode:
     enabled = True

@@ -13,10 +13,10 @@ import numpy as np
 
 import ops
 from ops import composite as C
-from ops.errors import DTypeError, GradError, ShapeError, TraceError
+from ops.errors import DeviceError, DTypeError, GradError, ShapeError, TraceError
 from ops.shapes import normalize_axis
 
-from .state import DEFAULT_FLOAT, get_backend, grad_mode
+from .state import grad_mode, interpreter_stack
 
 
 class Tensor:
@@ -233,7 +233,8 @@ class Tensor:
     def __invert__(self) -> "Tensor": return _ops.logical_not(self)
 
     # -- in place (data only; never on a tensor that is part of a graph) ---------------------------
-    def _inplace(self, name: str, value: Any, index: Any = None) -> "Tensor":
+    def _inplace(self, name: str, value: Any, index: tuple | None = None) -> "Tensor":
+        """`self op= value` or `self[index] = value`, done by the current interpreter."""
         value = _operand(value, self)
         if grad_mode.enabled and (self.requires_grad or getattr(value, "requires_grad", False)):
             what = "a leaf that requires grad" if self.is_leaf and self.requires_grad else \
@@ -242,15 +243,9 @@ class Tensor:
                 f"in-place {name} on {what} (shape {self.shape}): its old value may be needed "
                 f"by backward. Write it out of place (x = x + y), or wrap the update in "
                 f"eg.no_grad() if it is meant to bypass autograd.")
-        raw = value._data if isinstance(value, Tensor) else value
         if isinstance(value, Tensor) and value._backend is not self._backend:
-            from ops.errors import DeviceError
             raise DeviceError(f"in-place {name}: tensor on {self.device}, value on {value.device}")
-        if index is None:
-            op = ops.REGISTRY[_INPLACE_OPS[name]]
-            self._backend.setitem(self._data, (Ellipsis,), op.forward(self._backend, self._data, raw))
-        else:
-            self._backend.setitem(self._data, index, raw)
+        interpreter_stack[-1].assign(self, name, value, index)
         self._version[0] += 1
         return self
 
@@ -260,9 +255,7 @@ class Tensor:
     def __itruediv__(self, o: Any) -> "Tensor": return self._inplace("/=", o)
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        spec, tensors = parse_index(index, self)
-        raw = ops.movement.index_tuple(spec, tuple(t._data for t in tensors))
-        self._inplace("setitem", value, index=raw)
+        self._inplace("setitem", value, index=parse_index(index, self))
 
     # -- indexing ---------------------------------------------------------------------------------
     def __getitem__(self, index: Any) -> "Tensor":
@@ -383,7 +376,6 @@ class _OpTable:
 
 
 _ops = _OpTable()
-_INPLACE_OPS = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "div"}
 
 
 def _operand(o: Any, like: Tensor | None = None) -> Any:

@@ -1,0 +1,226 @@
+"""Code generation: one Python function per program, calling the backend directly.
+
+The generated source (readable via `Compiled.source`) touches no Tensor and no
+tape: it takes raw arrays and returns raw arrays. Where the backend's function
+can write into a given array (`out=`: NumPy/CuPy ufuncs and matmul), values get
+buffers from a liveness-based plan, reused across calls; fused elementwise
+groups run as a chain of in-place ufunc calls over one or two temporaries.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from ops.elementwise import ElementwiseOp
+
+from .ir import Node, Program, Value
+from .passes import FusedElementwise
+
+_ALIASING_KINDS = {"movement", "index"}      # may return views of an input
+
+
+def _ufunc(op: Any, backend: Any, node_inputs: tuple, out: Value) -> Any:
+    """The backend's out=-capable function for an elementwise node, or None."""
+    if not isinstance(op, ElementwiseOp):
+        return None
+    fn = op.impl(backend)
+    if not isinstance(fn, np.ufunc) and type(fn).__name__ != "ufunc":
+        return None
+    for a in node_inputs:
+        if isinstance(a, Value) and a.dtype != out.dtype:
+            return None
+    return fn
+
+
+def _group_ufuncs(group: FusedElementwise, backend: Any, dtype: np.dtype) -> list | None:
+    fns = []
+    for op, _ in group.steps:
+        fn = op.impl(backend) if isinstance(op, ElementwiseOp) else None
+        if fn is None or not (isinstance(fn, np.ufunc) or type(fn).__name__ == "ufunc") \
+                or (op.float_result and dtype.kind != "f"):
+            return None
+        fns.append(fn)
+    return fns
+
+
+def _aliases(node: Node) -> bool:
+    op = node.op
+    return getattr(op, "view", False) or getattr(op, "kind", "") in _ALIASING_KINDS or \
+        getattr(op, "name", "") == "cast"
+
+
+def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
+    """Assign reusable buffer slots to the values of `capable` nodes.
+
+    A slot is reused only after the last use of every value that may alias it
+    (views of views included); values that escape as outputs get no slot.
+    Returns (value -> slot, statistics).
+    """
+    root: dict = {}
+    for n in program.nodes:
+        first = next((a for a in n.inputs if isinstance(a, Value)), None)
+        root[n.out] = root.get(first, first) if (_aliases(n) and first is not None) else n.out
+    escaping = {root.get(o, o) for o in program.outputs if isinstance(o, Value)}
+    last_use: dict = {}
+    for i, n in enumerate(program.nodes):
+        for a in n.inputs:
+            if isinstance(a, Value):
+                last_use[root.get(a, a)] = i
+    free: dict = defaultdict(list)
+    release: dict = defaultdict(list)
+    slots: dict = {}
+    shapes: list = []
+    for i, n in enumerate(program.nodes):
+        for key, slot in release.pop(i - 1, []):
+            free[key].append(slot)
+        if n.out not in capable or n.out in escaping or n.out not in last_use:
+            continue
+        key = (n.out.shape, n.out.dtype)
+        if free[key]:
+            slot = free[key].pop()
+        else:
+            slot = len(shapes)
+            shapes.append(key)
+        slots[n.out] = slot
+        release[last_use[n.out]].append((key, slot))
+    stats = dict(buffers=len(shapes), planned_values=len(slots), reused=len(slots) - len(shapes),
+                 buffer_bytes=int(sum(np.prod(s) * d.itemsize for s, d in shapes)))
+    return slots, dict(stats, shapes=shapes)
+
+
+class Generated:
+    """The compiled function with its namespace, buffers and source."""
+
+    def __init__(self, source: str, namespace: dict, buffer_shapes: list, backend: Any,
+                 stats: dict) -> None:
+        self.source = source
+        self.namespace = namespace
+        self.buffer_shapes = buffer_shapes
+        self.backend = backend
+        self.stats = stats
+        self.buffers: list | None = None
+        exec(compile(source, "<engine.jit>", "exec"), namespace)
+        self.fn = namespace["program"]
+
+    def __call__(self, inputs: list, captures: list) -> list:
+        if self.buffers is None:
+            self.buffers = [self.backend.full(s, 0, d) for s, d in self.buffer_shapes]
+        return self.fn(inputs, captures, self.buffers)
+
+
+def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
+    ns: dict = {"_consts": [], "np": np}
+    lines: list[str] = []
+    names: dict = {}
+
+    def name(v: Any) -> str:
+        if isinstance(v, Value):
+            return names[v]
+        return repr(v) if not (isinstance(v, float) and not np.isfinite(v)) else f"float('{v}')"
+
+    for i, v in enumerate(program.inputs):
+        names[v] = f"x{v.id}"
+    for v, _ in program.captures:
+        names[v] = f"c{v.id}"
+    for j, (v, arr) in enumerate(program.constants.items()):
+        names[v] = f"k{v.id}"
+        ns["_consts"].append(arr)
+        lines.append(f"    k{v.id} = _consts[{j}]")
+
+    capable: dict = {}
+    for n in program.nodes:
+        if isinstance(n.op, FusedElementwise):
+            fns = _group_ufuncs(n.op, backend, n.out.dtype)
+            if fns is not None:
+                capable[n.out] = ("group", fns)
+        elif _ufunc(n.op, backend, n.inputs, n.out) is not None:
+            capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
+        elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
+            capable[n.out] = ("matmul", backend.matmul_out)
+    slots, mem = plan_memory(program, set(capable)) if plan else ({}, dict(buffers=0, shapes=[]))
+
+    group_temps: list = []
+    for k, n in enumerate(program.nodes):
+        out = f"v{n.out.id}"
+        names[n.out] = out
+        args = [name(a) for a in n.inputs]
+        dest = f"_b[{slots[n.out]}]" if n.out in slots else None
+        kind = capable.get(n.out)
+        if kind and kind[0] == "group":
+            lines += _group_lines(n, kind[1], args, out, dest, ns, group_temps, k)
+        elif kind and kind[0] == "ufunc":
+            ns[f"_f{k}"] = kind[1]
+            lines.append(f"    {out} = _f{k}({', '.join(args)}{', out=' + dest if dest else ''})")
+        elif kind and kind[0] == "matmul":
+            ns[f"_f{k}"] = kind[1]
+            lines.append(f"    {out} = _f{k}({', '.join(args)}, {dest or 'None'})")
+        else:
+            ns[f"_f{k}"] = functools.partial(n.op.forward, backend, **n.params)
+            lines.append(f"    {out} = _f{k}({', '.join(args)})")
+    ns["_temps"] = group_temps
+    ins = ", ".join(names[v] for v in program.inputs)
+    caps = ", ".join(names[v] for v, _ in program.captures)
+    head = ["def program(inputs, captures, _b):",
+            f"    ({ins}{',' if program.inputs else ''}) = inputs",
+            f"    ({caps}{',' if program.captures else ''}) = captures"]
+    ret = f"    return [{', '.join(name(o) for o in program.outputs)}]"
+    source = "\n".join(head + lines + [ret]) + "\n"
+    stats = dict(mem, temps=len(group_temps))
+    stats.pop("shapes", None)
+    return _with_temps(source, ns, mem, group_temps, backend, stats)
+
+
+def _with_temps(source: str, ns: dict, mem: dict, temps: list, backend: Any, stats: dict) -> Generated:
+    """Group temporaries live in the same buffer list, after the planned slots."""
+    offset = len(mem["shapes"])
+    source = source.replace("_T[", "_b[").replace("_TOFF", str(offset))
+    return Generated(source, ns, mem["shapes"] + temps, backend, stats)
+
+
+def _group_lines(n: Node, fns: list, args: list, out: str, dest: str | None, ns: dict,
+                 temps: list, k: int) -> list[str]:
+    """A fused group as in-place ufunc calls: each step writes over a dead operand's
+    buffer when it can, else into a group temporary; the last step into `dest`."""
+    group: FusedElementwise = n.op
+    lines = []
+    step_loc: list[str] = []
+    owned: list[bool] = []             # does step j's value live in a temp we may overwrite?
+    free_temps: list[str] = []
+    local_temps = 0
+    for j, ((op, sargs), fn) in enumerate(zip(group.steps, fns)):
+        ns[f"_g{k}_{j}"] = fn
+        operands = []
+        reuse = None
+        for a in sargs:
+            if isinstance(a, tuple) and a[0] == "step":
+                operands.append(step_loc[a[1]])
+                if owned[a[1]] and reuse is None:
+                    reuse = step_loc[a[1]]
+                elif owned[a[1]]:
+                    free_temps.append(step_loc[a[1]])
+            elif isinstance(a, tuple):
+                operands.append(args[a[1]])
+            else:
+                operands.append(repr(a) if not (isinstance(a, float) and not np.isfinite(a)) else f"float('{a}')")
+        last = j == len(group.steps) - 1
+        if last:
+            target = dest
+            if reuse is not None:
+                free_temps.append(reuse)
+        elif reuse is not None:
+            target = reuse
+        elif free_temps:
+            target = free_temps.pop()
+        else:
+            target = f"_T[_TOFF+{len(temps) + local_temps}]"
+            local_temps += 1
+        call = f"_g{k}_{j}({', '.join(operands)}{', out=' + target if target else ''})"
+        loc = out if last else f"t{k}_{j}"
+        lines.append(f"    {loc} = {call}")
+        step_loc.append(loc)
+        owned.append(not last)
+    temps.extend([(n.out.shape, n.out.dtype)] * local_temps)
+    return lines

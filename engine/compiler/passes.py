@@ -1,0 +1,279 @@
+"""Optimisation passes. Each is a pure function Program -> Program that preserves
+results; `run_passes` applies them in order and records what each did."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from ops.elementwise import ElementwiseOp
+
+from .ir import Node, Program, Value
+
+
+def _substitute(program: Program, mapping: dict) -> Program:
+    """Replace uses of Values by other Values/scalars everywhere."""
+    if not mapping:
+        return program
+
+    def sub(v: Any) -> Any:
+        while isinstance(v, Value) and v in mapping:
+            v = mapping[v]
+        return v
+    nodes = [n.with_inputs(tuple(sub(a) for a in n.inputs)) for n in program.nodes]
+    return program.copy(nodes=nodes, outputs=[sub(o) for o in program.outputs])
+
+
+# -- dead-code elimination -----------------------------------------------------------------------
+
+def dce(program: Program) -> Program:
+    """Drop nodes whose values nothing uses. (The IR has no side effects: state
+    updates are outputs, so they are always live.)"""
+    live = {o for o in program.outputs if isinstance(o, Value)}
+    kept = []
+    for n in reversed(program.nodes):
+        if n.out in live:
+            kept.append(n)
+            live.update(a for a in n.inputs if isinstance(a, Value))
+    constants = {v: c for v, c in program.constants.items() if v in live}
+    return program.copy(nodes=kept[::-1], constants=constants)
+
+
+# -- common-subexpression elimination --------------------------------------------------------------
+
+def _freeze(x: Any) -> Any:
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    if isinstance(x, float) and x != x:
+        return ("nan",)
+    return x
+
+
+def _key_input(a: Any) -> Any:
+    return ("v", a.id) if isinstance(a, Value) else ("c", type(a).__name__, _freeze(a))
+
+
+def cse(program: Program) -> Program:
+    """Merge nodes computing the same op on the same inputs. Random ops are never merged."""
+    seen: dict = {}
+    mapping: dict = {}
+    nodes = []
+    for n in program.nodes:
+        n = n.with_inputs(tuple(mapping.get(a, a) if isinstance(a, Value) else a for a in n.inputs))
+        if getattr(n.op, "random", False):
+            nodes.append(n)
+            continue
+        key = (id(n.op), tuple(_key_input(a) for a in n.inputs), _freeze(n.params))
+        prev = seen.get(key)
+        if prev is not None and prev.shape == n.out.shape and prev.dtype == n.out.dtype:
+            mapping[n.out] = prev
+        else:
+            seen[key] = n.out
+            nodes.append(n)
+    return program.copy(nodes=nodes, outputs=[mapping.get(o, o) if isinstance(o, Value) else o
+                                              for o in program.outputs])
+
+
+# -- constant folding ----------------------------------------------------------------------------------
+
+MAX_FOLD_ELEMENTS = 1 << 16
+
+
+def constant_fold(program: Program, backend: Any) -> Program:
+    """Evaluate at compile time the nodes whose inputs are all constants (small results)."""
+    constants = dict(program.constants)
+    nodes = []
+    for n in program.nodes:
+        foldable = (not getattr(n.op, "random", False)
+                    and all(not isinstance(a, Value) or a in constants for a in n.inputs)
+                    and int(np.prod(n.out.shape)) <= MAX_FOLD_ELEMENTS)
+        if foldable:
+            raw = [constants[a] if isinstance(a, Value) else a for a in n.inputs]
+            constants[n.out] = n.op.forward(backend, *raw, **n.params)
+        else:
+            nodes.append(n)
+    return program.copy(nodes=nodes, constants=constants)
+
+
+# -- algebraic simplification ----------------------------------------------------------------------------
+
+def _is(v: Any, c: float) -> bool:
+    return not isinstance(v, Value) and not isinstance(v, bool) and v == c
+
+
+def _identity_rewrite(n: Node, producers: dict) -> Any:
+    """A Value or node equal to n's result, or None."""
+    name = getattr(n.op, "name", "")
+    a = n.inputs
+    out = n.out
+
+    def same(v: Any) -> bool:
+        return isinstance(v, Value) and v.shape == out.shape and v.dtype == out.dtype
+
+    if name == "mul":
+        if _is(a[1], 1) and same(a[0]):
+            return a[0]
+        if _is(a[0], 1) and same(a[1]):
+            return a[1]
+    elif name in ("add", "sub") and _is(a[1], 0) and same(a[0]):
+        return a[0]
+    elif name == "add" and _is(a[0], 0) and same(a[1]):
+        return a[1]
+    elif name == "div" and _is(a[1], 1) and same(a[0]):
+        return a[0]
+    elif name == "neg":
+        p = producers.get(a[0])
+        if p is not None and getattr(p.op, "name", "") == "neg" and same(p.inputs[0]):
+            return p.inputs[0]
+    elif name in ("reshape", "broadcast_to", "stop_gradient", "cast") and same(a[0]):
+        return a[0]
+    elif name == "transpose":
+        if tuple(n.params["axes"]) == tuple(range(len(out.shape))) and same(a[0]):
+            return a[0]
+        p = producers.get(a[0])
+        if p is not None and getattr(p.op, "name", "") == "transpose":
+            inner, outer = p.params["axes"], n.params["axes"]
+            composed = tuple(inner[i] for i in outer)
+            if composed == tuple(range(len(composed))) and same(p.inputs[0]):
+                return p.inputs[0]
+            return Node(n.op, (p.inputs[0],), {"axes": composed}, out)
+    if name == "reshape":
+        p = producers.get(a[0])
+        if p is not None and getattr(p.op, "name", "") == "reshape":
+            return Node(n.op, (p.inputs[0],), dict(n.params), out)
+    return None
+
+
+def simplify(program: Program) -> Program:
+    """x*1, x+0, x-0, x/1, -(-x), identity reshape/broadcast/cast/transpose,
+    transpose chains composed, reshape chains collapsed, stop_gradient dropped."""
+    mapping: dict = {}
+    producers: dict = {}
+    nodes = []
+    for n in program.nodes:
+        n = n.with_inputs(tuple(mapping.get(a, a) if isinstance(a, Value) else a for a in n.inputs))
+        r = _identity_rewrite(n, producers)
+        while isinstance(r, Node):
+            n = r
+            r = _identity_rewrite(n, producers)
+        if isinstance(r, Value):
+            mapping[n.out] = r
+            continue
+        producers[n.out] = n
+        nodes.append(n)
+    return program.copy(nodes=nodes, outputs=[mapping.get(o, o) if isinstance(o, Value) else o
+                                              for o in program.outputs])
+
+
+# -- elementwise fusion -----------------------------------------------------------------------------------
+
+class FusedElementwise:
+    """A tree of elementwise ops evaluated as one kernel.
+
+    `steps` lists (op, args) in evaluation order, where each arg is ("in", k) for
+    the k-th group input, ("step", j) for an earlier step, or a Python scalar.
+    The last step is the group's result.
+    """
+
+    kind = "fused_elementwise"
+    random = False
+    view = False
+
+    def __init__(self, steps: list, n_inputs: int) -> None:
+        self.steps = steps
+        self.n_inputs = n_inputs
+        self.name = "fused[" + ",".join(op.name for op, _ in steps) + "]"
+
+    def forward(self, backend: Any, *inputs: Any) -> Any:
+        vals: list = []
+        for op, args in self.steps:
+            raw = [inputs[a[1]] if isinstance(a, tuple) and a[0] == "in" else
+                   vals[a[1]] if isinstance(a, tuple) else a for a in args]
+            vals.append(op.forward(backend, *raw))
+        return vals[-1]
+
+
+def _fusable(n: Node) -> bool:
+    return isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f"
+
+
+def fuse_elementwise(program: Program) -> Program:
+    """Group each elementwise node with the elementwise producers whose only use it is
+    (same shape and dtype), into one FusedElementwise node."""
+    uses = program.uses()
+    producers = program.producers()
+    absorbed: set = set()
+    groups: dict = {}
+    for n in reversed(program.nodes):
+        if n.out in absorbed or not _fusable(n):
+            continue
+        members = []
+
+        def grow(node: Node) -> None:
+            for a in node.inputs:
+                p = producers.get(a) if isinstance(a, Value) else None
+                if (p is not None and _fusable(p) and uses.get(a, 0) == 1 and p.out.dtype == node.out.dtype
+                        and p.out.shape == n.out.shape and p.out not in absorbed):
+                    absorbed.add(p.out)
+                    members.append(p)
+                    grow(p)
+        grow(n)
+        if members:
+            groups[n.out] = members
+    if not groups:
+        return program
+    nodes = []
+    for n in program.nodes:
+        if n.out in absorbed:
+            continue
+        if n.out not in groups:
+            nodes.append(n)
+            continue
+        members = {m.out: m for m in groups[n.out]}
+        order = [m for m in program.nodes if m.out in members] + [n]
+        inputs: list = []
+        index: dict = {}
+        steps = []
+        position = {}
+        for m in order:
+            args = []
+            for a in m.inputs:
+                if isinstance(a, Value) and a in position:
+                    args.append(("step", position[a]))
+                elif isinstance(a, Value):
+                    if a not in index:
+                        index[a] = len(inputs)
+                        inputs.append(a)
+                    args.append(("in", index[a]))
+                else:
+                    args.append(a)
+            position[m.out] = len(steps)
+            steps.append((m.op, tuple(args)))
+        nodes.append(Node(FusedElementwise(steps, len(inputs)), tuple(inputs), {}, n.out))
+    return program.copy(nodes=nodes)
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------
+
+def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Program, list]:
+    """All passes in order; returns the program and per-pass statistics."""
+    pipeline: list[tuple[str, Callable[[Program], Program]]] = [
+        ("dce", dce), ("constant_fold", lambda p: constant_fold(p, backend)), ("simplify", simplify),
+        ("cse", cse), ("dce", dce)]
+    if fuse:
+        pipeline.append(("fuse_elementwise", fuse_elementwise))
+    stats = []
+    debug = int(os.environ.get("ENGINE_DEBUG", "0") or 0)
+    if debug >= 1:
+        print(f"== traced program ({len(program.nodes)} nodes)\n{program}")
+    for name, fn in pipeline:
+        before = len(program.nodes)
+        program = fn(program)
+        stats.append(dict(name=name, nodes_before=before, nodes_after=len(program.nodes)))
+        if debug >= 2:
+            print(f"== after {name} ({before} -> {len(program.nodes)} nodes)\n{program}")
+    return program, stats
+

@@ -1,0 +1,310 @@
+"""engine.jit: traced and compiled programs equal eager execution."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import engine as eg
+import ops
+from engine.compiler import Program, Value, cse, constant_fold, dce, fuse_elementwise, simplify
+from engine.compiler.ir import Node
+from engine.compiler.passes import FusedElementwise
+from tests.conftest import to_tensor
+
+R = ops.REGISTRY
+SAMPLED = sorted(n for n, op in R.items() if not op.random)
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_jit_equals_eager_for_every_registered_op(name, rng):
+    op = R[name]
+    for args, params in op.sample(rng):
+        inputs = [to_tensor(a) for a in args]
+        f = lambda *xs: op(*xs, **params)
+        want = f(*inputs)
+        got = eg.jit(f)(*inputs)
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SAMPLED if R[n].differentiable))
+def test_jit_of_gradient_equals_eager_gradient(name, rng):
+    op = R[name]
+    for args, params in op.sample(rng):
+        inputs = [to_tensor(a) for a in args]
+        diff = [i for i, a in enumerate(inputs) if isinstance(a, eg.Tensor) and a.dtype.kind == "f"]
+        if not diff:
+            continue
+        cot = None
+
+        def loss(*xs):
+            out = op(*xs, **params)
+            return (out * eg.tensor(np.linspace(-1, 1, out.size).reshape(out.shape))).sum()
+        g = eg.grad(loss, argnums=tuple(diff))
+        want = g(*inputs)
+        got = eg.jit(g)(*inputs)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(ops.COMPOSITES))
+def test_jit_equals_eager_for_composites(name, rng):
+    comp = ops.COMPOSITES[name]
+    for args, params in comp.sample(rng):
+        inputs = [to_tensor(a) for a in args]
+        f = lambda *xs: comp.fn(*xs, **params)
+        np.testing.assert_allclose(eg.jit(f)(*inputs).numpy(), f(*inputs).numpy(), rtol=1e-12)
+
+
+UNARY = ["exp", "tanh", "sigmoid", "neg", "relu", "abs", "gelu_tanh", "erf"]
+BINARY = ["add", "sub", "mul", "maximum", "minimum"]
+
+
+@st.composite
+def programs(draw):
+    """A random straight-line program over two inputs, with reductions and matmuls."""
+    steps = []
+    for _ in range(draw(st.integers(2, 10))):
+        kind = draw(st.sampled_from(["unary", "binary", "binary", "scalar", "reduce", "matmul"]))
+        if kind == "unary":
+            steps.append(("unary", draw(st.sampled_from(UNARY))))
+        elif kind == "binary":
+            steps.append(("binary", draw(st.sampled_from(BINARY))))
+        elif kind == "scalar":
+            steps.append(("scalar", draw(st.sampled_from(["add", "mul", "sub"])),
+                          draw(st.floats(-2, 2, allow_nan=False))))
+        else:
+            steps.append((kind,))
+    return steps
+
+
+def _run_program(steps, a, b):
+    vals = [a, b]
+    for s in steps:
+        x, y = vals[-1], vals[-2]
+        if s[0] == "unary":
+            v = R[s[1]](x)
+        elif s[0] == "binary":
+            v = R[s[1]](x, y)
+        elif s[0] == "scalar":
+            v = R[s[1]](x, s[2])
+        elif s[0] == "reduce":
+            v = eg.softmax(x, -1) + x.sum(axis=0, keepdims=True) * 0.1
+        else:
+            v = eg.tanh(x @ y.T @ y * 0.1)
+        vals.append(v)
+    return (vals[-1] * vals[-2]).sum() + vals[-1].mean()
+
+
+@given(steps=programs(), seed=st.integers(0, 1000))
+def test_random_programs_values_and_gradients(steps, seed):
+    rng = np.random.default_rng(seed)
+    a = eg.tensor(rng.standard_normal((3, 4)) * 0.5)
+    b = eg.tensor(rng.standard_normal((3, 4)) * 0.5)
+    f = lambda x, y: _run_program(steps, x, y)
+    g = eg.value_and_grad(f, argnums=(0, 1))
+    (v1, (ga1, gb1)), (v2, (ga2, gb2)) = g(a, b), eg.jit(g)(a, b)
+    np.testing.assert_allclose(v2.numpy(), v1.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(ga2.numpy(), ga1.numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(gb2.numpy(), gb1.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def _train_step_setup(rng):
+    w = eg.tensor(rng.standard_normal((4, 3)), dtype=eg.float32, requires_grad=True)
+    b = eg.zeros(3, requires_grad=True)
+    m = eg.zeros(4, 3)
+
+    def step(x, y):
+        loss = ((eg.tanh(x @ w + b) - y) ** 2).mean()
+        loss.backward()
+        with eg.no_grad():
+            m.__imul__(0.9)
+            m.__iadd__(w.grad)
+            w.__isub__(0.1 * m)
+            b.__isub__(0.1 * b.grad)
+        return loss
+    return w, b, m, step
+
+
+def test_jit_training_step_updates_state_like_eager(rng):
+    x = eg.tensor(rng.standard_normal((5, 4)), dtype=eg.float32)
+    y = eg.tensor(rng.standard_normal((5, 3)), dtype=eg.float32)
+    w, b, m, step = _train_step_setup(np.random.default_rng(0))
+    eager = []
+    for _ in range(4):
+        eager.append(step(x, y).item())
+        w.grad = b.grad = None
+    state = [t.numpy().copy() for t in (w, b, m)]
+    w, b, m, step = _train_step_setup(np.random.default_rng(0))
+    compiled = eg.jit(step)
+    for i in range(4):
+        assert compiled(x, y).item() == pytest.approx(eager[i], rel=1e-6)
+        assert w.grad is not None and w.grad.shape == (4, 3)     # gradients are written back
+        w.grad = b.grad = None
+    for t, s in zip((w, b, m), state):
+        np.testing.assert_allclose(t.numpy(), s, rtol=1e-6)
+    assert compiled.traces == 1
+
+
+def test_changed_shape_retraces_and_static_args_key_the_cache():
+    f = eg.jit(lambda x, k: x * k, static_argnums=(1,))
+    assert f(eg.ones(2), 2.0).tolist() == [2, 2]
+    assert f(eg.ones(3), 2.0).tolist() == [2, 2, 2]
+    assert f(eg.ones(3), 3.0).tolist() == [3, 3, 3]
+    assert f.traces == 3 and f.cache_size == 3
+    f(eg.ones(3), 3.0)
+    assert f.traces == 3
+
+
+def test_captured_tensor_changes_are_seen_and_reshaped_captures_retrace():
+    w = eg.ones(3)
+    f = eg.jit(lambda x: x * w)
+    assert f(eg.ones(3)).tolist() == [1, 1, 1]
+    with eg.no_grad():
+        w.__imul__(5.0)
+    assert f(eg.ones(3)).tolist() == [5, 5, 5]           # read afresh, never a stale constant
+    w._data = np.ones(1, np.float32)
+    assert f(eg.ones(3)).tolist() == [1, 1, 1]           # shape guard failed: retraced
+    assert f.traces == 2
+
+
+def test_data_dependent_control_flow_is_a_clear_error():
+    def f(x):
+        if x.sum() > 0:
+            return x
+        return -x
+    with pytest.raises(eg.TraceError, match="traced by jit.*eg.where"):
+        eg.jit(f)(eg.ones(2))
+    with pytest.raises(eg.TraceError, match="needs a concrete value"):
+        eg.jit(lambda x: x.item())(eg.ones(1))
+
+
+def test_random_ops_are_fresh_each_call_and_never_merged():
+    f = eg.jit(lambda x: (eg.dropout(x, 0.5), eg.dropout(x, 0.5)))
+    eg.manual_seed(0)
+    a1, a2 = f(eg.ones(64))
+    b1, _ = f(eg.ones(64))
+    assert not np.array_equal(a1.numpy(), a2.numpy())
+    assert not np.array_equal(a1.numpy(), b1.numpy())
+    assert sum(getattr(n.op, "random", False) for n in f.ir.nodes) == 2
+
+
+def test_outputs_do_not_alias_reused_buffers():
+    f = eg.jit(lambda x: eg.tanh(x * 2.0 + 1.0) * 3.0)
+    a = f(eg.ones(4))
+    b = f(eg.zeros(4))
+    assert a.tolist() == pytest.approx([np.tanh(3.0) * 3] * 4)
+    assert b.tolist() == pytest.approx([np.tanh(1.0) * 3] * 4)
+
+
+def test_ir_prints_and_exports():
+    f = eg.jit(lambda q, k, v: eg.scaled_dot_product_attention(q, k, v))
+    x = eg.ones(2, 3, 4)
+    f(x, x, x)
+    text = str(f.ir)
+    assert text.startswith("program(") and "matmul" in text and "softmax" in text
+    assert f.to_mermaid().startswith("flowchart TD") and "-->" in f.to_mermaid()
+    assert f.to_dot().startswith("digraph") and "->" in f.to_dot()
+    assert "def program(" in f.source
+    names = [s["name"] for s in f.stats()]
+    assert names[-1] == "plan_memory" and "fuse_elementwise" in names
+
+
+# -- the passes, one by one --------------------------------------------------------------------
+
+def _prog(nodes, inputs, outputs, constants=None):
+    return Program(inputs=inputs, captures=[], constants=constants or {}, nodes=nodes, outputs=outputs)
+
+
+def _v(shape=(3,), dtype=np.float64):
+    return Value(shape, dtype)
+
+
+def _run(program, *arrays):
+    from engine.compiler.codegen import generate
+    from engine.state import get_backend
+    return generate(program, get_backend("cpu"))(list(arrays), [])
+
+
+def test_dce_removes_unused_nodes():
+    x, a, b = _v(), _v(), _v()
+    p = _prog([Node(R["exp"], (x,), {}, a), Node(R["tanh"], (x,), {}, b)], [x], [b])
+    q = dce(p)
+    assert [n.op.name for n in q.nodes] == ["tanh"]
+    arr = np.array([0.1, 0.2, 0.3])
+    np.testing.assert_allclose(_run(q, arr)[0], _run(p, arr)[0])
+
+
+def test_cse_merges_duplicates_but_not_random_ops():
+    x, a, b, c, r1, r2 = _v(), _v(), _v(), _v(), _v(), _v()
+    rnd = dict(shape=(3,), dtype=np.dtype(np.float64), device="cpu")
+    p = _prog([Node(R["exp"], (x,), {}, a), Node(R["exp"], (x,), {}, b), Node(R["add"], (a, b), {}, c),
+               Node(R["random_normal"], (), rnd, r1), Node(R["random_normal"], (), rnd, r2)],
+              [x], [c, r1, r2])
+    q = cse(p)
+    assert [n.op.name for n in q.nodes] == ["exp", "add", "random_normal", "random_normal"]
+    assert q.nodes[1].inputs == (a, a)
+    out = _run(q, np.ones(3))
+    np.testing.assert_allclose(out[0], 2 * np.e)
+    assert not np.array_equal(out[1], out[2])
+
+
+def test_constant_fold_evaluates_constant_subgraphs():
+    x, k, e, y = _v(), _v(), _v(), _v()
+    full = dict(shape=(3,), value=2.0, dtype=np.dtype(np.float64), device="cpu")
+    p = _prog([Node(R["full"], (), full, k), Node(R["exp"], (k,), {}, e), Node(R["mul"], (x, e), {}, y)],
+              [x], [y])
+    from engine.state import get_backend
+    q = constant_fold(p, get_backend("cpu"))
+    assert [n.op.name for n in q.nodes] == ["mul"]
+    np.testing.assert_allclose(q.constants[e], np.exp(2.0))
+    np.testing.assert_allclose(_run(q, np.ones(3))[0], np.exp(2.0))
+
+
+def test_simplify_identities_and_chains():
+    x = _v((2, 3))
+    a, b, c, d, e, f = _v((2, 3)), _v((3, 2)), _v((2, 3)), _v((6,)), _v((3, 2)), _v((2, 3))
+    p = _prog([Node(R["mul"], (x, 1), {}, a),
+               Node(R["transpose"], (a,), {"axes": (1, 0)}, b),
+               Node(R["transpose"], (b,), {"axes": (1, 0)}, c),
+               Node(R["reshape"], (c,), {"shape": (6,)}, d),
+               Node(R["reshape"], (d,), {"shape": (3, 2)}, e),
+               Node(R["add"], (c, 0), {}, f)], [x], [e, f])
+    q = dce(simplify(p))
+    assert [n.op.name for n in q.nodes] == ["reshape"]        # transposes cancel, reshapes chain
+    assert q.outputs[1] is x and q.nodes[0].inputs == (x,)   # x*1+0 is x
+    arr = np.arange(6.0).reshape(2, 3)
+    for u, w in zip(_run(q, arr), _run(p, arr)):
+        np.testing.assert_array_equal(u, w)
+
+
+def test_fusion_groups_single_use_elementwise_chains():
+    x, y, a, b, c, s = _v(), _v(), _v(), _v(), _v(), _v(())
+    p = _prog([Node(R["mul"], (x, y), {}, a), Node(R["exp"], (a,), {}, b), Node(R["add"], (b, x), {}, c),
+               Node(R["sum"], (c,), {"axis": None, "keepdims": False}, s)], [x, y], [s])
+    q = fuse_elementwise(p)
+    assert len(q.nodes) == 2 and isinstance(q.nodes[0].op, FusedElementwise)
+    assert q.nodes[0].op.name == "fused[mul,exp,add]"
+    arr1, arr2 = np.array([0.1, 0.2, 0.3]), np.array([1.0, -1.0, 2.0])
+    np.testing.assert_allclose(_run(q, arr1, arr2)[0], _run(p, arr1, arr2)[0])
+
+
+def test_fusion_keeps_values_used_twice():
+    x, a, b, c = _v(), _v(), _v(), _v()
+    p = _prog([Node(R["exp"], (x,), {}, a), Node(R["tanh"], (a,), {}, b), Node(R["mul"], (a, b), {}, c)],
+              [x], [c])
+    q = fuse_elementwise(p)
+    assert [n.op.name for n in q.nodes] == ["exp", "fused[tanh,mul]"]
+
+
+def test_memory_plan_reuses_dead_buffers():
+    from engine.compiler.codegen import plan_memory
+    x = _v((4,))
+    vals = [_v((4,)) for _ in range(5)]
+    nodes = [Node(R["exp"], (x,), {}, vals[0])]
+    for i in range(1, 5):
+        nodes.append(Node(R["tanh"], (vals[i - 1],), {}, vals[i]))
+    p = _prog(nodes, [x], [vals[-1]])
+    slots, stats = plan_memory(p, set(vals))
+    assert vals[-1] not in slots                       # outputs escape: never a reused buffer
+    assert stats["buffers"] == 2 and stats["reused"] == 2
+    np.testing.assert_allclose(_run(p, np.arange(4.0))[0], np.tanh(np.tanh(np.tanh(np.tanh(np.exp(np.arange(4.0)))))))
