@@ -16,6 +16,7 @@ import numpy as np
 
 from ops.elementwise import ElementwiseOp
 
+from . import ckernels
 from .ir import Node, Program, Value
 from .passes import FusedElementwise
 
@@ -44,6 +45,28 @@ def _group_ufuncs(group: FusedElementwise, backend: Any, dtype: np.dtype) -> lis
             return None
         fns.append(fn)
     return fns
+
+
+def cuda_group_source(group: FusedElementwise, dtype: Any) -> tuple[str, str, str]:
+    """(in_params, out_params, body) of a CUDA elementwise kernel computing a fused
+    group, printed from its sympy expression by the same printer as the op kernels."""
+    from backends.cprint import expression_kernel_source
+    expr, symbols = group.expression()
+    return expression_kernel_source(expr, symbols, dtype)
+
+
+def gpu_group_kernel(group: FusedElementwise, inputs: tuple, out: Value,
+                     backend: Any) -> tuple[Any, str] | None:
+    """A fused group as one `cupy.ElementwiseKernel` (CuPy broadcasts the inputs)."""
+    make = getattr(backend, "elementwise_kernel", None)
+    if make is None or any(not isinstance(v, Value) or v.dtype != out.dtype for v in inputs):
+        return None
+    in_params, out_params, body = cuda_group_source(group, out.dtype)
+    kernel = make(in_params, out_params, body, "engine_fused")
+
+    def run(*arrays: Any, out: Any = None) -> Any:
+        return kernel(*arrays) if out is None else kernel(*arrays, out)
+    return run, body
 
 
 def _aliases(node: Node) -> bool:
@@ -131,10 +154,18 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         lines.append(f"    k{v.id} = _consts[{j}]")
 
     capable: dict = {}
+    kernels: list[str] = []
     for n in program.nodes:
         if isinstance(n.op, FusedElementwise):
+            if backend.name == "cpu":
+                compiled = ckernels.compile_group(n.op, n.inputs, n.out)
+            else:
+                compiled = gpu_group_kernel(n.op, n.inputs, n.out, backend)
             fns = _group_ufuncs(n.op, backend, n.out.dtype)
-            if fns is not None:
+            if compiled is not None:
+                capable[n.out] = ("ckernel", compiled[0])
+                kernels.append(compiled[1])
+            elif fns is not None:
                 capable[n.out] = ("group", fns)
         elif _ufunc(n.op, backend, n.inputs, n.out) is not None:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
@@ -149,7 +180,10 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         args = [name(a) for a in n.inputs]
         dest = f"_b[{slots[n.out]}]" if n.out in slots else None
         kind = capable.get(n.out)
-        if kind and kind[0] == "group":
+        if kind and kind[0] == "ckernel":
+            ns[f"_f{k}"] = kind[1]
+            lines.append(f"    {out} = _f{k}({', '.join(args)}{', out=' + dest if dest else ''})  # C: {n.op.name}")
+        elif kind and kind[0] == "group":
             lines += _group_lines(n, kind[1], args, out, dest, ns, group_temps, k)
         elif kind and kind[0] == "ufunc":
             ns[f"_f{k}"] = kind[1]
@@ -168,9 +202,11 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             f"    ({caps}{',' if program.captures else ''}) = captures"]
     ret = f"    return [{', '.join(name(o) for o in program.outputs)}]"
     source = "\n".join(head + lines + [ret]) + "\n"
-    stats = dict(mem, temps=len(group_temps))
+    stats = dict(mem, temps=len(group_temps), c_kernels=len(kernels))
     stats.pop("shapes", None)
-    return _with_temps(source, ns, mem, group_temps, backend, stats)
+    generated = _with_temps(source, ns, mem, group_temps, backend, stats)
+    generated.kernel_sources = kernels
+    return generated
 
 
 def _with_temps(source: str, ns: dict, mem: dict, temps: list, backend: Any, stats: dict) -> Generated:

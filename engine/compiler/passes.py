@@ -187,6 +187,22 @@ class FusedElementwise:
         self.n_inputs = n_inputs
         self.name = "fused[" + ",".join(op.name for op, _ in steps) + "]"
 
+    def expression(self) -> tuple[Any, tuple]:
+        """The whole group as one sympy expression of symbols in0..in{n-1}: each
+        step's (stable) spec expression with its arguments substituted."""
+        import sympy
+        symbols = tuple(sympy.Symbol(f"in{i}", real=True) for i in range(self.n_inputs))
+        vals: list = []
+        for op, args in self.steps:
+            subs = {}
+            for s, a in zip(op.symbols, args):
+                if isinstance(a, tuple):
+                    subs[s] = symbols[a[1]] if a[0] == "in" else vals[a[1]]
+                else:
+                    subs[s] = sympy.sympify(a)
+            vals.append(op.impl_expr.xreplace(subs))
+        return vals[-1], symbols
+
     def forward(self, backend: Any, *inputs: Any) -> Any:
         vals: list = []
         for op, args in self.steps:
