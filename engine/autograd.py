@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from ops.errors import GradError, ShapeError
 
 from .dispatch import FreedNode, Node
-from .state import set_grad_enabled
+from .state import phase, set_grad_enabled
 from .tensor import Tensor
 
 
@@ -71,6 +71,16 @@ def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
     for r, g in zip(roots, grads):
         pending[id(r)] = _accumulate(pending.get(id(r)), g)
     captured: dict[int, Tensor] = {}
+    previous_phase, phase.name = phase.name, "backward"
+    try:
+        _propagate(order, pending, captured, retain_graph, create_graph, capture)
+    finally:
+        phase.name = previous_phase
+    return captured
+
+
+def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
+               create_graph: bool, capture: dict | None) -> None:
     with set_grad_enabled(create_graph):
         for t in order:
             g = pending.pop(id(t), None)
@@ -100,7 +110,6 @@ def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
                 pending[id(x)] = _accumulate(pending.get(id(x)), gx)
             if not retain_graph:
                 t._ctx = FreedNode(ctx.op)
-    return captured
 
 
 def _root_grad(t: Tensor, grad: Any) -> Tensor:

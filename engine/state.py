@@ -14,6 +14,14 @@ DEFAULT_FLOAT = np.dtype(np.float32)
 interpreter_stack: list = []
 
 
+class _Phase:
+    """"forward" normally, "backward" while autograd runs VJPs (for the profiler)."""
+    name = "forward"
+
+
+phase = _Phase()
+
+
 class _ModeEpoch:
     """Bumped whenever a module switches train/eval: compiled programs keyed on it retrace."""
     value = 0
