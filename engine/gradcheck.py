@@ -33,7 +33,7 @@ def _numeric(f: Callable[..., Tensor], args: list, i: int, cot: np.ndarray, eps:
     from .creation import tensor
     x = args[i]
     base = x.numpy().astype(np.float64)
-    num = np.zeros_like(base)
+    num = np.zeros(base.shape)          # C order: num.reshape(-1) below must be a view
     flat = base.reshape(-1)
     with no_grad():
         for j in range(flat.size):

@@ -106,6 +106,17 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
+    def __deepcopy__(self, memo: dict) -> "Tensor":
+        """A copy of the data on the same (shared) backend: backends are per-device
+        singletons, so the copy mixes freely with other tensors of its device."""
+        t = type(self).__new__(type(self))
+        Tensor.__init__(t, self._backend.copy(self._data), self._backend)
+        t.requires_grad = self.requires_grad
+        if self.grad is not None:
+            t.grad = self.grad.__deepcopy__(memo)
+        memo[id(self)] = t
+        return t
+
     # -- conversion -------------------------------------------------------------------------------
     def _concrete(self, what: str) -> Any:
         if getattr(self._data, "is_abstract", False):

@@ -210,3 +210,13 @@ def test_repr_is_readable():
     x = eg.tensor([1.0, 2.0], requires_grad=True)
     assert repr(x) == "tensor([1., 2.], dtype=float32, requires_grad=True)"
     assert "grad_fn=mul" in repr(x * 2)
+
+
+def test_deepcopy_keeps_the_device_backend():
+    import copy
+    x = eg.tensor([1.0, 2.0], requires_grad=True)
+    y = copy.deepcopy(x)
+    assert y.requires_grad and y._backend is x._backend
+    assert (x + y).tolist() == [2.0, 4.0]
+    y._data[0] = 5.0
+    assert x[0].item() == 1.0
