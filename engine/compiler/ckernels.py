@@ -28,7 +28,7 @@ _compiler = shutil.which("cc") or shutil.which("gcc")
 _loaded: dict[str, Any] = {}
 
 # Below this many elements the per-call cost of ctypes exceeds what fusion saves.
-MIN_ELEMENTS = 2048
+MIN_ELEMENTS = 1 << 15
 
 # Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
 # semantics that masking relies on). Transcendentals (exp, tanh, ...) stay with
