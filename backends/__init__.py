@@ -18,8 +18,10 @@ class BackendUnavailable(RuntimeError):
     """The device exists in principle but cannot start here (missing library or hardware)."""
 
 
-def register_backend(name: str, factory: Callable[[], Backend]) -> None:
-    """Make `factory` the way to build the backend for device `name`."""
+def register_backend(name: str, factory: Callable[[str], Backend]) -> None:
+    """Make `factory(device)` the way to build the backend for device `name`; it
+    receives the full device string ("cuda:1"), so one registration serves every
+    index of a device family."""
     _factories[name] = factory
     _instances.pop(name, None)
 
@@ -33,8 +35,7 @@ def get_backend(device: str) -> Backend:
     if name not in _factories:
         raise ValueError(
             f"unknown device {device!r}; known devices: {sorted(_factories)}")
-    be = _factories[name]()
-    _instances[device] = be
+    be = _instances[device] = _factories[name](device)
     return be
 
 
@@ -43,11 +44,23 @@ def loaded_backends() -> list[Backend]:
     return list(_instances.values())
 
 
-def _numpy_factory() -> Backend:
+def _numpy_factory(device: str) -> Backend:
     from .numpy_backend import NumpyBackend
     return NumpyBackend()
 
 
+def _symbolic_factory(device: str) -> Backend:
+    from .symbolic import SymbolicBackend
+    return SymbolicBackend()
+
+
+def _cupy_factory(device: str) -> Backend:
+    from .cupy_backend import create_backend
+    return create_backend(device)
+
+
 register_backend("cpu", _numpy_factory)
+register_backend("cuda", _cupy_factory)
+register_backend("symbolic", _symbolic_factory)
 
 __all__ = ["Backend", "BackendUnavailable", "get_backend", "register_backend", "loaded_backends"]

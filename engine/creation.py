@@ -49,10 +49,13 @@ def from_numpy(arr: np.ndarray) -> Tensor:
 
 def from_dlpack(obj: Any) -> Tensor:
     """A tensor sharing memory with any DLPack producer (NumPy, CuPy, PyTorch)."""
-    device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else 1
+    device_type, device_id = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (1, 0)
     if device_type == 1:                      # kDLCPU
         return Tensor(np.from_dlpack(obj), get_backend("cpu"))
-    be = get_backend("cuda")
+    if device_type not in (2, 13):            # kDLCUDA, kDLCUDAManaged
+        raise DeviceError(f"from_dlpack: the producer's memory is on DLPack device type "
+                          f"{device_type}; only CPU (1) and CUDA (2, 13) memory can be shared")
+    be = get_backend("cuda" if int(device_id) == 0 else f"cuda:{int(device_id)}")
     return Tensor(be.from_dlpack(obj), be)
 
 

@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 
 import backends
+from ops.errors import DeviceError
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 
@@ -88,7 +89,10 @@ def manual_seed(seed: int) -> None:
 def get_backend(device: str) -> backends.Backend:
     """The backend of `device`, seeded with the last manual_seed when first started."""
     fresh = device not in backends._instances
-    be = backends.get_backend(device)
+    try:
+        be = backends.get_backend(device)
+    except backends.BackendUnavailable as e:      # e.g. "cuda" without CuPy or a GPU
+        raise DeviceError(str(e)) from None
     if fresh and _seed[0] is not None:
         be.seed(_seed[0])
     return be

@@ -13,12 +13,11 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-import backends
 import engine as eg
 from engine import Tensor
 from engine.creation import transfer
 from engine.errors import DTypeError, EngineError, ShapeError
-from engine.state import bump_mode_epoch
+from engine.state import bump_mode_epoch, get_backend
 
 from .parameter import Parameter
 
@@ -287,7 +286,7 @@ class Module:
         if device is not None and not isinstance(device, str):
             device, dtype = None, device
         if device is not None:
-            backends.get_backend(device)        # unknown device -> a clear error now
+            get_backend(device)        # unknown or unavailable device -> a clear error now
         for t in list(self.parameters()) + list(self.buffers()):
             self._convert(t, device, dtype)
             if t.grad is not None:
@@ -322,9 +321,7 @@ class Module:
 
     # -- copying and printing ------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> "Module":
-        """Deep copy whose tensors stay on their devices (backends are never copied)."""
-        for be in backends.loaded_backends():
-            memo.setdefault(id(be), be)
+        """Deep copy; tensors copy their data and stay on their devices (Tensor.__deepcopy__)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():

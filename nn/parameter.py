@@ -29,6 +29,9 @@ class Parameter(Tensor):
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
 
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
     def __deepcopy__(self, memo: dict) -> "Parameter":
         """A copy on the same device (the default deepcopy would clone the backend object)."""
         if id(self) in memo:

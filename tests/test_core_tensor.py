@@ -192,7 +192,7 @@ def test_dtype_errors():
 
 
 def test_mixing_devices_names_both():
-    backends.register_backend("othercpu", lambda: type("Other", (NumpyBackend,), {"name": "othercpu"})())
+    backends.register_backend("othercpu", lambda device: type("Other", (NumpyBackend,), {"name": device})())
     a = eg.ones(2)
     b = eg.ones(2, device="othercpu")
     assert b.device == "othercpu"

@@ -316,8 +316,9 @@ def _adam_like(p, m, v):
     return p - 1e-5 * p - 1e-3 * (m / 0.1) / ((v / 0.001).sqrt() + 1e-8)
 
 
-def test_arithmetic_groups_become_c_kernels_that_match_eager(rng):
+def test_arithmetic_groups_become_c_kernels_that_match_eager(rng, monkeypatch):
     from engine.compiler import ckernels
+    monkeypatch.setattr(ckernels, "MIN_ELEMENTS", 1024)
     if not ckernels.available():
         pytest.skip("no C compiler: fused groups run as NumPy ufunc chains")
     p, m, v = (eg.tensor(np.abs(rng.standard_normal((64, 64))) + 0.1) for _ in range(3))
@@ -329,12 +330,16 @@ def test_arithmetic_groups_become_c_kernels_that_match_eager(rng):
     assert "sqrt(" in src and "double" in src
 
 
-def test_c_kernels_handle_broadcast_operands(rng):
+def test_c_kernels_handle_broadcast_operands(rng, monkeypatch):
+    from engine.compiler import ckernels
+    monkeypatch.setattr(ckernels, "MIN_ELEMENTS", 1024)
     x = eg.tensor(rng.standard_normal((64, 48)))
     row = eg.tensor(rng.standard_normal((48,)))
     col = eg.tensor(rng.standard_normal((64, 1)))
     f = lambda x, r, c: (x * r + c) * 0.5 - r
-    np.testing.assert_allclose(eg.jit(f)(x, row, col).numpy(), f(x, row, col).numpy(), rtol=1e-12)
+    j = eg.jit(f)
+    np.testing.assert_allclose(j(x, row, col).numpy(), f(x, row, col).numpy(), rtol=1e-12)
+    assert j.stats()[-1]["c_kernels"] == 1
 
 
 def test_without_a_c_compiler_fused_groups_fall_back(rng, monkeypatch):

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# One prepared command for a machine with an NVIDIA GPU and no network, where CuPy,
+# NumPy, sympy, pytest and PyTorch are already installed:
+#
+#     bash scripts/gpu_check.sh RESULTS_DIR
+#
+# It installs the project without touching the network (or falls back to
+# PYTHONPATH), records the machine, runs the CUDA tests, then (when their files
+# exist) trains the translate example on the GPU and runs the GPU benchmark.
+# Everything lands in RESULTS_DIR: summary.md, env.txt, one log per step, and the
+# tests' JUnit XML. The exit status is non-zero when a step failed.
+#
+# Optional environment:
+#   PYTHON          interpreter to use (default: python)
+#   TEST_TIMEOUT    seconds for the test step (default 420)
+#   TRANSLATE_ARGS  extra arguments for examples/translate.py (default: none)
+#   BENCH_ARGS      extra arguments for `python -m benchmarks.run` (default: none)
+#   STEP_TIMEOUT    seconds for the translate and benchmark steps (default 300 each)
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 RESULTS_DIR" >&2
+    exit 2
+fi
+OUT="$1"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PY="${PYTHON:-python}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-420}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/engine-cupy-cache}"
+STATUS=0
+SUMMARY="$OUT/summary.md"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# -- setup ------------------------------------------------------------------------------------
+install_project() {
+    if "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+        note "- install: pip install --no-deps --no-build-isolation -e . (ok)"
+    else
+        export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+        note "- install: pip failed (see install.log); using PYTHONPATH=$ROOT"
+    fi
+}
+
+record_environment() {
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+        echo "host: $(hostname)"
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+        "$PY" - <<'PYEOF' 2>&1
+import platform
+print("python", platform.python_version())
+for name in ("numpy", "sympy", "cupy", "torch", "pytest"):
+    try:
+        mod = __import__(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(name, "missing:", type(e).__name__, e)
+try:
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print("gpu", props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+          "cc", f'{props["major"]}.{props["minor"]}',
+          "cuda runtime", cupy.cuda.runtime.runtimeGetVersion())
+except Exception as e:
+    print("cupy gpu query failed:", type(e).__name__, e)
+PYEOF
+    } >"$OUT/env.txt"
+    GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+    note "- date: $(date -u +%Y-%m-%d), GPU: ${GPU_NAME:-unknown} (details in env.txt)"
+}
+
+smoke_test() {
+    if timeout 120 "$PY" - >"$OUT/smoke.log" 2>&1 <<'PYEOF'
+import numpy as np
+import engine as eg
+eg.manual_seed(0)
+x = eg.randn(4, 5, device="cuda", requires_grad=True)
+y = (eg.softmax(x @ x.T, axis=-1).tanh() * 2).sum()
+y.backward()
+assert x.device == "cuda" and x.grad.device == "cuda"
+print("smoke ok:", float(y.item()), np.abs(x.grad.numpy()).sum())
+PYEOF
+    then note "- smoke test on cuda: ok"
+    else note "- smoke test on cuda: FAILED (smoke.log)"; STATUS=1
+    fi
+}
+
+# -- the CUDA tests ---------------------------------------------------------------------------------
+run_cuda_tests() {
+    timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_codegen.py \
+        -o addopts="" -q -rs --durations=15 --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
+    local rc=$?
+    local line
+    line="$(grep -E '[0-9]+ (passed|failed)' "$OUT/cuda_tests.log" | tail -1)"
+    local gpu_skips
+    gpu_skips="$(grep -c 'no CuPy with a usable GPU' "$OUT/cuda_tests.log" || true)"
+    note "- CUDA tests (rc=$rc): ${line:-no summary line, see cuda_tests.log}"
+    if [ "$gpu_skips" != "0" ]; then
+        note "  WARNING: GPU tests were skipped here ($gpu_skips skip lines): CuPy/GPU not usable"
+        STATUS=1
+    fi
+    [ $rc -eq 0 ] || STATUS=1
+}
+
+# -- train the translate example on GPU (another developer writes examples/translate.py) -------------
+train_translate_on_gpu() {
+    if [ ! -f examples/translate.py ]; then
+        note "- translate example: skipped (examples/translate.py does not exist yet)"
+        return
+    fi
+    # shellcheck disable=SC2086
+    if timeout "$STEP_TIMEOUT" "$PY" examples/translate.py --device cuda ${TRANSLATE_ARGS:-} \
+        >"$OUT/translate.log" 2>&1; then
+        note "- translate example on cuda: ok; last lines:"
+        tail -5 "$OUT/translate.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    else
+        note "- translate example on cuda: FAILED or timed out (translate.log)"; STATUS=1
+    fi
+}
+
+# -- the GPU benchmark: engine on CuPy vs PyTorch CUDA eager (another developer writes benchmarks/run.py) --
+run_gpu_benchmark() {
+    if [ ! -f benchmarks/run.py ]; then
+        note "- GPU benchmark: skipped (benchmarks/run.py does not exist yet)"
+        return
+    fi
+    # shellcheck disable=SC2086
+    if timeout "$STEP_TIMEOUT" "$PY" -m benchmarks.run --device cuda ${BENCH_ARGS:-} \
+        >"$OUT/benchmark.log" 2>&1; then
+        note "- GPU benchmark: ok; last lines:"
+        tail -15 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    else
+        note "- GPU benchmark: FAILED or timed out (benchmark.log)"; STATUS=1
+    fi
+}
+
+: >"$SUMMARY"
+note "# GPU check"
+install_project
+record_environment
+smoke_test
+run_cuda_tests
+train_translate_on_gpu
+run_gpu_benchmark
+note "- overall: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL)"
+exit $STATUS
