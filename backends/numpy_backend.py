@@ -19,6 +19,21 @@ def _erf(x: Any) -> Any:
     return np.asarray(_erf_object(x), dtype=object).astype(dtype)
 
 
+def _heaviside(x: Any, h: Any) -> Any:
+    """np.heaviside, ~40x faster: NumPy's ufunc has no SIMD loop, comparisons do.
+    (Same values, NaN included; relu's gradient mask runs through this.)"""
+    x = np.asarray(x)
+    if not isinstance(h, (int, float)) or x.dtype.kind != "f":
+        return np.heaviside(x, h)
+    out = np.array(x > 0, dtype=x.dtype)
+    if h != 0:
+        out[x == 0] = h
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = np.nan
+    return out
+
+
 # Ops whose NumPy ufunc computes exactly the spec's expression. Every other
 # elementwise spec is lambdified from its sympy expression; the test suite checks
 # that both routes agree for every registered op.
@@ -27,7 +42,7 @@ _NATIVE: dict[str, Callable[..., Any]] = {
     "neg": np.negative, "pow": np.power, "exp": np.exp, "log": np.log,
     "sqrt": np.sqrt, "abs": np.abs, "tanh": np.tanh, "sign": np.sign,
     "maximum": np.maximum, "minimum": np.minimum, "erf": _erf,
-    "heaviside": np.heaviside,
+    "heaviside": _heaviside,
     "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
     "gt": np.greater, "ge": np.greater_equal,
     "logical_and": np.logical_and, "logical_or": np.logical_or,
@@ -101,6 +116,9 @@ class NumpyBackend(Backend):
         return np.max(x, axis=axis, keepdims=keepdims)
 
     def matmul(self, a: Any, b: Any) -> Any:
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+            # One GEMM over all rows instead of NumPy's loop over the batch (~1.4x).
+            return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
         return np.matmul(a, b)
 
     # -- movement ----------------------------------------------------------------

@@ -87,7 +87,9 @@ class EagerInterpreter:
         """In-place update of t's buffer: `t op= value`, or `t[index] = value`."""
         raw = value._data if isinstance(value, Tensor) else value
         be = t._backend
-        if index is None:
+        if name == "copy":
+            be.setitem(t._data, (Ellipsis,), raw)
+        elif index is None:
             op = ops.REGISTRY[_INPLACE_OPS[name]]
             be.setitem(t._data, (Ellipsis,), op.forward(be, t._data, raw))
         else:

@@ -40,6 +40,22 @@ def erf(x: Any) -> Tensor: return R["erf"](_t(x))
 def sign(x: Any) -> Tensor: return R["sign"](_t(x))
 
 
+def lerp(start: Any, end: Any, weight: Any) -> Tensor:
+    """start + weight * (end - start)."""
+    return R["lerp"](_t(start), _t(end), _t(weight))
+
+
+def ema_sq(avg: Any, value: Any, beta: Any) -> Tensor:
+    """beta * avg + (1 - beta) * value**2: Adam's second-moment average."""
+    return R["ema_sq"](_t(avg), _t(value), _t(beta))
+
+
+def adam_param(param: Any, m: Any, v: Any, step_size: Any, bc2_sqrt: Any, decay: Any,
+               eps: Any) -> Tensor:
+    """param * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps): Adam's parameter update."""
+    return R["adam_param"](*(_t(a) for a in (param, m, v, step_size, bc2_sqrt, decay, eps)))
+
+
 def gelu(x: Any, approximate: str = "none") -> Tensor:
     """GELU: exact (erf) form, or approximate="tanh" as in GPT-2."""
     if approximate not in ("none", "tanh"):

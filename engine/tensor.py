@@ -260,6 +260,10 @@ class Tensor:
         self._version[0] += 1
         return self
 
+    def copy_(self, src: Any) -> "Tensor":
+        """Overwrite this tensor's values with `src` (broadcast and cast), in place."""
+        return self._inplace("copy", src)
+
     def __iadd__(self, o: Any) -> "Tensor": return self._inplace("+=", o)
     def __isub__(self, o: Any) -> "Tensor": return self._inplace("-=", o)
     def __imul__(self, o: Any) -> "Tensor": return self._inplace("*=", o)

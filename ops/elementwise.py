@@ -135,7 +135,9 @@ def sum_to(g: Any, shape: tuple) -> Any:
 
 # -- test sampling ------------------------------------------------------------------------
 
-def _draw(domain: str, rng: np.random.Generator, shape: tuple, position: int) -> np.ndarray:
+def _draw(domain: Any, rng: np.random.Generator, shape: tuple, position: int) -> np.ndarray:
+    if isinstance(domain, tuple):         # one domain per input
+        domain = domain[position]
     if domain == "bool":
         return rng.random(shape) < 0.5
     if domain == "positive":
@@ -153,6 +155,11 @@ _SHAPE_CASES = [((3, 4), (3, 4)), ((2, 3, 4), (4,)), ((3, 1), (1, 4)), ((1,), (2
 
 def _sample_elementwise(op: ElementwiseOp, rng: np.random.Generator) -> list:
     cases = []
+    if op.nin > 2:
+        for shapes in ([(3, 4)] * op.nin, [(2, 3)] * 3 + [()] * (op.nin - 3),
+                       [(4,)] + [(3, 4)] * (op.nin - 1)):
+            cases.append(([_draw(op.domain, rng, s, i) for i, s in enumerate(shapes)], {}))
+        return cases
     for shapes in _SHAPE_CASES:
         args = [_draw(op.domain, rng, s, i) for i, s in enumerate(shapes[:op.nin])]
         cases.append((args, {}))
@@ -176,8 +183,16 @@ def _mpmath_reference(op: ElementwiseOp) -> Callable[..., np.ndarray]:
 
 def elementwise(name: str, fn: Callable[..., sympy.Expr], *, grads: Callable | None = None,
                 logical: bool = False, **kw: Any) -> ElementwiseOp:
-    """Declare and register an elementwise op from a sympy-building function."""
-    symbols = ((P, Q) if logical else (X, Y))[:fn.__code__.co_argcount]
+    """Declare and register an elementwise op from a sympy-building function.
+
+    Unary and binary ops use the symbols x, y (p, q for logical ops); wider ops get
+    one real symbol per argument, named as the function's parameters.
+    """
+    n = fn.__code__.co_argcount
+    if n <= 2:
+        symbols = ((P, Q) if logical else (X, Y))[:n]
+    else:
+        symbols = tuple(sympy.Symbol(a, real=True) for a in fn.__code__.co_varnames[:n])
     expr = fn(*symbols)
     g = grads(*symbols, OUT) if grads is not None else None
     impl = kw.pop("impl", None)
@@ -241,3 +256,16 @@ logical_or = elementwise("logical_or", lambda a, b: sympy.Or(a, b), differentiab
                          result="bool", logical=True, domain="bool")
 logical_not = elementwise("logical_not", lambda a: sympy.Not(a), differentiable=False,
                           result="bool", logical=True, domain="bool")
+
+# Optimizer updates: each a single op per parameter instead of a dozen, so an Adam
+# step costs three dispatches per parameter (and one fused kernel each on a GPU).
+lerp = elementwise("lerp", lambda start, end, weight: start + weight * (end - start),
+                   domain=("real", "real", "positive"))
+ema_sq = elementwise("ema_sq", lambda avg, value, beta: beta * avg + (1 - beta) * value * value,
+                     domain=("positive", "real", "positive"))
+adam_param = elementwise(
+    "adam_param",
+    lambda param, m, v, step_size, bc2_sqrt, decay, eps:
+        param * decay - step_size * m / (sympy.sqrt(v) / bc2_sqrt + eps),
+    domain=("real", "real", "positive", "positive", "positive", "positive", "positive"),
+    doc="decoupled-decay Adam update: p*decay - step_size*m/(sqrt(v)/sqrt(1-b2^t) + eps)")

@@ -47,8 +47,22 @@ def _matmul_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
     if needs[0]:
         ga = reshape(sum_to(matmul(g2, _swap_last(b2)), tuple(a2.shape)), shape=tuple(a.shape))
     if needs[1]:
-        gb = reshape(sum_to(matmul(_swap_last(a2), g2), tuple(b2.shape)), shape=tuple(b.shape))
+        if b.ndim == 2 and a.ndim > 2:
+            # Weight gradient of x @ W: fold the batch into rows, one GEMM, no batch sum.
+            k, n = b.shape
+            gb = matmul(_swap_last(reshape(a, shape=(_rows(a), k))),
+                        reshape(g, shape=(_rows(g), n)))
+        else:
+            gb = reshape(sum_to(matmul(_swap_last(a2), g2), tuple(b2.shape)), shape=tuple(b.shape))
     return ga, gb
+
+
+def _rows(x: Any) -> int:
+    """Rows of x folded to 2-D (all axes but the last)."""
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
 
 
 matmul = register(Op(

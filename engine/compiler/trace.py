@@ -98,7 +98,10 @@ class TraceInterpreter(EagerInterpreter):
                 f"or eg.concatenate(...) instead")
         from ..dispatch import _INPLACE_OPS
         with no_grad():
-            new = ops.REGISTRY[_INPLACE_OPS[name]](t, value)
+            if name == "copy":
+                new = _as_tensor_like(t, value)
+            else:
+                new = ops.REGISTRY[_INPLACE_OPS[name]](t, value)
         self.remember(t)
         t._data = new._data
 
@@ -120,6 +123,18 @@ class TraceInterpreter(EagerInterpreter):
             s.tensor._data, s.tensor.grad, s.tensor._ctx = s.data, s.grad, s.ctx
             s.tensor._version[0] = s.version
             s.tensor.requires_grad = s.requires_grad
+
+
+def _as_tensor_like(t: Tensor, value: Any) -> Tensor:
+    """`value` with t's shape and dtype (what copying it into t's buffer would store)."""
+    from ..creation import full
+    if not isinstance(value, Tensor):
+        return full(t.shape, value, t.dtype, t.device)
+    if value.dtype != t.dtype:
+        value = ops.REGISTRY["cast"](value, dtype=t.dtype)
+    if value.shape != t.shape:
+        value = ops.REGISTRY["broadcast_to"](value, shape=tuple(t.shape))
+    return value
 
 
 # -- pytrees of arguments and results ------------------------------------------------------------
