@@ -110,16 +110,30 @@ class NumpyBackend(Backend):
 
     # -- reductions and linear algebra -------------------------------------------
     def sum(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
+        if x.dtype == np.float16:               # accumulate in float32, round once
+            return np.sum(x, axis=axis, dtype=np.float32, keepdims=keepdims).astype(np.float16)
         return np.sum(x, axis=axis, keepdims=keepdims)
 
     def max(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
         return np.max(x, axis=axis, keepdims=keepdims)
 
     def matmul(self, a: Any, b: Any) -> Any:
+        if a.dtype == np.float16 and b.dtype == np.float16:
+            # float32 accumulation (NumPy has no float16 BLAS), rounded once.
+            return self.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
         if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
             # One GEMM over all rows instead of NumPy's loop over the batch (~1.4x).
             return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
         return np.matmul(a, b)
+
+    def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
+        """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""
+        if out is None or a.dtype != out.dtype or b.dtype != out.dtype or a.dtype == np.float16:
+            return self.matmul(a, b)
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+            np.matmul(a.reshape(-1, a.shape[-1]), b, out=out.reshape(-1, b.shape[-1]))
+            return out
+        return np.matmul(a, b, out=out)
 
     # -- movement ----------------------------------------------------------------
     def reshape(self, x: Any, shape: tuple) -> Any:

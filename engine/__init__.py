@@ -24,7 +24,7 @@ from .functional import abs, max, min, pow, sum  # noqa: F401  (shadow builtins 
 from .compiler import jit
 from .gradcheck import gradcheck
 from .profiler import profile
-from .state import enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
+from .state import autocast, enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
 from .tensor import Tensor
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import ops
 from ops.errors import DeviceError, EngineError, OpError
 
-from .state import get_backend, grad_mode, interpreter_stack
+from .state import autocast_state, get_backend, grad_mode, interpreter_stack
 from .tensor import Tensor
 
 
@@ -97,6 +97,8 @@ class EagerInterpreter:
             be.setitem(t._data, ops.movement.index_tuple(spec, tuple(x._data for x in tensors)), raw)
 
     def apply(self, op: ops.Op, args: tuple, params: dict) -> Tensor:
+        if autocast_state.dtype is not None and op.name in AUTOCAST_OPS:
+            args = _autocast(args, autocast_state.dtype)
         backend = None
         needs_grad = False
         raw = []
@@ -127,6 +129,18 @@ class EagerInterpreter:
                           tuple(a._version[0] if isinstance(a, Tensor) else 0 for a in args)
                           + (t._version[0],))
         return t
+
+
+# Ops that run in the low-precision dtype inside `eg.autocast` (their inputs are cast,
+# recorded as cast ops so gradients flow back to float32 parameters). Everything
+# else keeps float32: softmax, layer norm, reductions and losses need the range.
+AUTOCAST_OPS = frozenset({"matmul"})
+
+
+def _autocast(args: tuple, dtype: Any) -> tuple:
+    cast = ops.REGISTRY["cast"]
+    return tuple(cast(a, dtype=dtype) if isinstance(a, Tensor) and a.dtype.kind == "f"
+                 and a.dtype != dtype else a for a in args)
 
 
 _stack = interpreter_stack

@@ -15,6 +15,14 @@ DEFAULT_FLOAT = np.dtype(np.float32)
 interpreter_stack: list = []
 
 
+class _Autocast:
+    """The low-precision dtype matmuls run in inside `eg.autocast`, or None."""
+    dtype = None
+
+
+autocast_state = _Autocast()
+
+
 class _Phase:
     """"forward" normally, "backward" while autograd runs VJPs (for the profiler)."""
     name = "forward"
@@ -96,3 +104,16 @@ def get_backend(device: str) -> backends.Backend:
     if fresh and _seed[0] is not None:
         be.seed(_seed[0])
     return be
+
+
+@contextlib.contextmanager
+def autocast(dtype: object = np.float16, enabled: bool = True) -> Iterator[None]:
+    """Mixed precision: matmuls inside the block compute in `dtype` (float16 by
+    default; backends accumulate in float32), the rest stays float32. Pair it with
+    `nn.amp.GradScaler` so small float16 gradients do not flush to zero."""
+    previous = autocast_state.dtype
+    autocast_state.dtype = np.dtype(dtype) if enabled else None
+    try:
+        yield
+    finally:
+        autocast_state.dtype = previous
