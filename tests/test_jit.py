@@ -382,3 +382,36 @@ def test_fused_group_cuda_sources_compile_with_nvcc(tmp_path, rng):
     res = subprocess.run([nvcc, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "g.o")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[:3000]
+
+
+def test_jit_transformer_training_step_equals_eager_over_several_steps():
+    """A whole Transformer step (forward, loss, backward, AdamW with a tensor step
+    count) compiled once: parameters after 3 steps equal the eager run's."""
+    from engine import nn
+    rng = np.random.default_rng(0)
+    src = eg.tensor(rng.integers(1, 12, (3, 5)))
+    tgt = eg.tensor(rng.integers(1, 12, (3, 4)))
+
+    def make():
+        eg.manual_seed(0)
+        m = nn.Seq2SeqTransformer(12, d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                  dim_feedforward=32, dropout=0.0)
+        opt = nn.optim.AdamW(m.parameters(), lr=1e-2, capturable=True)
+
+        def step(src, tgt):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(src, tgt[:, :-1]), tgt[:, 1:])
+            loss.backward()
+            opt.step()
+            return loss
+        return m, step
+
+    m1, step1 = make()
+    eager = [step1(src, tgt).item() for _ in range(3)]
+    m2, step2 = make()
+    compiled = eg.jit(step2)
+    jitted = [compiled(src, tgt).item() for _ in range(3)]
+    assert compiled.traces == 1
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=n)
