@@ -348,6 +348,18 @@ class CupyBackend(Backend):
             self._kernels[key] = kern
         return kern
 
+    def reduction_kernel(self, in_params: str, out_params: str, map_expr: str, reduce_expr: str,
+                         post_map_expr: str, identity: str, name: str) -> Callable[..., Any]:
+        """A `cupy.ReductionKernel` (the jit's fused group + sum), built once per source;
+        call it as `k(*inputs, axis=..., keepdims=...)`."""
+        key = ("reduce", in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name)
+        kern = self._kernels.get(key)
+        if kern is None:
+            kern = self._kernels[key] = self.cp.ReductionKernel(
+                in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name=name,
+                preamble=cprint.CUDA_PREAMBLE)
+        return kern
+
     def elementwise_kernel(self, in_params: str, out_params: str, body: str,
                            name: str) -> Callable[..., Any]:
         """A `cupy.ElementwiseKernel` for a body printed by cprint (the jit's fused

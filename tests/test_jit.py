@@ -415,3 +415,50 @@ def test_jit_transformer_training_step_equals_eager_over_several_steps():
     np.testing.assert_allclose(jitted, eager, rtol=1e-5)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("axis", [-1, (0, 1), None])
+def test_sums_of_elementwise_groups_fuse_into_one_reduction(axis, rng, monkeypatch):
+    from engine.compiler import ckernels
+    from engine.compiler.passes import FusedReduction
+    monkeypatch.setattr(ckernels, "MIN_ELEMENTS", 1024)
+    x = eg.tensor(rng.standard_normal((16, 8, 24)))
+    y = eg.tensor(rng.standard_normal((24,)))
+    f = lambda x, y: ((x * y + 1.0) * x).sum(axis=axis)
+    j = eg.jit(f)
+    np.testing.assert_allclose(j(x, y).numpy(), f(x, y).numpy(), rtol=1e-12, atol=1e-12)
+    assert [type(n.op) for n in j.ir.nodes] == [FusedReduction]
+    if ckernels.available():
+        assert j.stats()[-1]["c_kernels"] == 1
+
+
+def test_reduction_fusion_pass_leaves_shared_values_alone():
+    from engine.compiler.passes import FusedReduction, fuse_reductions
+    x, a, s, t = _v((4, 3)), _v((4, 3)), _v((4,)), _v((4, 3))
+    p = _prog([Node(R["exp"], (x,), {}, a), Node(R["sum"], (a,), {"axis": (1,), "keepdims": False}, s),
+               Node(R["mul"], (a, 2.0), {}, t)], [x], [s, t])
+    assert fuse_reductions(p).nodes == p.nodes                      # exp's value is used twice
+    q = _prog(p.nodes[:2], [x], [s])
+    fused = fuse_reductions(q)
+    assert len(fused.nodes) == 1 and isinstance(fused.nodes[0].op, FusedReduction)
+    arr = np.arange(12.0).reshape(4, 3) / 10
+    np.testing.assert_allclose(_run(fused, arr)[0], np.exp(arr).sum(1))
+
+
+def test_fused_reduction_cuda_sources_compile_with_nvcc(tmp_path):
+    import shutil
+    import subprocess
+    from engine.compiler.codegen import cuda_reduction_standalone
+    from engine.compiler.passes import FusedElementwise, FusedReduction
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    group = FusedElementwise([(R["mul"], (("in", 0), ("in", 1))), (R["tanh"], (("step", 0),)),
+                              (R["sub"], (("step", 1), ("in", 0)))], 2)
+    red = FusedReduction(group, (1,), False, (4, 8))
+    src = "".join(cuda_reduction_standalone(f"red_{np.dtype(dt).name}", red, dt)
+                  for dt in (np.float32, np.float64))
+    (tmp_path / "red.cu").write_text(src)
+    res = subprocess.run([nvcc, "-arch=sm_90", "-c", str(tmp_path / "red.cu"), "-o", str(tmp_path / "r.o")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[:3000]

@@ -100,6 +100,89 @@ def _build(source: str) -> Any:
     return lib
 
 
+def _loads(modes: list[str], ct: str) -> list[str]:
+    return [f"const {ct} in{k} = p{k}[{ {'same': 'i', 'scalar': '0', 'suffix': f'i % n{k}'}[m] }];"
+            for k, m in enumerate(modes)]
+
+
+def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype,
+                     layout: str) -> str:
+    """A C function `name(outer, inner, in0, n0, ..., out)` summing `expr` over each row
+    ("rows": out[o] = sum_j f(o*inner + j), eight partial sums so it vectorises without
+    reassociating) or down each column ("cols": out[j] = sum_o f(o*inner + j))."""
+    ct = storage_ctype(dtype, "c")
+    args = ["long long outer", "long long inner"]
+    for k in range(len(modes)):
+        args += [f"const {ct}* restrict p{k}", f"long long n{k}"]
+    args.append(f"{ct}* restrict out")
+    body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
+    loads = " ".join(_loads(modes, ct))
+    if layout == "rows":
+        loop = [
+            "  for (long long o = 0; o < outer; ++o) {",
+            f"    {ct} acc[8] = {{0}};",
+            "    long long j = 0;",
+            "    for (; j + 8 <= inner; j += 8) {",
+            f"      for (int l = 0; l < 8; ++l) {{ const long long i = o * inner + j + l; {loads} acc[l] += {body}; }}",
+            "    }",
+            f"    {ct} tail = 0;",
+            f"    for (; j < inner; ++j) {{ const long long i = o * inner + j; {loads} tail += {body}; }}",
+            "    out[o] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;",
+            "  }"]
+    else:
+        loop = [
+            "  for (long long j = 0; j < inner; ++j) out[j] = 0;",
+            "  for (long long o = 0; o < outer; ++o) {",
+            f"    for (long long j = 0; j < inner; ++j) {{ const long long i = o * inner + j; {loads} out[j] += {body}; }}",
+            "  }"]
+    return f"void {name}({', '.join(args)}) {{\n" + "\n".join(loop) + "\n}\n"
+
+
+def compile_reduction(red: Any, inputs: tuple, out: Value) -> tuple[Callable, str] | None:
+    """(callable(*arrays, out=None), source) for a FusedReduction, or None."""
+    split = red.split()
+    size = int(np.prod(red.in_shape))
+    if not available() or split is None or size < MIN_ELEMENTS:
+        return None
+    if any(op.name not in C_FRIENDLY for op, _ in red.group.steps):
+        return None
+    dtype = out.dtype
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or \
+            any(not isinstance(v, Value) or v.dtype != dtype for v in inputs):
+        return None
+    modes = [_index_mode(v.shape, red.in_shape) for v in inputs]
+    outer, inner, layout = split
+    try:
+        expr, symbols = red.group.expression()
+        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], dtype, layout)
+        fn_name = f"r_{hashlib.sha1(src.encode()).hexdigest()[:12]}"
+        src = src.replace("void r(", f"void {fn_name}(")
+        cfn = getattr(_build(src), fn_name)
+    except (CPrintError, RuntimeError, OSError, TypeError, ValueError):
+        return None
+    cfn.restype = None
+    shape, in_shape = out.shape, red.in_shape
+    sizes = [int(np.prod(v.shape)) for v in inputs]
+
+    def run(*arrays: Any, out: Any = None) -> Any:
+        if out is None:
+            out = np.empty(shape, dtype)
+        args = [ctypes.c_longlong(outer), ctypes.c_longlong(inner)]
+        keep = []
+        for a, mode, n in zip(arrays, modes, sizes):
+            if mode is None:
+                a = np.ascontiguousarray(np.broadcast_to(a, in_shape))
+                n = size
+            elif not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            keep.append(a)
+            args += [ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(n)]
+        args.append(ctypes.c_void_p(out.ctypes.data))
+        cfn(*args)
+        return out
+    return run, src
+
+
 def compile_group(group: Any, inputs: tuple, out: Value) -> tuple[Callable, str] | None:
     """(callable(*arrays, out=None), source) for a fused group, or None if not worthwhile
     or not expressible in C."""

@@ -18,7 +18,7 @@ from ops.elementwise import ElementwiseOp
 
 from . import ckernels
 from .ir import Node, Program, Value
-from .passes import FusedElementwise
+from .passes import FusedElementwise, FusedReduction
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 
@@ -67,6 +67,52 @@ def gpu_group_kernel(group: FusedElementwise, inputs: tuple, out: Value,
     def run(*arrays: Any, out: Any = None) -> Any:
         return kernel(*arrays) if out is None else kernel(*arrays, out)
     return run, body
+
+
+def cuda_reduction_source(red: FusedReduction, dtype: Any) -> tuple[str, str, str, str]:
+    """(in_params, out_params, map_expr, identity) of a `cupy.ReductionKernel` summing a
+    fused group: the group's expression is the map, `a + b` the reduction."""
+    from backends.cprint import c_expression
+    expr, symbols = red.group.expression()
+    dt = np.dtype(dtype)
+    map_expr = c_expression(expr, {s: f"in{i}" for i, s in enumerate(symbols)}, dt)
+    in_params = ", ".join(f"{dt.name} in{i}" for i in range(len(symbols)))
+    return in_params, f"{dt.name} out0", map_expr, "0"
+
+
+def cuda_reduction_standalone(name: str, red: FusedReduction, dtype: Any) -> str:
+    """A self-contained CUDA kernel (one thread per output row) computing the same sum
+    as the ReductionKernel, so tests can compile the printed map with nvcc."""
+    in_params, _, map_expr, _ = cuda_reduction_source(red, dtype)
+    dt = np.dtype(dtype)
+    ct = {"float32": "float", "float64": "double"}[dt.name]
+    n = red.group.n_inputs
+    args = ", ".join([f"const {ct}* in{i}_p" for i in range(n)] + [f"{ct}* out_p", "long long outer",
+                                                                    "long long inner"])
+    loads = " ".join(f"const {ct} in{i} = in{i}_p[o * inner + j];" for i in range(n))
+    return (f'extern "C" __global__ void {name}({args}) {{\n'
+            f"  long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+            f"  if (o >= outer) return;\n  {ct} acc = 0;\n"
+            f"  for (long long j = 0; j < inner; ++j) {{ {loads} acc += {map_expr}; }}\n"
+            f"  out_p[o] = acc;\n}}\n")
+
+
+def gpu_reduction_kernel(red: FusedReduction, inputs: tuple, out: Value,
+                         backend: Any) -> tuple[Any, str] | None:
+    """A fused reduction as one `cupy.ReductionKernel` over the reduced axes."""
+    make = getattr(backend, "reduction_kernel", None)
+    if make is None or any(not isinstance(v, Value) or v.dtype != out.dtype for v in inputs):
+        return None
+    in_params, out_params, map_expr, identity = cuda_reduction_source(red, out.dtype)
+    kernel = make(in_params, out_params, map_expr, "a + b", "out0 = a", identity, "engine_fused_sum")
+
+    def run(*arrays: Any, out: Any = None) -> Any:
+        res = kernel(*arrays, axis=red.axis, keepdims=red.keepdims)
+        if out is None:
+            return res
+        out[...] = res
+        return out
+    return run, map_expr
 
 
 def _aliases(node: Node) -> bool:
@@ -167,6 +213,12 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 kernels.append(compiled[1])
             elif fns is not None:
                 capable[n.out] = ("group", fns)
+        elif isinstance(n.op, FusedReduction):
+            compiled = ckernels.compile_reduction(n.op, n.inputs, n.out) if backend.name == "cpu" \
+                else gpu_reduction_kernel(n.op, n.inputs, n.out, backend)
+            if compiled is not None:
+                capable[n.out] = ("ckernel", compiled[0])
+                kernels.append(compiled[1])
         elif _ufunc(n.op, backend, n.inputs, n.out) is not None:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):

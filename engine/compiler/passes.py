@@ -272,6 +272,85 @@ def fuse_elementwise(program: Program) -> Program:
     return program.copy(nodes=nodes)
 
 
+# -- reduction fusion --------------------------------------------------------------------------------------
+
+class FusedReduction:
+    """sum(group(...), axis, keepdims) as one kernel: the elementwise group is
+    evaluated inside the reduction loop, never stored."""
+
+    kind = "fused_reduction"
+    random = False
+    view = False
+
+    def __init__(self, group: FusedElementwise, axis: tuple | None, keepdims: bool,
+                 in_shape: tuple) -> None:
+        self.group = group
+        self.axis = axis
+        self.keepdims = keepdims
+        self.in_shape = tuple(in_shape)
+        self.name = f"sum<{group.name}>"
+
+    def forward(self, backend: Any, *inputs: Any) -> Any:
+        return backend.sum(self.group.forward(backend, *inputs), self.axis, self.keepdims)
+
+    def split(self) -> tuple[int, int, str] | None:
+        """(outer, inner, "rows"|"cols") when the reduced axes are a trailing ("rows":
+        each output sums a contiguous run) or leading ("cols") block, else None."""
+        nd = len(self.in_shape)
+        axes = tuple(range(nd)) if self.axis is None else tuple(self.axis)
+        if not axes:
+            return None
+        size = int(np.prod(self.in_shape))
+        if axes == tuple(range(nd - len(axes), nd)):
+            inner = int(np.prod([self.in_shape[a] for a in axes]))
+            return size // max(inner, 1), inner, "rows"
+        if axes == tuple(range(len(axes))):
+            outer = int(np.prod([self.in_shape[a] for a in axes]))
+            return outer, size // max(outer, 1), "cols"
+        return None
+
+
+def fuse_reductions(program: Program) -> Program:
+    """Merge a sum with the elementwise group (or single elementwise op) it reads,
+    when that value has no other use."""
+    uses = program.uses()
+    producers = program.producers()
+    merged: dict = {}
+    for n in program.nodes:
+        if getattr(n.op, "name", "") != "sum" or n.out.dtype.kind != "f":
+            continue
+        src = n.inputs[0]
+        p = producers.get(src) if isinstance(src, Value) else None
+        if p is None or uses.get(src, 0) != 1 or p.out.dtype != n.out.dtype:
+            continue
+        if isinstance(p.op, FusedElementwise):
+            group, inputs = p.op, p.inputs
+        elif _fusable(p):
+            args, inputs = [], []
+            for a in p.inputs:
+                if isinstance(a, Value):
+                    args.append(("in", len(inputs)))
+                    inputs.append(a)
+                else:
+                    args.append(a)
+            group, inputs = FusedElementwise([(p.op, tuple(args))], len(inputs)), tuple(inputs)
+        else:
+            continue
+        op = FusedReduction(group, n.params["axis"], n.params["keepdims"], p.out.shape)
+        merged[p.out] = None
+        merged[n.out] = Node(op, tuple(inputs), {}, n.out)
+    if not merged:
+        return program
+    nodes = []
+    for n in program.nodes:
+        if n.out in merged:
+            if merged[n.out] is not None:
+                nodes.append(merged[n.out])
+            continue
+        nodes.append(n)
+    return program.copy(nodes=nodes)
+
+
 # -- the pipeline -------------------------------------------------------------------------------------------
 
 def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Program, list]:
@@ -280,7 +359,7 @@ def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Progr
         ("dce", dce), ("constant_fold", lambda p: constant_fold(p, backend)), ("simplify", simplify),
         ("cse", cse), ("dce", dce)]
     if fuse:
-        pipeline.append(("fuse_elementwise", fuse_elementwise))
+        pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions)]
     stats = []
     debug = int(os.environ.get("ENGINE_DEBUG", "0") or 0)
     if debug >= 1:
