@@ -188,6 +188,7 @@ class FakeCupy:
         self.random = types.SimpleNamespace(default_rng=_FakeGenerator)
         self.ElementwiseKernel = lambda *a, **k: _FakeElementwiseKernel(fake, *a, **k)
         self.RawKernel = lambda *a, **k: _FakeRawKernel(fake, *a, **k)
+        self.ReductionKernel = lambda *a, **k: _FakeReductionKernel(fake, *a, **k)
 
     def asarray(self, a, dtype=None):
         if isinstance(a, DevArray):
@@ -271,6 +272,21 @@ class _FakeElementwiseKernel:
             dest.a[...] = out.reshape(shape)
             return dest
         return DevArray(out.reshape(shape))
+
+
+class _FakeReductionKernel:
+    """cupy.ReductionKernel for sums: the map expression compiled like an elementwise
+    kernel, then summed over `axis` (identity 0, reduce `a + b`, post map `out0 = a`)."""
+
+    def __init__(self, fake, in_params, out_params, map_expr, reduce_expr, post_map_expr,
+                 identity, name="kernel", preamble="", **kw):
+        assert reduce_expr == "a + b" and post_map_expr == "out0 = a" and identity == "0"
+        self.map = _FakeElementwiseKernel(fake, in_params, out_params, f"out0 = {map_expr};",
+                                          name=name, preamble=preamble)
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        mapped = self.map(*args)
+        return DevArray(np.asarray(np.sum(mapped.a, axis=axis, keepdims=keepdims)))
 
 
 class _FakeRawKernel:
