@@ -47,6 +47,8 @@ def _topological(roots: Sequence[Tensor]) -> list[Tensor]:
 def _check_versions(t: Tensor, ctx: Node) -> None:
     """Raise if a value the VJP reads changed in place since the op ran."""
     saved = ctx.op.saves
+    if saved == ():
+        return
     everything = ctx.inputs + (t,)
     for i in (range(len(everything)) if saved is None else saved):
         x, v = everything[i], ctx.versions[i]
@@ -81,6 +83,7 @@ def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
 
 def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
                create_graph: bool, capture: dict | None) -> None:
+    """The backward loop (hot: one iteration per recorded op)."""
     with set_grad_enabled(create_graph):
         for t in order:
             g = pending.pop(id(t), None)
@@ -96,18 +99,21 @@ def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
                         (t.grad + g_store if create_graph else (t.grad + g_store).detach())
                 if ctx is None:
                     continue
+            inputs = ctx.inputs
             _check_versions(t, ctx)
-            needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in ctx.inputs)
-            in_grads = ctx.op.vjp(g, t, ctx.inputs, needs, **ctx.params)
-            for x, gx, need in zip(ctx.inputs, in_grads, needs):
+            needs = tuple([getattr(x, "requires_grad", False) for x in inputs])
+            in_grads = ctx.op.vjp(g, t, inputs, needs, **ctx.params)
+            for x, gx, need in zip(inputs, in_grads, needs):
                 if not need or gx is None:
                     continue
-                if gx.shape != x.shape:
+                xd, gd = x._data, gx._data
+                if gd.shape != xd.shape:
                     raise ShapeError(f"{ctx.op.name}: its VJP returned a gradient of shape "
                                      f"{gx.shape} for an input of shape {x.shape}")
-                if gx.dtype != x.dtype:
+                if gd.dtype != xd.dtype:
                     gx = gx.to(dtype=x.dtype)
-                pending[id(x)] = _accumulate(pending.get(id(x)), gx)
+                prev = pending.get(id(x))
+                pending[id(x)] = gx if prev is None else prev + gx
             if not retain_graph:
                 t._ctx = FreedNode(ctx.op)
 

@@ -9,7 +9,6 @@ kernels, and the symbolic evaluation. Broadcasting is undone in one place:
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ _FLOAT32 = np.dtype(np.float32)
 
 
 def _is_scalar(v: Any) -> bool:
-    return isinstance(v, numbers.Number)
+    return sympy_ops._is_number(v)
 
 
 class ElementwiseOp(Op):

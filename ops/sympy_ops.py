@@ -36,16 +36,22 @@ _PY = {
 }
 
 
-_NUMBER_TYPES = (int, float, bool)
+_number_types: dict[type, bool] = {int: True, float: True, bool: True}
 
 
 def _is_number(v: Any) -> bool:
-    return type(v) in _NUMBER_TYPES or isinstance(v, numbers.Number)
+    """Python/NumPy number (not a tensor); cached per type because the ABC check is slow."""
+    t = type(v)
+    known = _number_types.get(t)
+    if known is None:
+        known = _number_types[t] = isinstance(v, numbers.Number) and not hasattr(v, "_data")
+    return known
 
 
 def call(name: str, *args: Any) -> Any:
     """Apply op `name`, folding Python numbers and trivial cases without an op."""
-    if all(_is_number(a) for a in args):
+    numeric = [_is_number(a) for a in args]
+    if all(numeric):
         return _PY[name](*args)
     if name == "mul":
         a, b = args
