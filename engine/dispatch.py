@@ -125,9 +125,10 @@ class EagerInterpreter:
             t._version = args[0]._version
         if needs_grad and grad_mode.enabled and op.vjp is not None and out.dtype.kind == "f":
             t.requires_grad = True
-            t._ctx = Node(op, args, params,
-                          tuple(a._version[0] if isinstance(a, Tensor) else 0 for a in args)
-                          + (t._version[0],))
+            versions = [a._version[0] if type(a) is Tensor or isinstance(a, Tensor) else 0
+                        for a in args]
+            versions.append(t._version[0])
+            t._ctx = Node(op, args, params, tuple(versions))
         return t
 
 
