@@ -12,18 +12,23 @@ engine ops only (so the jit and every backend run them unchanged).
 Linear weights are stored (in, out): y = x @ W + b (see nn.Linear and nn.interop for
 PyTorch weights).
 """
-from . import functional, init, optim
-from .attention import MultiheadAttention
+from . import amp, functional, init, optim
+from . import generation
+from .attention import KVCache, MultiheadAttention
 from .checkpoint import CheckpointError, load, save
 from .containers import ModuleDict, ModuleList, Sequential
 from .functional import causal_mask, padding_mask
 from .interop import convert_torch_state_dict, load_torch_state_dict
 from .layers import GELU, Dropout, Embedding, FeedForward, Identity, LayerNorm, Linear, ReLU
+from .generation import beam_search, generate
 from .models import CausalLM, MaskedLM, MaskedLMHead, Seq2SeqTransformer, TransformerEmbedding
 from .module import IncompatibleKeys, Module, StateDictError
 from .parameter import Parameter
+from .training import plot_losses, read_log, train
+from .tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
+from .masking import mask_tokens
 from .positional import LearnedPositionalEmbedding, PositionalEncoding, sinusoidal_table
-from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer,
+from .transformer import (DecoderCache, Transformer, TransformerDecoder, TransformerDecoderLayer,
                           TransformerEncoder, TransformerEncoderLayer)
 from .utils import functional_call, swapped_parameters
 
@@ -35,5 +40,7 @@ __all__ = [
     "TransformerDecoder", "Transformer", "TransformerEmbedding", "Seq2SeqTransformer", "CausalLM",
     "MaskedLM", "MaskedLMHead", "causal_mask", "padding_mask", "save", "load", "CheckpointError",
     "StateDictError", "IncompatibleKeys", "convert_torch_state_dict", "load_torch_state_dict",
-    "functional_call", "swapped_parameters",
+    "functional_call", "swapped_parameters", "generation", "generate", "beam_search", "KVCache",
+    "DecoderCache", "train", "read_log", "plot_losses",
+    "CharTokenizer", "BPETokenizer", "load_tokenizer", "mask_tokens",
 ]

@@ -4,6 +4,9 @@ Masks follow torch.nn.MultiheadAttention: a bool `attn_mask` or `key_padding_mas
 is True where attention is NOT allowed; a float mask is added to the scores
 (0 / -inf, or a large negative). A query whose every key is masked by -inf gets
 output 0 and weights 0 (torch gives NaN), in forward and backward.
+
+`KVCache` keeps the projected keys and values between decoding steps (see
+nn.generation): each step then projects only the new tokens.
 """
 from __future__ import annotations
 
@@ -11,12 +14,75 @@ from typing import Any
 
 import numpy as np
 
+import engine as eg
 from engine import Tensor
 from engine.errors import DTypeError, ShapeError
 
 from . import functional as F
 from .layers import Linear
 from .module import Module
+
+
+class KVCache:
+    """The keys and values one attention module has already projected, kept between
+    decoding steps.
+
+    Why: autoregressive decoding feeds one new token per step; without a cache each
+    step re-projects the keys and values of every earlier token. A self-attention
+    cache grows by the new tokens at each call (and remembers their key padding mask);
+    a `static` cache (cross-attention) projects the encoder memory once, at the first
+    call, and reuses it. The new queries are the last positions, which is what
+    `causal_mask(T, S)` assumes.
+    """
+
+    def __init__(self, static: bool = False) -> None:
+        self.static = bool(static)
+        self.k_t: Tensor | None = None                 # (B, h, dh, S): K^T, as attend() takes it
+        self.v: Tensor | None = None                   # (B, h, S, dh)
+        self.key_padding_mask: Tensor | None = None    # (B, S) bool, True = pad; None = no pad
+
+    def __len__(self) -> int:
+        return 0 if self.k_t is None else int(self.k_t.shape[-1])
+
+    @property
+    def filled(self) -> bool:
+        """A static cache that holds its keys needs no projection any more."""
+        return self.static and self.k_t is not None
+
+    def update(self, k_t: Tensor, v: Tensor, key_padding_mask: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append the new keys/values (self-attention) or store them once (static);
+        returns the keys, values and key padding mask to attend over."""
+        if self.static:
+            if self.k_t is None:
+                self.k_t, self.v = k_t, v
+            return self.k_t, self.v, key_padding_mask
+        if self.k_t is None:
+            self.k_t, self.v, self.key_padding_mask = k_t, v, key_padding_mask
+            return k_t, v, key_padding_mask
+        b, past, new = self.k_t.shape[0], self.k_t.shape[-1], k_t.shape[-1]
+        if k_t.shape[0] != b:
+            raise ShapeError(f"KVCache: the cache holds a batch of {b} but the new keys have "
+                             f"batch {k_t.shape[0]}; reorder() the cache when the batch changes")
+        if key_padding_mask is not None or self.key_padding_mask is not None:
+            old = self.key_padding_mask if self.key_padding_mask is not None else \
+                eg.zeros(b, past, dtype=eg.bool_, device=k_t.device)
+            cur = key_padding_mask if key_padding_mask is not None else \
+                eg.zeros(b, new, dtype=eg.bool_, device=k_t.device)
+            self.key_padding_mask = eg.concatenate([old, cur], axis=1)
+        self.k_t = eg.concatenate([self.k_t, k_t], axis=-1)
+        self.v = eg.concatenate([self.v, v], axis=-2)
+        return self.k_t, self.v, self.key_padding_mask
+
+    def reorder(self, index: Any) -> None:
+        """Keep (and repeat) batch rows `index`: beam search moves hypotheses between rows."""
+        if self.k_t is None:
+            return
+        idx = index if isinstance(index, Tensor) else eg.tensor(np.asarray(index, dtype=np.int64),
+                                                                 device=self.k_t.device)
+        self.k_t, self.v = self.k_t[idx], self.v[idx]
+        if self.key_padding_mask is not None:
+            self.key_padding_mask = self.key_padding_mask[idx]
 
 
 class MultiheadAttention(Module):
@@ -94,19 +160,32 @@ class MultiheadAttention(Module):
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+                is_causal: bool = False, cache: KVCache | None = None
+                ) -> tuple[Tensor, Tensor | None]:
         """query (B, T, E), key (B, S, kdim), value (B, S, vdim) -> ((B, T, E), weights).
 
         key and value default to query (self-attention), value to key. `is_causal`
-        adds the causal mask itself (combined with any attn_mask).
+        adds the causal mask itself (combined with any attn_mask). With a `cache`, the
+        keys/values of earlier calls come first (S counts them; key_padding_mask covers
+        only the new keys, attn_mask all of them).
         """
         key = query if key is None else key
         value = key if value is None else value
         b, t, s = self._check_inputs(query, key, value)
         h, dh = self.num_heads, self.head_dim
         q = self.q(query).reshape(b, t, h, dh).transpose(0, 2, 1, 3)       # (B, h, T, dh)
-        k_t = self.k(key).reshape(b, s, h, dh).transpose(0, 2, 3, 1)       # (B, h, dh, S)
-        v = self.v(value).reshape(b, s, h, dh).transpose(0, 2, 1, 3)       # (B, h, S, dh)
+        if cache is not None and cache.filled:
+            k_t, v = cache.k_t, cache.v
+        else:
+            k_t = self.k(key).reshape(b, s, h, dh).transpose(0, 2, 3, 1)   # (B, h, dh, S)
+            v = self.v(value).reshape(b, s, h, dh).transpose(0, 2, 1, 3)   # (B, h, S, dh)
+        if cache is not None:
+            if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
+                raise ShapeError(f"MultiheadAttention: key_padding_mask must be (batch, new key "
+                                 f"length) = ({b}, {s}) with a cache, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            k_t, v, key_padding_mask = cache.update(k_t, v, key_padding_mask)
+            s = k_t.shape[-1]
         mask = self._mask(attn_mask, key_padding_mask, is_causal, b, t, s, query.device)
         out, weights = F.attend(q, k_t, v, mask, None, self.dropout, self.training)
         out = self.o(out.transpose(0, 2, 1, 3).reshape(b, t, h * dh))

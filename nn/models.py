@@ -10,6 +10,9 @@ benchmarks/model_spec.md are, with dropout=0:
 - LM: CausalLM(V, d_model=d, nhead=h, num_layers=n, dim_feedforward=f, dropout=0.0).
 GPT-2 style: CausalLM(..., positional="learned", scale_embedding=False,
 norm_first=True, activation="gelu") (a final LayerNorm comes with norm_first).
+
+For generation, `new_cache()` gives a DecoderCache; pass it as `cache=` and feed only
+the tokens not fed before (positions continue from `cache.length`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import Module
 from .parameter import Parameter
 from .positional import LearnedPositionalEmbedding, PositionalEncoding
-from .transformer import Transformer, TransformerEncoder, TransformerEncoderLayer
+from .transformer import DecoderCache, Transformer, TransformerEncoder, TransformerEncoderLayer
 
 _POSITIONAL = ("sinusoidal", "learned", "none")
 
@@ -95,6 +98,16 @@ def _tied_logits(h: Tensor, table: Tensor) -> Tensor:
     return h @ table.T
 
 
+def _cache_offset(model: str, cache: DecoderCache | None, offset: int) -> int:
+    """With a cache the new tokens continue where the cache stops."""
+    if cache is None:
+        return offset
+    if offset not in (0, cache.length):
+        raise ValueError(f"{model}: offset={offset} contradicts the cache, which holds "
+                         f"{cache.length} positions (leave offset at 0 with a cache)")
+    return cache.length
+
+
 def _check_tokens(model: str, tokens: Tensor, name: str) -> None:
     if np.dtype(tokens.dtype).kind not in "iu":
         raise DTypeError(f"{model}: {name} must be integer token ids, got {tokens.dtype}")
@@ -148,16 +161,25 @@ class Seq2SeqTransformer(Module):
         kpm = _pad_mask(src, self.pad_idx, src_key_padding_mask)
         return self.transformer.encode(self.src_embed(src), src_key_padding_mask=kpm)
 
+    def new_cache(self) -> DecoderCache:
+        """An empty key/value cache for `decode(..., cache=)` (self- and cross-attention)."""
+        return DecoderCache(len(self.transformer.decoder.layers), cross_attention=True)
+
     def decode(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
-               tgt_key_padding_mask: Tensor | None = None, offset: int = 0) -> Tensor:
+               tgt_key_padding_mask: Tensor | None = None, offset: int = 0,
+               cache: DecoderCache | None = None) -> Tensor:
         """tgt tokens (B, T) and memory -> logits (B, T, tgt_vocab), causal in tgt.
-        Pass the source padding mask as memory_key_padding_mask (see `encode`)."""
+        Pass the source padding mask as memory_key_padding_mask (see `encode`). With a
+        `cache`, tgt holds only the positions after those already fed."""
         _check_tokens("Seq2SeqTransformer", tgt, "tgt")
+        offset = _cache_offset("Seq2SeqTransformer", cache, offset)
         kpm = _pad_mask(tgt, self.pad_idx, tgt_key_padding_mask)
         h = self.transformer.decode(self.tgt_embed(tgt, offset), memory,
                                     tgt_key_padding_mask=kpm,
                                     memory_key_padding_mask=memory_key_padding_mask,
-                                    tgt_is_causal=True)
+                                    tgt_is_causal=True, cache=cache)
+        if cache is not None:
+            cache.length += tgt.shape[1]
         return self.generator(h) if self.generator is not None else _tied_logits(h, self.tgt_embed.weight)
 
     def forward(self, src: Tensor, tgt: Tensor, src_key_padding_mask: Tensor | None = None,
@@ -198,20 +220,31 @@ class CausalLM(Module):
         self.pad_idx, self.vocab_size, self.d_model = pad_idx, vocab_size, d_model
         self.max_len = max_len
 
+    def new_cache(self) -> DecoderCache:
+        """An empty key/value cache for `forward(..., cache=)`."""
+        return DecoderCache(len(self.layers))
+
     def hidden(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
-               offset: int = 0) -> Tensor:
-        """tokens (B, T) -> final hidden states (B, T, d)."""
+               offset: int = 0, cache: DecoderCache | None = None) -> Tensor:
+        """tokens (B, T) -> final hidden states (B, T, d). With a `cache`, tokens are
+        only the positions after those already fed."""
         _check_tokens("CausalLM", tokens, "tokens")
+        offset = _cache_offset("CausalLM", cache, offset)
+        if cache is not None:
+            cache.check("CausalLM", len(self.layers))
         kpm = _pad_mask(tokens, self.pad_idx, key_padding_mask)
         x = self.embed(tokens, offset)
-        for layer in self.layers:
-            x = layer(x, src_key_padding_mask=kpm, is_causal=True)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, src_key_padding_mask=kpm, is_causal=True,
+                      cache=None if cache is None else cache.self_attn[i])
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return x if self.norm is None else self.norm(x)
 
     def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
-                offset: int = 0) -> Tensor:
+                offset: int = 0, cache: DecoderCache | None = None) -> Tensor:
         """tokens (B, T) -> next-token logits (B, T, V)."""
-        h = self.hidden(tokens, key_padding_mask, offset)
+        h = self.hidden(tokens, key_padding_mask, offset, cache)
         return self.lm_head(h) if self.lm_head is not None else _tied_logits(h, self.embed.weight)
 
 

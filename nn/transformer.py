@@ -5,6 +5,9 @@ gives pre-LN: x = x + Sublayer(LN(x)). Names follow torch.nn (self_attn,
 multihead_attn, linear1, linear2, norm1..3) so torch weights map by name;
 parameters are registered in the order of the benchmark spec (self-attention,
 LN1, [cross-attention, LN2,] FFN, last LN).
+
+Decoding with a key/value cache: pass `cache=` (a `DecoderCache`, or a `KVCache` to
+a single layer) and feed only the new tokens; see nn.generation.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from engine import Tensor
 from engine.errors import ShapeError
 
 from . import functional as F
-from .attention import MultiheadAttention
+from .attention import KVCache, MultiheadAttention
 from .containers import ModuleList
 from .layers import Dropout, LayerNorm, Linear
 from .module import Module
@@ -41,22 +44,24 @@ class TransformerEncoderLayer(Module):
         self.activation = F.activation_fn(activation)
         self.norm_first = bool(norm_first)
 
-    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, causal: bool) -> Tensor:
+    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, causal: bool,
+            cache: KVCache | None = None) -> Tensor:
         return self.dropout1(self.self_attn(x, x, x, key_padding_mask=kpm, attn_mask=mask,
-                                            is_causal=causal)[0])
+                                            is_causal=causal, cache=cache)[0])
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
-                src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+                src_key_padding_mask: Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None) -> Tensor:
         """src (B, S, d) -> (B, S, d). Masks as in MultiheadAttention; `is_causal` adds
-        the causal mask (the decoder-only LM block)."""
+        the causal mask (the decoder-only LM block); `cache` keeps its keys/values."""
         x = src
         if self.norm_first:
-            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal, cache)
             return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask, is_causal))
+        x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask, is_causal, cache))
         return self.norm2(x + self._ff(x))
 
     def extra_repr(self) -> str:
@@ -87,14 +92,15 @@ class TransformerDecoderLayer(Module):
         self.activation = F.activation_fn(activation)
         self.norm_first = bool(norm_first)
 
-    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, causal: bool) -> Tensor:
+    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, causal: bool,
+            cache: KVCache | None = None) -> Tensor:
         return self.dropout1(self.self_attn(x, x, x, key_padding_mask=kpm, attn_mask=mask,
-                                            is_causal=causal)[0])
+                                            is_causal=causal, cache=cache)[0])
 
     def _mha(self, x: Tensor, mem: Tensor, mask: Tensor | None, kpm: Tensor | None,
-             causal: bool) -> Tensor:
+             causal: bool, cache: KVCache | None = None) -> Tensor:
         return self.dropout2(self.multihead_attn(x, mem, mem, key_padding_mask=kpm, attn_mask=mask,
-                                                 is_causal=causal)[0])
+                                                 is_causal=causal, cache=cache)[0])
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -102,22 +108,24 @@ class TransformerDecoderLayer(Module):
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
-                memory_is_causal: bool = False) -> Tensor:
+                memory_is_causal: bool = False, cache: KVCache | None = None,
+                memory_cache: KVCache | None = None) -> Tensor:
         """tgt (B, T, d), memory (B, S, d) -> (B, T, d). `tgt_is_causal` adds the causal
-        mask to self-attention (or pass it as tgt_mask, as PyTorch requires)."""
+        mask to self-attention (or pass it as tgt_mask, as PyTorch requires). `cache`
+        keeps the self-attention keys/values, `memory_cache` (static) the memory's."""
         x = tgt
         if memory.ndim != 3 or memory.shape[0] != x.shape[0] or memory.shape[-1] != x.shape[-1]:
             raise ShapeError(f"TransformerDecoderLayer: memory of shape {tuple(memory.shape)} does "
                              f"not fit tgt of shape {tuple(x.shape)} (expected (B, S, d) with the "
                              f"same B and d)")
         if self.norm_first:
-            x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache)
             x = x + self._mha(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
-                              memory_is_causal)
+                              memory_is_causal, memory_cache)
             return x + self._ff(self.norm3(x))
-        x = self.norm1(x + self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm1(x + self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache))
         x = self.norm2(x + self._mha(x, memory, memory_mask, memory_key_padding_mask,
-                                     memory_is_causal))
+                                     memory_is_causal, memory_cache))
         return self.norm3(x + self._ff(x))
 
     def extra_repr(self) -> str:
@@ -135,6 +143,34 @@ def _layer_list(owner: str, layer: Module | Sequence[Module], num_layers: int | 
     if num_layers is not None and num_layers != len(layers):
         raise ValueError(f"{owner}: num_layers={num_layers} but {len(layers)} layers were given")
     return ModuleList(layers)
+
+
+class DecoderCache:
+    """Key/value caches of a decoder stack while generating, one `KVCache` per layer for
+    self-attention and (encoder-decoder) a static one per layer for cross-attention.
+
+    `length` counts the positions fed so far: the models use it as the positional
+    offset of the next tokens and advance it after each call.
+    """
+
+    def __init__(self, num_layers: int, cross_attention: bool = False) -> None:
+        self.self_attn = [KVCache() for _ in range(num_layers)]
+        self.cross_attn = [KVCache(static=True) for _ in range(num_layers)] if cross_attention \
+            else None
+        self.length = 0
+
+    def layer(self, i: int) -> tuple[KVCache, KVCache | None]:
+        return self.self_attn[i], None if self.cross_attn is None else self.cross_attn[i]
+
+    def reorder(self, index: Any) -> None:
+        """Keep (and repeat) batch rows `index` in every layer (beam search)."""
+        for c in self.self_attn + (self.cross_attn or []):
+            c.reorder(index)
+
+    def check(self, owner: str, num_layers: int) -> None:
+        if len(self.self_attn) != num_layers:
+            raise ValueError(f"{owner}: the cache was made for {len(self.self_attn)} layers, "
+                             f"the model has {num_layers}")
 
 
 class TransformerEncoder(Module):
@@ -166,11 +202,17 @@ class TransformerDecoder(Module):
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
-                memory_is_causal: bool = False) -> Tensor:
+                memory_is_causal: bool = False, cache: DecoderCache | None = None) -> Tensor:
+        """As TransformerDecoderLayer, through every layer; `cache` holds each layer's
+        keys/values (feed only the new target positions; their causal mask is aligned
+        to the last keys)."""
         x = tgt
-        for layer in self.layers:
+        if cache is not None:
+            cache.check("TransformerDecoder", len(self.layers))
+        for i, layer in enumerate(self.layers):
+            sc, mc = (None, None) if cache is None else cache.layer(i)
             x = layer(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                      memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+                      memory_key_padding_mask, tgt_is_causal, memory_is_causal, sc, mc)
         return x if self.norm is None else self.norm(x)
 
 
@@ -211,9 +253,10 @@ class Transformer(Module):
 
     def decode(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
-               memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False) -> Tensor:
+               memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
+               cache: DecoderCache | None = None) -> Tensor:
         return self.decoder(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                            memory_key_padding_mask, tgt_is_causal)
+                            memory_key_padding_mask, tgt_is_causal, cache=cache)
 
     def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,

@@ -267,4 +267,5 @@ adam_param = elementwise(
     lambda param, m, v, step_size, bc2_sqrt, decay, eps:
         param * decay - step_size * m / (sympy.sqrt(v) / bc2_sqrt + eps),
     domain=("real", "real", "positive", "positive", "positive", "positive", "positive"),
+    float_result=True,
     doc="decoupled-decay Adam update: p*decay - step_size*m/(sqrt(v)/sqrt(1-b2^t) + eps)")

@@ -1,3 +1,10 @@
+import os
+
+# One BLAS thread: the tests multiply small matrices, where a second OpenBLAS thread
+# only adds synchronisation, and on a busy 2-core machine it slows runs tenfold.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from hypothesis import settings

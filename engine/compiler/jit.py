@@ -75,8 +75,8 @@ class Compiled:
         n = entry.program.meta["n_results"]
         out_tensors = [Tensor(r, backend) for r in results[:n]]
         for wb in traced.writebacks:
-            if wb.kind == "data":
-                wb.tensor._data = results[wb.index]
+            if wb.kind == "data":             # asarray: NumPy gives 0-d results as scalars
+                wb.tensor._data = backend.asarray(results[wb.index])
                 wb.tensor._version[0] += 1
             elif wb.kind == "grad":
                 wb.tensor.grad = Tensor(results[wb.index], backend)
