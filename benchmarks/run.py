@@ -13,6 +13,8 @@ against PyTorch's (the spec asks ~1e-5 and ~1e-4 relative).
 
 By default the children run with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset (they
 slow a current NumPy on this machine; see the env notes); --keep-env keeps them.
+Every implementation gets the same thread budget (--threads, default 1: on a shared
+2-core machine spinning BLAS/OpenMP pools distort timings by 10x or more).
 """
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ def child(cfg_name: str, impl: str, steps: int, device: str) -> dict:
     if impl == "torch":
         import torch
         from .torch_model import build
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            torch.set_num_threads(threads)
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
         step, _ = build(cfg, params, batch, device=device)
@@ -100,8 +105,11 @@ def child(cfg_name: str, impl: str, steps: int, device: str) -> dict:
                 peak_growth_mb=max(0.0, _status_mb("VmHWM") - base_rss), compile_s=compile_s)
 
 
-def _spawn(cfg: str, impl: str, steps: int, device: str, keep_env: bool) -> dict | None:
+def _spawn(cfg: str, impl: str, steps: int, device: str, keep_env: bool, threads: int) -> dict | None:
     env = dict(os.environ)
+    if threads > 0:               # the same thread budget for every implementation
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
     if not keep_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_* settings in children")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS/OpenMP threads for every implementation (0: libraries' defaults)")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for cfg_name in args.configs:
         cfg = CONFIGS[cfg_name]
         steps = args.steps or DEFAULT_STEPS[cfg_name]
-        res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env) for impl in impls}
+        res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env, args.threads)
+               for impl in impls}
         torch_s = res.get("torch", {}) and res["torch"]["median_s"]
         floor_s = res.get("floor", {}) and res["floor"]["median_s"]
         for impl in impls:

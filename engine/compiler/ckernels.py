@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -138,92 +139,94 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
     return f"void {name}({', '.join(args)}) {{\n" + "\n".join(loop) + "\n}\n"
 
 
-def compile_reduction(red: Any, inputs: tuple, out: Value) -> tuple[Callable, str] | None:
-    """(callable(*arrays, out=None), source) for a FusedReduction, or None."""
+@dataclass
+class Planned:
+    """A kernel to build: its C source, function name, and how to call it."""
+    source: str
+    name: str
+    head: tuple                # leading integer arguments (n, or outer and inner)
+    modes: list                # per input: how it is indexed (None: materialise)
+    sizes: list                # per input: its element count
+    full_shape: tuple          # the shape inputs broadcast to
+    out_shape: tuple
+    dtype: np.dtype
+
+    def runner(self, cfn: Any) -> Callable[..., Any]:
+        cfn.restype = None
+        head = [ctypes.c_longlong(h) for h in self.head]
+        full, size = self.full_shape, int(np.prod(self.full_shape))
+        modes, sizes, shape, dtype = self.modes, self.sizes, self.out_shape, self.dtype
+
+        def run(*arrays: Any, out: Any = None) -> Any:
+            if out is None:
+                out = np.empty(shape, dtype)
+            args = list(head)
+            keep = []
+            for a, mode, n in zip(arrays, modes, sizes):
+                if mode is None:
+                    a, n = np.ascontiguousarray(np.broadcast_to(a, full)), size
+                elif not a.flags.c_contiguous:
+                    a = np.ascontiguousarray(a)
+                keep.append(a)                       # alive until the call returns
+                args += [ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(n)]
+            args.append(ctypes.c_void_p(out.ctypes.data))
+            cfn(*args)
+            return out
+        return run
+
+
+def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int) -> bool:
+    return (available() and size >= MIN_ELEMENTS and all(op.name in C_FRIENDLY for op, _ in steps)
+            and dtype in (np.dtype(np.float32), np.dtype(np.float64))
+            and all(isinstance(v, Value) and v.dtype == dtype for v in inputs))
+
+
+def _named(source: str, placeholder: str, prefix: str) -> tuple[str, str]:
+    name = f"{prefix}_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
+    return source.replace(f"void {placeholder}(", f"void {name}("), name
+
+
+def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
+    """A fused elementwise group as a C loop, or None if not worthwhile or not printable."""
+    size = int(np.prod(out.shape))
+    if not _eligible(group.steps, inputs, out.dtype, size):
+        return None
+    modes = [_index_mode(v.shape, out.shape) for v in inputs]
+    try:
+        expr, symbols = group.expression()
+        src = kernel_source("k", expr, symbols, [m or "same" for m in modes], out.dtype)
+    except (CPrintError, TypeError, ValueError):
+        return None
+    src, name = _named(src, "k", "k")
+    return Planned(src, name, (size,), modes, [int(np.prod(v.shape)) for v in inputs],
+                   out.shape, out.shape, out.dtype)
+
+
+def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
+    """A FusedReduction over a leading or trailing block of axes as a C loop, or None."""
     split = red.split()
-    size = int(np.prod(red.in_shape))
-    if not available() or split is None or size < MIN_ELEMENTS:
-        return None
-    if any(op.name not in C_FRIENDLY for op, _ in red.group.steps):
-        return None
-    dtype = out.dtype
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or \
-            any(not isinstance(v, Value) or v.dtype != dtype for v in inputs):
+    if split is None or not _eligible(red.group.steps, inputs, out.dtype, int(np.prod(red.in_shape))):
         return None
     modes = [_index_mode(v.shape, red.in_shape) for v in inputs]
     outer, inner, layout = split
     try:
         expr, symbols = red.group.expression()
-        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], dtype, layout)
-        fn_name = f"r_{hashlib.sha1(src.encode()).hexdigest()[:12]}"
-        src = src.replace("void r(", f"void {fn_name}(")
-        cfn = getattr(_build(src), fn_name)
-    except (CPrintError, RuntimeError, OSError, TypeError, ValueError):
+        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], out.dtype, layout)
+    except (CPrintError, TypeError, ValueError):
         return None
-    cfn.restype = None
-    shape, in_shape = out.shape, red.in_shape
-    sizes = [int(np.prod(v.shape)) for v in inputs]
-
-    def run(*arrays: Any, out: Any = None) -> Any:
-        if out is None:
-            out = np.empty(shape, dtype)
-        args = [ctypes.c_longlong(outer), ctypes.c_longlong(inner)]
-        keep = []
-        for a, mode, n in zip(arrays, modes, sizes):
-            if mode is None:
-                a = np.ascontiguousarray(np.broadcast_to(a, in_shape))
-                n = size
-            elif not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
-            keep.append(a)
-            args += [ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(n)]
-        args.append(ctypes.c_void_p(out.ctypes.data))
-        cfn(*args)
-        return out
-    return run, src
+    src, name = _named(src, "r", "r")
+    return Planned(src, name, (outer, inner), modes, [int(np.prod(v.shape)) for v in inputs],
+                   red.in_shape, out.shape, out.dtype)
 
 
-def compile_group(group: Any, inputs: tuple, out: Value) -> tuple[Callable, str] | None:
-    """(callable(*arrays, out=None), source) for a fused group, or None if not worthwhile
-    or not expressible in C."""
-    if not available() or int(np.prod(out.shape)) < MIN_ELEMENTS:
-        return None
-    if any(op.name not in C_FRIENDLY for op, _ in group.steps):
-        return None
-    dtype = out.dtype
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        return None
-    if any(not isinstance(v, Value) or v.dtype != dtype for v in inputs):
-        return None
-    modes = [_index_mode(v.shape, out.shape) for v in inputs]
+def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
+    """Compile every planned kernel of a program in one translation unit (one compiler
+    run), and return their runners; None if the compiler fails."""
+    if not planned:
+        return []
+    unique = {p.name: p.source for p in planned}
     try:
-        expr, symbols = group.expression()
-        name = "fused"
-        source = kernel_source(name, expr, symbols, [m or "same" for m in modes], dtype)
-        source = source.replace(f"void {name}(", f"void k_{hashlib.sha1(source.encode()).hexdigest()[:12]}(")
-        fn_name = source.split("(", 1)[0].split()[-1]
-        lib = _build(source)
-    except (CPrintError, RuntimeError, OSError, TypeError, ValueError):
+        lib = _build("\n".join(unique.values()))
+    except (RuntimeError, OSError):
         return None
-    cfn = getattr(lib, fn_name)
-    cfn.restype = None
-    n = int(np.prod(out.shape))
-    shape = out.shape
-    sizes = [int(np.prod(v.shape)) for v in inputs]
-
-    def run(*arrays: Any, out: Any = None) -> Any:
-        if out is None:
-            out = np.empty(shape, dtype)
-        args = [ctypes.c_longlong(n)]
-        keep = []
-        for a, mode, size in zip(arrays, modes, sizes):
-            if mode is None:
-                a = np.ascontiguousarray(np.broadcast_to(a, shape))
-            elif not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
-            keep.append(a)
-            args += [ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(size if mode else n)]
-        args.append(ctypes.c_void_p(out.ctypes.data))
-        cfn(*args)
-        return out
-    return run, source
+    return [p.runner(getattr(lib, p.name)) for p in planned]

@@ -201,12 +201,25 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
 
     capable: dict = {}
     kernels: list[str] = []
-    for n in program.nodes:
-        if isinstance(n.op, FusedElementwise):
-            if backend.name == "cpu":
-                compiled = ckernels.compile_group(n.op, n.inputs, n.out)
+    planned: dict = {}
+    if backend.name == "cpu":
+        for n in program.nodes:
+            if isinstance(n.op, FusedElementwise):
+                k = ckernels.plan_group(n.op, n.inputs, n.out)
+            elif isinstance(n.op, FusedReduction):
+                k = ckernels.plan_reduction(n.op, n.inputs, n.out)
             else:
-                compiled = gpu_group_kernel(n.op, n.inputs, n.out, backend)
+                continue
+            if k is not None:
+                planned[n.out] = k
+    runners = ckernels.build(list(planned.values())) or []
+    c_runner = dict(zip(planned, runners))
+    kernels += [k.source for v, k in planned.items() if v in c_runner]
+    for n in program.nodes:
+        if n.out in c_runner:
+            capable[n.out] = ("ckernel", c_runner[n.out])
+        elif isinstance(n.op, FusedElementwise):
+            compiled = gpu_group_kernel(n.op, n.inputs, n.out, backend) if backend.name != "cpu" else None
             fns = _group_ufuncs(n.op, backend, n.out.dtype)
             if compiled is not None:
                 capable[n.out] = ("ckernel", compiled[0])
@@ -214,8 +227,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             elif fns is not None:
                 capable[n.out] = ("group", fns)
         elif isinstance(n.op, FusedReduction):
-            compiled = ckernels.compile_reduction(n.op, n.inputs, n.out) if backend.name == "cpu" \
-                else gpu_reduction_kernel(n.op, n.inputs, n.out, backend)
+            compiled = gpu_reduction_kernel(n.op, n.inputs, n.out, backend) if backend.name != "cpu" else None
             if compiled is not None:
                 capable[n.out] = ("ckernel", compiled[0])
                 kernels.append(compiled[1])
