@@ -19,18 +19,21 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = ap.parse_args(argv)
+    dev = args.device
 
     rng = np.random.default_rng(args.seed)
     x = rng.uniform(-math.pi, math.pi, (256, 1)).astype(np.float32)
     y = np.sin(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-    X, Y = eg.tensor(x), eg.tensor(y)
+    X, Y = eg.tensor(x, device=dev), eg.tensor(y, device=dev)
 
     h = args.hidden
-    w1 = eg.tensor(rng.standard_normal((1, h)) * 1.0, dtype=eg.float32, requires_grad=True)
-    b1 = eg.zeros(h, requires_grad=True)
-    w2 = eg.tensor(rng.standard_normal((h, 1)) / math.sqrt(h), dtype=eg.float32, requires_grad=True)
-    b2 = eg.zeros(1, requires_grad=True)
+    w1 = eg.tensor(rng.standard_normal((1, h)), dtype=eg.float32, device=dev, requires_grad=True)
+    b1 = eg.zeros(h, device=dev, requires_grad=True)
+    w2 = eg.tensor(rng.standard_normal((h, 1)) / math.sqrt(h), dtype=eg.float32, device=dev,
+                   requires_grad=True)
+    b2 = eg.zeros(1, device=dev, requires_grad=True)
     params = [w1, b1, w2, b2]
 
     start = time.perf_counter()
