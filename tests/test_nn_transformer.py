@@ -446,18 +446,8 @@ def _spec_names(kind, n_enc, n_dec):
 
 def _to_spec(name):
     """Our parameter name -> the spec's name (a pure renaming: same order, same layout)."""
-    import re
-    if name.endswith("token.weight"):
-        return "emb"
-    name = re.sub(r"transformer\.encoder\.layers\.(\d+)", r"enc\1", name)
-    name = re.sub(r"transformer\.decoder\.layers\.(\d+)", r"dec\1", name)
-    name = re.sub(r"^layers\.(\d+)", r"blk\1", name)
-    for a, b in [("self_attn", "self"), ("multihead_attn", "cross"), ("linear1", "ff1"),
-                 ("linear2", "ff2"), ("norm", "ln")]:
-        name = name.replace(a, b)
-    kind = name.rsplit(".", 1)
-    suffix = {"weight": "g" if ".ln" in name else "w", "bias": "b"}[kind[1]]
-    return f"{kind[0]}.{suffix}"
+    from benchmarks.engine_model import spec_name
+    return spec_name(name)
 
 
 @pytest.mark.parametrize("config,count", [("small", 120_832), ("base", 933_888), ("medium", 3_183_616)])
