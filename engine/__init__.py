@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from . import autograd, dispatch  # noqa: F401  (dispatch installs the interpreter)
@@ -32,4 +33,7 @@ def __getattr__(name: str) -> Any:
     if name == "nn":                  # `from engine import nn`, without an import cycle
         import nn
         return nn
+    if name in ("symbolic", "verify_gradients"):   # on first use: keeps `python -m engine.symbolic` clean
+        symbolic = importlib.import_module("engine.symbolic")
+        return symbolic if name == "symbolic" else symbolic.verify_gradients
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

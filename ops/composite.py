@@ -242,6 +242,32 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     return (out, weights) if return_weights else out
 
 
+# -- losses ----------------------------------------------------------------------------------------
+
+def cross_entropy(logits: Any, targets: Any, label_smoothing: float = 0.0) -> Any:
+    """Mean over rows of -log softmax(logits)[target], classes on the last axis.
+
+    `targets` holds integer class indices, shaped like `logits` without its last axis.
+    With label smoothing s (PyTorch's definition) the target distribution is
+    (1 - s) * onehot + s / C, i.e. the loss adds s * mean_c(-log p_c). The gradient
+    with respect to the logits is (softmax - target distribution) / rows.
+    """
+    from .fused import log_softmax as fused_log_softmax
+    if np.dtype(targets.dtype).kind not in "iu":
+        raise DTypeError(f"cross_entropy: targets must be integer class indices, got {targets.dtype}")
+    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ShapeError(f"cross_entropy: targets of shape {tuple(targets.shape)} must have the "
+                         f"shape of logits {tuple(logits.shape)} without its class axis")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    logp = fused_log_softmax(_float(logits), axis=logits.ndim - 1)
+    picked = take_along_axis(logp, expand_dims(targets, -1), -1)
+    loss = neg(mean(picked))
+    if label_smoothing:
+        loss = add(mul(loss, 1.0 - label_smoothing), mul(neg(mean(logp)), label_smoothing))
+    return loss
+
+
 # -- the composite registry (the test plan for composites) --------------------------------------
 
 @dataclass(frozen=True)
@@ -268,6 +294,13 @@ def _np_attention(q: Any, k: Any, v: Any, mask: Any = None) -> np.ndarray:
     if mask is not None:
         s = np.where(mask, s, -np.inf)
     return _np_softmax(s, -1) @ v
+
+
+def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray,
+                      label_smoothing: float = 0.0) -> np.ndarray:
+    logp = np.log(_np_softmax(logits, -1))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    return np.mean((1 - label_smoothing) * nll - label_smoothing * logp.mean(-1))
 
 
 def _sample_attention(rng: np.random.Generator) -> list:
@@ -327,4 +360,9 @@ COMPOSITES: dict[str, Composite] = {c.name: c for c in [
               np.sqrt(x.var(-1, keepdims=True) + eps) * (1 if w is None else w) + (0 if b is None else b)),
     Composite("scaled_dot_product_attention", scaled_dot_product_attention, _sample_attention,
               _np_attention),
+    Composite("cross_entropy", cross_entropy,
+              lambda r: [([r.standard_normal((4, 5)), r.integers(0, 5, (4,))], {}),
+                         ([r.standard_normal((2, 3, 4)) * 3, r.integers(0, 4, (2, 3))],
+                          dict(label_smoothing=0.1))],
+              _np_cross_entropy),
 ]}
