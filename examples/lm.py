@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'uses' if val_loss < baseline else 'does NOT yet use'} the context "
           f"({(baseline - val_loss) / math.log(2):+.2f} bits/token)")
     png = os.path.join(args.out_dir, "loss.png")
-    if nn.plot_losses(log, png, title="decoder-only LM on stdlib docstrings"):
+    if nn.plot_losses(log, png, title="decoder-only LM on stdlib docstrings",
+                      baselines={f"unigram baseline {baseline:.2f}": baseline}):
         print(f"loss curve: {png}")
 
     model.eval()

@@ -14,8 +14,13 @@ predict the commonest training token), and a validation sentence with its masks
 filled in by the model. Writes the tokenizer, checkpoint, JSONL log and (with
 matplotlib) the loss curve into --out-dir; `--resume` continues an interrupted run.
 
-    python examples/mlm.py               # ~3 minutes on 2 CPU cores
+    python examples/mlm.py               # ~2.5 minutes on 2 CPU cores
     python examples/mlm.py --smoke       # a few steps of a tiny model
+
+A healthy run: for ~1000 steps the model predicts little beyond token frequencies
+(accuracy at <mask> positions stays near the baseline, ~0.04) while it learns to find
+a masked position's neighbours; then accuracy climbs, to about 0.35 over all chosen
+positions (0.29 at <mask> positions) after the default 3000 steps.
 """
 from __future__ import annotations
 
@@ -43,18 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
-    ap.add_argument("--context", type=int, default=64, help="tokens per sequence")
-    ap.add_argument("--vocab", type=int, default=1536, help="BPE vocabulary size")
+    ap.add_argument("--context", type=int, default=32, help="tokens per sequence")
+    ap.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--mask-prob", type=float, default=0.15)
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate after warmup (AdamW)")
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--out-dir", default="runs/mlm", help="tokenizer, checkpoint, log, plot")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--jit", action="store_true", help="compile the training step (eg.jit)")
@@ -116,17 +121,24 @@ def main(argv: list[str] | None = None) -> dict:
     eg.manual_seed(args.seed)
     model = nn.MaskedLM(V, d_model=args.d_model, nhead=args.heads, num_layers=args.layers,
                         dim_feedforward=4 * args.d_model, dropout=args.dropout, max_len=T,
-                        activation="gelu_tanh",        # exact erf has no fast NumPy kernel
-                        device=args.device)
+                        activation="relu",     # BERT's GELU costs ~5x per step on NumPy here
+                        norm_first=True, device=args.device)
     counts = np.bincount(train_ids, minlength=V)
     counts[list(tok.special_ids)] = 0
     with eg.no_grad():        # start at the unigram prior: training then goes for the context
         model.output_bias[...] = eg.tensor(np.log((counts + 1.0) / (counts + 1.0).sum()),
                                            device=args.device)
+    # Positions as strong as tokens (BERT's 0.02 is ~4x weaker at d=128): the masked
+    # position must find its neighbours by position, and with faint positions training
+    # sat on the unigram plateau longer in our runs (~2000 rather than ~1000 steps).
+    nn.init.normal_(model.embed.pos.weight, 0.0, args.d_model ** -0.5)
     n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     lr = eg.tensor(args.lr, device=args.device) if args.jit else args.lr
     opt = nn.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, capturable=args.jit)
-    sched = nn.optim.WarmupCosineLR(opt, args.warmup, args.steps, min_ratio=0.1)
+    # Linear warmup, then constant: masked-LM training sits on a unigram plateau for the
+    # first ~1000 steps here and a decaying rate would slow the climb that follows.
+    warmup = max(1, args.warmup)
+    sched = nn.optim.LambdaLR(opt, lambda s: min(1.0, s / warmup))
     print(f"model: MaskedLM d_model={args.d_model} layers={args.layers} heads={args.heads}, "
           f"{n_params:,} parameters; {args.steps} steps of {B}x{T} tokens")
 

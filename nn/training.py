@@ -149,10 +149,12 @@ class _Log:
                 f.write(json.dumps(rec) + "\n")
 
 
-def plot_losses(log_path: str, png_path: str, title: str | None = None) -> bool:
+def plot_losses(log_path: str, png_path: str, title: str | None = None,
+                baselines: dict[str, float] | None = None) -> bool:
     """Plot training loss (and every eval metric whose name contains "loss") against the
-    step into `png_path`. Returns False, writing nothing, when matplotlib is not
-    installed (it is the optional `plot` extra)."""
+    step into `png_path`, with `baselines` ({label: loss}) as dashed horizontal lines.
+    Returns False, writing nothing, when matplotlib is not installed (it is the
+    optional `plot` extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -168,6 +170,10 @@ def plot_losses(log_path: str, png_path: str, title: str | None = None) -> bool:
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=k)
+    for label, value in (baselines or {}).items():
+        ax.axhline(value, ls="--", lw=1, color="gray")
+        ax.annotate(label, (0, value), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                    textcoords="offset points", color="gray", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or os.path.basename(log_path))

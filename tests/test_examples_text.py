@@ -78,14 +78,27 @@ def test_lm_learns_beyond_the_unigram_baseline(tmp_path):
     assert res["val_loss"] < res["unigram_loss"] - 0.5, res
 
 
-LEARN_MLM = ["--steps", "200", "--batch", "16", "--context", "32", "--vocab", "512",
-             "--d-model", "64", "--layers", "1", "--heads", "2", "--eval-every", "200",
+LEARN_MLM = ["--steps", "400", "--batch", "16", "--context", "32", "--vocab", "512",
+             "--d-model", "64", "--layers", "1", "--heads", "2", "--eval-every", "400",
              "--warmup", "10", "--lr", "3e-3"]
 
 
-def test_mlm_beats_the_most_frequent_token_baseline(tmp_path):
+def test_mlm_training_is_wired_beyond_the_most_frequent_token(tmp_path):
+    """Early in training (here ~0.12 against 0.04) the accuracy over all chosen positions
+    rises by reproducing the 10% left unchanged: impossible if inputs, labels, the gathered
+    positions or the loss were misaligned, or the model could not read its input."""
     res = mlm.main(LEARN_MLM + ["--out-dir", str(tmp_path)])
     assert res["val_acc"] > 2.0 * res["baseline_acc"], res
+
+
+@pytest.mark.slow
+def test_mlm_learns_to_fill_masks_from_context(tmp_path):
+    """At <mask> positions nothing can be copied: beating the most-frequent token there
+    needs the context. A one-layer encoder leaves the unigram plateau after ~1500 steps
+    (0.20 against 0.04 at step 2000; ~60 s on one core)."""
+    res = mlm.main(["--layers", "1", "--steps", "2200", "--eval-every", "2200",
+                    "--out-dir", str(tmp_path)])
+    assert res["val_acc_masked"] > 2.5 * res["baseline_acc"], res
 
 
 def test_mlm_scores_exactly_the_chosen_positions():

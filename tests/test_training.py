@@ -165,7 +165,7 @@ def test_plot_losses_writes_a_png_when_matplotlib_is_present(tmp_path):
     except ImportError:
         assert plot_losses(str(log), str(png)) is False and not png.exists()
         return
-    assert plot_losses(str(log), str(png)) is True
+    assert plot_losses(str(log), str(png), baselines={"unigram": 2.5}) is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
