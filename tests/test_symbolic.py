@@ -31,11 +31,6 @@ FORWARD_OPS = sorted(name for name, op in R.items()
                      if op.sample is not None and op.reference is not None and not op.random)
 
 
-def sym_tensor(data) -> Tensor:
-    be = get_backend("symbolic")
-    return Tensor(be.asarray(np.asarray(data)), be)
-
-
 def as_float(t: Tensor) -> np.ndarray:
     data = t._data.data
     if t.dtype == np.dtype(bool):
@@ -64,7 +59,7 @@ def test_every_primitive_forward_matches_numpy(name):
         args = [np.asarray(np.round(a * 8) / 8) if isinstance(a, np.ndarray) and a.dtype.kind == "f"
                 else a for a in args]
         sym_params = {**params, "device": "symbolic"} if "device" in params else params
-        out = op(*[sym_tensor(a) if isinstance(a, np.ndarray) else a for a in args], **sym_params)
+        out = op(*[S.constant(a) if isinstance(a, np.ndarray) else a for a in args], **sym_params)
         ref = np.asarray(op.reference(*args, **params))
         assert out.shape == ref.shape and out.dtype == ref.dtype, name
         np.testing.assert_allclose(as_float(out), ref, rtol=1e-12, atol=1e-12)
@@ -92,7 +87,7 @@ def test_comparisons_decide_and_where_picks_a_branch():
 
 
 def test_random_draws_are_exact_rationals():
-    eg.manual_seed(3)
+    get_backend("symbolic").seed(3)             # this backend only: other tests keep their seeds
     r = eg.randn(2, 2, dtype=eg.float64, device="symbolic")
     assert isinstance(r._data, SymArray)
     assert all(isinstance(e, sympy.Rational) for e in r._data.data.flat)
@@ -205,8 +200,6 @@ def test_softmax_is_checked_against_the_jacobian_and_the_shift_cancels():
 
 def test_attention_masks_are_really_applied():
     """The masked cases see zero weight on the masked keys: dV of a masked key is 0."""
-    report = S.case_report("attention_causal")
-    assert report.ok
     fns = S._engine_fns()
     q, k, v = (S.symbolic_tensor(S.symbols(n, (3, 2))) for n in "QKV")
     dv = eg.autograd_grad(fns["attention_padding"](q, k, v).sum(), [v])[0]
