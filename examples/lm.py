@@ -12,7 +12,7 @@ the training stream), and text sampled with top-p (nucleus) sampling from a prom
 Writes the tokenizer, checkpoint, JSONL log and (with matplotlib) the loss curve
 into --out-dir. `--resume` continues an interrupted run exactly.
 
-    python examples/lm.py                              # ~3 minutes on 2 CPU cores
+    python examples/lm.py                              # ~2 minutes on 2 CPU cores
     python examples/lm.py --prompt "Return a list of" --top-p 0.9
     python examples/lm.py --smoke                      # a few steps of a tiny model
 """
