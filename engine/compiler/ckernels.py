@@ -62,12 +62,10 @@ def kernel_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype:
     """A C function `name(n, in0, n0, in1, n1, ..., out)` computing `expr` per element."""
     ct = storage_ctype(dtype, "c")
     args = ["long long n"]
-    loads = []
-    for k, mode in enumerate(modes):
+    for k in range(len(modes)):
         args += [f"const {ct}* restrict p{k}", f"long long n{k}"]
-        idx = {"same": "i", "scalar": "0", "suffix": f"i % n{k}"}[mode]
-        loads.append(f"const {ct} in{k} = p{k}[{idx}];")
     args.append(f"{ct}* restrict out")
+    loads = _loads(modes, ct)
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
     return (f"void {name}({', '.join(args)}) {{\n"
             f"  for (long long i = 0; i < n; ++i) {{\n"
