@@ -8,6 +8,7 @@ import numpy as np
 import sympy
 
 from .base import Backend
+from .host_memory import keep_freed_memory
 
 _erf_object = np.frompyfunc(math.erf, 1, 1)
 
@@ -81,6 +82,7 @@ class NumpyBackend(Backend):
 
     def __init__(self) -> None:
         self.rng = np.random.default_rng(0)
+        keep_freed_memory()
 
     # -- creation and conversion ------------------------------------------------
     def asarray(self, data: Any, dtype: Any = None) -> Any:
