@@ -4,8 +4,9 @@
                              [--device cpu|cuda] [--steps N]
 
 Each (config, implementation) runs in its own process, so memory and thread pools
-do not mix. "peak MB" is the peak RSS during the timed steps above the RSS before
-them (after warm-up: the memory one training step needs beyond the model).
+do not mix. "peak MB" is the peak RSS during training (warm-up and compilation
+included) above the RSS once the model, optimizer and batch are built: the memory
+training needs beyond the model, whether an allocator keeps it or frees it.
 Rows: the engine eager, the engine jit, PyTorch eager (when installed), and the
 NumPy matmul floor (just the step's matmuls). Ratios come from one run on one
 machine; absolute times vary with load. Losses at step 1 and 5 are checked
@@ -88,11 +89,9 @@ def child(cfg_name: str, impl: str, steps: int, device: str) -> dict:
         sync = lambda: None
     losses, times = [], []
     compile_s = None
-    base_rss = 0.0
+    _reset_peak()                 # peak over all of training, warm-up and compile included
+    base_rss = _status_mb("VmRSS")
     for i in range(WARMUP + steps):
-        if i == WARMUP:           # steady state: caches filled, programs compiled
-            _reset_peak()
-            base_rss = _status_mb("VmRSS")
         t0 = time.perf_counter()
         loss = step()
         sync()

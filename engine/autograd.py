@@ -85,7 +85,9 @@ def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
                create_graph: bool, capture: dict | None) -> None:
     """The backward loop (hot: one iteration per recorded op)."""
     with set_grad_enabled(create_graph):
-        for t in order:
+        for i, t in enumerate(order):
+            if not retain_graph:
+                order[i] = None               # t's values die once its node is done
             g = pending.pop(id(t), None)
             if g is None:
                 continue
