@@ -59,17 +59,22 @@ def _index_mode(shape: tuple, out_shape: tuple) -> str | None:
 
 
 def kernel_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype) -> str:
-    """A C function `name(n, in0, n0, in1, n1, ..., out)` computing `expr` per element."""
+    """A C function `name(outer, inner, in0, n0, in1, n1, ..., out)` computing `expr` per
+    element of an (outer, inner) view of the output. `inner` is the largest broadcast
+    block (a bias's length), so a suffix input of that size is read at `j`: the inner
+    loop has no modulo and vectorises."""
     ct = storage_ctype(dtype, "c")
-    args = ["long long n"]
+    args = ["long long outer", "long long inner"]
     for k in range(len(modes)):
         args += [f"const {ct}* restrict p{k}", f"long long n{k}"]
     args.append(f"{ct}* restrict out")
-    loads = _loads(modes, ct)
+    loads = " ".join(_loads(modes, ct))
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
     return (f"void {name}({', '.join(args)}) {{\n"
-            f"  for (long long i = 0; i < n; ++i) {{\n"
-            f"    {' '.join(loads)}\n    out[i] = {body};\n  }}\n}}\n")
+            f"  for (long long o = 0; o < outer; ++o) {{\n"
+            f"    const long long base = o * inner;\n"
+            f"    for (long long j = 0; j < inner; ++j) {{\n"
+            f"      const long long i = base + j, c = j; {loads}\n      out[i] = {body};\n    }}\n  }}\n}}\n")
 
 
 def _build(source: str) -> Any:
@@ -100,8 +105,18 @@ def _build(source: str) -> Any:
 
 
 def _loads(modes: list[str], ct: str) -> list[str]:
-    return [f"const {ct} in{k} = p{k}[{ {'same': 'i', 'scalar': '0', 'suffix': f'i % n{k}'}[m] }];"
-            for k, m in enumerate(modes)]
+    """Per input: "same" reads element i, "scalar" element 0, "row" (a suffix block as
+    long as the inner loop) element c (the inner index), "suffix" element i % n."""
+    index = {"same": "i", "scalar": "0", "row": "c"}
+    return [f"const {ct} in{k} = p{k}[{index.get(m, f'i % n{k}')}];" for k, m in enumerate(modes)]
+
+
+def _rows(modes: list[str | None], sizes: list[int], total: int) -> tuple[int, list]:
+    """(inner, modes): the inner extent is the largest suffix block, whose inputs are
+    then read by the inner index; without suffix inputs, one row of everything."""
+    blocks = [n for m, n in zip(modes, sizes) if m == "suffix"]
+    inner = max(blocks) if blocks else total
+    return inner, ["row" if m == "suffix" and n == inner else m for m, n in zip(modes, sizes)]
 
 
 def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype,
@@ -122,17 +137,17 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
             f"    {ct} acc[8] = {{0}};",
             "    long long j = 0;",
             "    for (; j + 8 <= inner; j += 8) {",
-            f"      for (int l = 0; l < 8; ++l) {{ const long long i = o * inner + j + l; {loads} acc[l] += {body}; }}",
+            f"      for (int l = 0; l < 8; ++l) {{ const long long c = j + l, i = o * inner + c; {loads} acc[l] += {body}; }}",
             "    }",
             f"    {ct} tail = 0;",
-            f"    for (; j < inner; ++j) {{ const long long i = o * inner + j; {loads} tail += {body}; }}",
+            f"    for (; j < inner; ++j) {{ const long long c = j, i = o * inner + c; {loads} tail += {body}; }}",
             "    out[o] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;",
             "  }"]
     else:
         loop = [
             "  for (long long j = 0; j < inner; ++j) out[j] = 0;",
             "  for (long long o = 0; o < outer; ++o) {",
-            f"    for (long long j = 0; j < inner; ++j) {{ const long long i = o * inner + j; {loads} out[j] += {body}; }}",
+            f"    for (long long j = 0; j < inner; ++j) {{ const long long c = j, i = o * inner + c; {loads} out[j] += {body}; }}",
             "  }"]
     return f"void {name}({', '.join(args)}) {{\n" + "\n".join(loop) + "\n}\n"
 
@@ -190,14 +205,15 @@ def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
     if not _eligible(group.steps, inputs, out.dtype, size):
         return None
     modes = [_index_mode(v.shape, out.shape) for v in inputs]
+    sizes = [int(np.prod(v.shape)) for v in inputs]
+    inner, loop_modes = _rows(modes, sizes, size)
     try:
         expr, symbols = group.expression()
-        src = kernel_source("k", expr, symbols, [m or "same" for m in modes], out.dtype)
+        src = kernel_source("k", expr, symbols, [m or "same" for m in loop_modes], out.dtype)
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "k")
-    return Planned(src, name, (size,), modes, [int(np.prod(v.shape)) for v in inputs],
-                   out.shape, out.shape, out.dtype)
+    return Planned(src, name, (size // inner, inner), modes, sizes, out.shape, out.shape, out.dtype)
 
 
 def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
@@ -207,14 +223,15 @@ def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
         return None
     modes = [_index_mode(v.shape, red.in_shape) for v in inputs]
     outer, inner, layout = split
+    sizes = [int(np.prod(v.shape)) for v in inputs]
+    loop_modes = ["row" if m == "suffix" and n == inner else m or "same" for m, n in zip(modes, sizes)]
     try:
         expr, symbols = red.group.expression()
-        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], out.dtype, layout)
+        src = reduction_source("r", expr, symbols, loop_modes, out.dtype, layout)
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "r", "r")
-    return Planned(src, name, (outer, inner), modes, [int(np.prod(v.shape)) for v in inputs],
-                   red.in_shape, out.shape, out.dtype)
+    return Planned(src, name, (outer, inner), modes, sizes, red.in_shape, out.shape, out.dtype)
 
 
 def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:

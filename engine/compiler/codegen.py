@@ -23,12 +23,18 @@ from .passes import FusedElementwise, FusedReduction
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 
 
+def _writes_out(fn: Any) -> bool:
+    """Can `fn` write into a given array (`out=`)? Ufuncs can; other backend functions
+    say so with a `writes_out` attribute."""
+    return isinstance(fn, np.ufunc) or type(fn).__name__ == "ufunc" or getattr(fn, "writes_out", False)
+
+
 def _ufunc(op: Any, backend: Any, node_inputs: tuple, out: Value) -> Any:
     """The backend's out=-capable function for an elementwise node, or None."""
     if not isinstance(op, ElementwiseOp):
         return None
     fn = op.impl(backend)
-    if not isinstance(fn, np.ufunc) and type(fn).__name__ != "ufunc":
+    if not _writes_out(fn):
         return None
     for a in node_inputs:
         if isinstance(a, Value) and a.dtype != out.dtype:
@@ -40,8 +46,7 @@ def _group_ufuncs(group: FusedElementwise, backend: Any, dtype: np.dtype) -> lis
     fns = []
     for op, _ in group.steps:
         fn = op.impl(backend) if isinstance(op, ElementwiseOp) else None
-        if fn is None or not (isinstance(fn, np.ufunc) or type(fn).__name__ == "ufunc") \
-                or (op.float_result and dtype.kind != "f"):
+        if fn is None or not _writes_out(fn) or (op.float_result and dtype.kind != "f"):
             return None
         fns.append(fn)
     return fns
