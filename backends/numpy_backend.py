@@ -41,7 +41,25 @@ def _relu(x: Any, out: Any = None) -> Any:
     return np.maximum(x, 0, out=out)
 
 
-_relu.writes_out = True          # the jit may hand it a preallocated `out`
+def _lerp(start: Any, end: Any, weight: Any, out: Any = None) -> Any:
+    """start + weight * (end - start) in the spec's order; the last step writes `out`."""
+    return np.add(start, weight * np.subtract(end, start), out=out)
+
+
+def _ema_sq(avg: Any, value: Any, beta: Any, out: Any = None) -> Any:
+    """avg * beta + value**2 * (1 - beta)."""
+    return np.add(avg * beta, value * value * (1 - beta), out=out)
+
+
+def _adam_param(param: Any, m: Any, v: Any, step_size: Any, bc2_sqrt: Any, decay: Any, eps: Any,
+                out: Any = None) -> Any:
+    """decay * param - m * step_size / (eps + sqrt(v) / bc2_sqrt)."""
+    return np.subtract(decay * param, m * step_size / (eps + np.sqrt(v) / bc2_sqrt), out=out)
+
+
+# The optimizer's update ops, with out= so the jit writes state in place.
+for _fn in (_relu, _lerp, _ema_sq, _adam_param):
+    _fn.writes_out = True
 
 
 # Ops whose NumPy ufunc computes exactly the spec's expression. Every other
@@ -53,6 +71,7 @@ _NATIVE: dict[str, Callable[..., Any]] = {
     "sqrt": np.sqrt, "abs": np.abs, "tanh": np.tanh, "sign": np.sign,
     "maximum": np.maximum, "minimum": np.minimum, "erf": _erf,
     "heaviside": _heaviside, "relu": _relu,
+    "lerp": _lerp, "ema_sq": _ema_sq, "adam_param": _adam_param,
     "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
     "gt": np.greater, "ge": np.greater_equal,
     "logical_and": np.logical_and, "logical_or": np.logical_or,

@@ -196,6 +196,37 @@ def test_outputs_do_not_alias_reused_buffers():
     assert b.tolist() == pytest.approx([np.tanh(1.0) * 3] * 4)
 
 
+def test_updates_of_captured_state_are_written_in_place_like_eager():
+    w = eg.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    buffer = w._data
+
+    @eg.jit
+    def step(x):
+        loss = (w * x).sum()
+        loss.backward()
+        with eg.no_grad():
+            w.copy_(w - 0.5 * w.grad)
+        w.grad = None
+        return loss
+
+    for _ in range(3):
+        step(eg.ones(2, 3))
+    assert w._data is buffer                              # no new array per step
+    np.testing.assert_allclose(w.numpy(), np.arange(6.0).reshape(2, 3) - 1.5)
+    assert step.stats()[-1]["donated"] == 1
+
+    @eg.jit
+    def keep_old(x):
+        old = w * 1.0
+        with eg.no_grad():
+            w.copy_(w + x)
+        return old, w
+    before = w.numpy().copy()
+    old, new = keep_old(eg.ones(2, 3))
+    np.testing.assert_allclose(old.numpy(), before)
+    np.testing.assert_allclose(new.numpy(), before + 1.0)
+
+
 def test_ir_prints_and_exports():
     f = eg.jit(lambda q, k, v: eg.scaled_dot_product_attention(q, k, v))
     x = eg.ones(2, 3, 4)
@@ -308,6 +339,20 @@ def test_memory_plan_reuses_dead_buffers():
     assert vals[-1] not in slots                       # outputs escape: never a reused buffer
     assert stats["buffers"] == 2 and stats["reused"] == 2
     np.testing.assert_allclose(_run(p, np.arange(4.0))[0], np.tanh(np.tanh(np.tanh(np.tanh(np.exp(np.arange(4.0)))))))
+
+
+def test_memory_plan_shares_slots_across_shapes():
+    from engine.compiler.codegen import plan_memory
+    x = _v((4, 6))
+    a, b, c, d = _v((4, 6)), _v((4,)), _v((4,)), _v((4,))
+    p = _prog([Node(R["exp"], (x,), {}, a),
+               Node(R["sum"], (a,), {"axis": (1,), "keepdims": False}, b),
+               Node(R["tanh"], (b,), {}, c),
+               Node(R["exp"], (c,), {}, d)], [x], [d])
+    slots, stats = plan_memory(p, {a, b, c})
+    assert stats["buffers"] == 2 and stats["reused"] == 1     # c (32 bytes) takes a's dead slot
+    assert stats["buffer_bytes"] == 4 * 6 * 8 + 4 * 8
+    np.testing.assert_allclose(_run(p, np.ones((4, 6)))[0], np.exp(np.tanh(np.full(4, 6 * np.e))))
 
 
 # -- generated kernels -------------------------------------------------------------------------

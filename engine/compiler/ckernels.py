@@ -173,6 +173,9 @@ class Planned:
         def run(*arrays: Any, out: Any = None) -> Any:
             if out is None:
                 out = np.empty(shape, dtype)
+            elif not out.flags.c_contiguous:         # e.g. a donated buffer that is a view
+                out[...] = run(*arrays)
+                return out
             args = list(head)
             keep = []
             for a, mode, n in zip(arrays, modes, sizes):

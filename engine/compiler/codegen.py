@@ -127,11 +127,15 @@ def _aliases(node: Node) -> bool:
 
 
 def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
-    """Assign reusable buffer slots to the values of `capable` nodes.
+    """Assign the values of `capable` nodes to reusable byte buffers (slots).
 
     A slot is reused only after the last use of every value that may alias it
-    (views of views included); values that escape as outputs get no slot.
-    Returns (value -> slot, statistics).
+    (views of views included); values that escape as outputs get no slot. Slots
+    hold bytes, not shapes: a value takes the smallest free slot large enough, or
+    grows the largest free one, so values of any shape and dtype share memory and
+    the planned total stays near the peak of live bytes.
+    Returns (value -> view index, statistics with `views` [(slot, shape, dtype)] and
+    `slot_bytes`).
     """
     root: dict = {}
     for n in program.nodes:
@@ -143,45 +147,92 @@ def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
         for a in n.inputs:
             if isinstance(a, Value):
                 last_use[root.get(a, a)] = i
-    free: dict = defaultdict(list)
+    free: list = []                     # free slot ids
     release: dict = defaultdict(list)
-    slots: dict = {}
-    shapes: list = []
+    slot_bytes: list = []
+    views: list = []
+    index: dict = {}
     for i, n in enumerate(program.nodes):
-        for key, slot in release.pop(i - 1, []):
-            free[key].append(slot)
+        free.extend(release.pop(i - 1, []))
         if n.out not in capable or n.out in escaping or n.out not in last_use:
             continue
-        key = (n.out.shape, n.out.dtype)
-        if free[key]:
-            slot = free[key].pop()
+        need = _nbytes(n.out.shape, n.out.dtype)
+        fits = [s for s in free if slot_bytes[s] >= need]
+        if fits:
+            slot = min(fits, key=lambda s: slot_bytes[s])
+        elif free:
+            slot = max(free, key=lambda s: slot_bytes[s])
+            slot_bytes[slot] = need
         else:
-            slot = len(shapes)
-            shapes.append(key)
-        slots[n.out] = slot
-        release[last_use[n.out]].append((key, slot))
-    stats = dict(buffers=len(shapes), planned_values=len(slots), reused=len(slots) - len(shapes),
-                 buffer_bytes=int(sum(np.prod(s) * d.itemsize for s, d in shapes)))
-    return slots, dict(stats, shapes=shapes)
+            slot = len(slot_bytes)
+            slot_bytes.append(need)
+        if slot in free:
+            free.remove(slot)
+        index[n.out] = len(views)
+        views.append((slot, n.out.shape, n.out.dtype))
+        release[last_use[n.out]].append(slot)
+    stats = dict(buffers=len(slot_bytes), planned_values=len(views), reused=len(views) - len(slot_bytes),
+                 buffer_bytes=int(sum(slot_bytes)))
+    return index, dict(stats, views=views, slot_bytes=slot_bytes)
+
+
+def _nbytes(shape: tuple, dtype: Any) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _donations(program: Program, capable: dict) -> dict:
+    """Writeback outputs computed straight into the buffer they replace: {output value:
+    the input or capture it overwrites}. Only elementwise writers (each element read
+    before it is written), only after the old value's last use (its views included),
+    and never when the old value is itself returned."""
+    root: dict = {}
+    for n in program.nodes:
+        first = next((a for a in n.inputs if isinstance(a, Value)), None)
+        root[n.out] = root.get(first, first) if (_aliases(n) and first is not None) else n.out
+    last_use: dict = {}
+    position: dict = {}
+    for i, n in enumerate(program.nodes):
+        position[n.out] = i
+        for a in n.inputs:
+            if isinstance(a, Value):
+                last_use[root.get(a, a)] = i
+    outputs = [o for o in program.outputs if isinstance(o, Value)]
+    returned = {root.get(o, o) for o in outputs}
+    donated: dict = {}
+    for index, src in program.meta.get("donations", {}).items():
+        out = program.outputs[index]
+        kind = capable.get(out, ("",))[0]
+        if (kind in ("ufunc", "group", "ckernel") and outputs.count(out) == 1
+                and out.shape == src.shape and out.dtype == src.dtype and src not in returned
+                and last_use.get(src, -1) <= position[out] and src not in donated.values()):
+            donated[out] = src
+    return donated
 
 
 class Generated:
     """The compiled function with its namespace, buffers and source."""
 
-    def __init__(self, source: str, namespace: dict, buffer_shapes: list, backend: Any,
+    def __init__(self, source: str, namespace: dict, views: list, slot_bytes: list, backend: Any,
                  stats: dict) -> None:
         self.source = source
         self.namespace = namespace
-        self.buffer_shapes = buffer_shapes
+        self.views = views
+        self.slot_bytes = slot_bytes
         self.backend = backend
         self.stats = stats
         self.buffers: list | None = None
         exec(compile(source, "<engine.jit>", "exec"), namespace)
         self.fn = namespace["program"]
 
+    def _carve(self) -> list:
+        """One byte buffer per slot, and each planned value as a typed view into its slot."""
+        slots = [self.backend.full((max(n, 1),), 0, np.uint8) for n in self.slot_bytes]
+        return [slots[s][:_nbytes(shape, dtype)].view(dtype).reshape(shape)
+                for s, shape, dtype in self.views]
+
     def __call__(self, inputs: list, captures: list) -> list:
         if self.buffers is None:
-            self.buffers = [self.backend.full(s, 0, d) for s, d in self.buffer_shapes]
+            self.buffers = self._carve()
         return self.fn(inputs, captures, self.buffers)
 
 
@@ -240,14 +291,17 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
-    slots, mem = plan_memory(program, set(capable)) if plan else ({}, dict(buffers=0, shapes=[]))
+    slots, mem = plan_memory(program, set(capable)) if plan else \
+        ({}, dict(buffers=0, views=[], slot_bytes=[]))
+    donated = _donations(program, capable) if plan else {}
 
     group_temps: list = []
     for k, n in enumerate(program.nodes):
         out = f"v{n.out.id}"
         names[n.out] = out
         args = [name(a) for a in n.inputs]
-        dest = f"_b[{slots[n.out]}]" if n.out in slots else None
+        dest = f"_b[{slots[n.out]}]" if n.out in slots else \
+            (names[donated[n.out]] if n.out in donated else None)
         kind = capable.get(n.out)
         if kind and kind[0] == "ckernel":
             ns[f"_f{k}"] = kind[1]
@@ -271,18 +325,23 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             f"    ({caps}{',' if program.captures else ''}) = captures"]
     ret = f"    return [{', '.join(name(o) for o in program.outputs)}]"
     source = "\n".join(head + lines + [ret]) + "\n"
-    stats = dict(mem, temps=len(group_temps), c_kernels=len(kernels))
-    stats.pop("shapes", None)
+    stats = dict(mem, temps=len(group_temps), c_kernels=len(kernels), donated=len(donated))
+    stats.pop("views", None)
+    stats.pop("slot_bytes", None)
     generated = _with_temps(source, ns, mem, group_temps, backend, stats)
     generated.kernel_sources = kernels
     return generated
 
 
 def _with_temps(source: str, ns: dict, mem: dict, temps: list, backend: Any, stats: dict) -> Generated:
-    """Group temporaries live in the same buffer list, after the planned slots."""
-    offset = len(mem["shapes"])
+    """Group temporaries live in the same buffer list, after the planned values, each
+    in a slot of its own."""
+    offset = len(mem["views"])
     source = source.replace("_T[", "_b[").replace("_TOFF", str(offset))
-    return Generated(source, ns, mem["shapes"] + temps, backend, stats)
+    first = len(mem["slot_bytes"])
+    views = mem["views"] + [(first + k, shape, dtype) for k, (shape, dtype) in enumerate(temps)]
+    slot_bytes = mem["slot_bytes"] + [_nbytes(shape, dtype) for shape, dtype in temps]
+    return Generated(source, ns, views, slot_bytes, backend, stats)
 
 
 def _group_lines(n: Node, fns: list, args: list, out: str, dest: str | None, ns: dict,

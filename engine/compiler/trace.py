@@ -202,9 +202,14 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Traced:
     finally:
         tracer.restore()
     caps = list(tracer.captures.values())
+    sources = {id(t): v for v, t in caps}        # not arguments: two may share one array
+    # A rebound buffer's new value may be written into the old buffer (as eager's in-place
+    # update does) once nothing reads the old value any more: codegen decides when.
+    donations = {wb.index: sources[id(wb.tensor)] for wb in writebacks
+                 if wb.kind == "data" and id(wb.tensor) in sources}
     program = Program(inputs=inputs, captures=[(v, None) for v, _ in caps], constants={},
                       nodes=tracer.nodes, outputs=outputs,
-                      meta=dict(n_results=len(out_leaves)))
+                      meta=dict(n_results=len(out_leaves), donations=donations))
     tensors = [t for _, t in caps]
     return Traced(program, out_structure, writebacks, tensors,
                   [(tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in tensors])
