@@ -462,6 +462,25 @@ def test_jit_transformer_training_step_equals_eager_over_several_steps():
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=n)
 
 
+@pytest.mark.parametrize("shapes", [[(64, 96), (64, 1), (64, 1), (96,), (96,)],     # layer-norm-like
+                                    [(4, 6, 8), (8,), (6, 8), (4, 6, 1)],          # row, suffix, col
+                                    [(2, 64, 48), (2, 1, 48), (1,)]])              # materialised
+def test_c_kernels_read_broadcast_inputs_by_row_column_or_suffix(shapes, rng, monkeypatch):
+    from engine.compiler import ckernels
+    monkeypatch.setattr(ckernels, "MIN_ELEMENTS", 16)
+    xs = [eg.tensor(rng.standard_normal(s)) for s in shapes]
+
+    def f(*xs):
+        acc = xs[0]
+        for k, x in enumerate(xs[1:]):
+            acc = acc * x if k % 2 else acc - x
+        return eg.tanh(acc) * 2.0 + xs[-1]
+    j = eg.jit(f)
+    np.testing.assert_allclose(j(*xs).numpy(), f(*xs).numpy(), rtol=1e-13, atol=1e-14)
+    if ckernels.available():
+        assert j.stats()[-1]["c_kernels"] == 1
+
+
 @pytest.mark.parametrize("axis", [-1, (0, 1), None])
 def test_sums_of_elementwise_groups_fuse_into_one_reduction(axis, rng, monkeypatch):
     from engine.compiler import ckernels

@@ -32,30 +32,86 @@ _loaded: dict[str, Any] = {}
 MIN_ELEMENTS = 1 << 15
 
 # Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
-# semantics that masking relies on). Transcendentals (exp, tanh, ...) stay with
-# NumPy's SIMD ufuncs, which beat scalar libm calls by ~10x here.
+# semantics that masking relies on).
 C_FRIENDLY = {"add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "maximum", "minimum",
-              "relu", "heaviside", "sign"}
+              "relu", "heaviside", "sign", "lerp", "ema_sq", "adam_param"}
+# Ops calling libm's transcendentals: C-friendly only with glibc's vector math library
+# (libmvec), whose SIMD exp/log/tanh/erf the compiler calls once the functions are
+# declared `simd` (scalar libm calls are ~10x slower than NumPy's SIMD ufuncs).
+VECTOR_MATH_OPS = {"exp", "log", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh"}
+_VECTOR_FUNCTIONS = ("exp", "log", "tanh", "erf")
+VECTOR_MATH_HEADER = "".join(
+    f'__attribute__((simd("notinbranch"))) {t} {f}{sfx}({t});\n'
+    for f in _VECTOR_FUNCTIONS for t, sfx in (("float", "f"), ("double", "")))
+_vector_math: bool | None = None
 
 
 def available() -> bool:
     return _compiler is not None and os.environ.get("ENGINE_NO_C", "") != "1"
 
 
-def _index_mode(shape: tuple, out_shape: tuple) -> str | None:
-    """How input element i is found: "same" (i), "scalar" (0), "suffix" (i % n),
-    or None when the broadcast needs the input materialised first."""
-    if tuple(shape) == tuple(out_shape):
+def vector_math() -> bool:
+    """Can kernels call libmvec (probed once by building a kernel that uses it)?"""
+    global _vector_math
+    if _vector_math is None:
+        _vector_math = False
+        if available() and os.environ.get("ENGINE_NO_VECTOR_MATH", "") != "1":
+            probe = ("void probe(long long n, const float* restrict a, float* restrict o) {\n"
+                     "  for (long long i = 0; i < n; ++i) o[i] = expf(a[i]) + tanhf(a[i]);\n}\n")
+            try:
+                lib = _build(probe, vector=True)
+                x = np.array([0.0, 1.0, -np.inf, np.inf, np.nan] * 4, dtype=np.float32)
+                out = np.empty_like(x)
+                lib.probe(ctypes.c_longlong(x.size), ctypes.c_void_p(x.ctypes.data),
+                          ctypes.c_void_p(out.ctypes.data))
+                want = np.exp(x) + np.tanh(x)
+                _vector_math = bool(np.allclose(out, want, rtol=1e-6, equal_nan=True))
+            except (RuntimeError, OSError, AttributeError):
+                pass
+    return _vector_math
+
+
+def friendly(op_name: str) -> bool:
+    return op_name in C_FRIENDLY or (op_name in VECTOR_MATH_OPS and vector_math())
+
+
+def _mode(shape: tuple, out_shape: tuple, split: int) -> str | None:
+    """How an input broadcast to `out_shape` is read in the (outer, inner) loop nest that
+    splits the output's axes at `split`: "same" (element i), "scalar" (0), "row" (it
+    varies along the inner axes only: element c), "col" (along the outer axes only:
+    element o), "suffix" (a trailing block shorter than a row: i % n), or None (the
+    broadcast must be materialised first)."""
+    nd = len(out_shape)
+    padded = (1,) * (nd - len(shape)) + tuple(shape)
+    if padded == tuple(out_shape):
         return "same"
-    size = int(np.prod(shape))
-    if size == 1:
+    if int(np.prod(shape)) == 1:
         return "scalar"
-    stripped = tuple(shape)
-    while stripped and stripped[0] == 1:
-        stripped = stripped[1:]
-    if stripped and tuple(out_shape[-len(stripped):]) == stripped:
+    if all(d == 1 for d in padded[:split]) and padded[split:] == tuple(out_shape[split:]):
+        return "row"
+    if padded[:split] == tuple(out_shape[:split]) and all(d == 1 for d in padded[split:]):
+        return "col"
+    lead = 0
+    while lead < nd and padded[lead] == 1:
+        lead += 1
+    if lead < nd and padded[lead:] == tuple(out_shape[lead:]):
         return "suffix"
     return None
+
+
+_MODE_SCORE = {"same": 2, "scalar": 2, "row": 2, "col": 2, "suffix": 1, None: 0}
+
+
+def _layout(shapes: list, out_shape: tuple) -> tuple[int, list]:
+    """The split of the output's axes that lets most inputs be read without a modulo or a
+    materialised broadcast (ties: the longest inner loop); returns (split, modes)."""
+    best: tuple | None = None
+    for split in range(len(out_shape) + 1):
+        modes = [_mode(s, out_shape, split) for s in shapes]
+        score = sum(_MODE_SCORE[m] for m in modes)
+        if best is None or score > best[0]:
+            best = (score, split, modes)
+    return best[1], best[2]
 
 
 def kernel_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype) -> str:
@@ -77,8 +133,11 @@ def kernel_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype:
             f"      const long long i = base + j, c = j; {loads}\n      out[i] = {body};\n    }}\n  }}\n}}\n")
 
 
-def _build(source: str) -> Any:
-    """Compile `source` to a shared library (cached by content) and load it."""
+def _build(source: str, vector: bool = False) -> Any:
+    """Compile `source` to a shared library (cached by content) and load it; `vector`
+    declares libm's functions SIMD and links libmvec."""
+    if vector:
+        source = VECTOR_MATH_HEADER + source
     digest = hashlib.sha1(source.encode()).hexdigest()[:20]
     lib = _loaded.get(digest)
     if lib is not None:
@@ -91,8 +150,9 @@ def _build(source: str) -> Any:
             f.write("#include <math.h>\n#include <stdbool.h>\n" + source)
         tmp = so + f".{os.getpid()}.tmp"
         flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+        libs = ["-lmvec", "-lm"] if vector else ["-lm"]
         for extra in (["-march=native"], []):
-            res = subprocess.run([_compiler, *flags, *extra, src, "-o", tmp, "-lm"],
+            res = subprocess.run([_compiler, *flags, *extra, src, "-o", tmp, *libs],
                                  capture_output=True, text=True)
             if res.returncode == 0:
                 break
@@ -105,18 +165,9 @@ def _build(source: str) -> Any:
 
 
 def _loads(modes: list[str], ct: str) -> list[str]:
-    """Per input: "same" reads element i, "scalar" element 0, "row" (a suffix block as
-    long as the inner loop) element c (the inner index), "suffix" element i % n."""
-    index = {"same": "i", "scalar": "0", "row": "c"}
+    """Per input (see `_mode`): element i, 0, c (inner index), o (outer index) or i % n."""
+    index = {"same": "i", "scalar": "0", "row": "c", "col": "o"}
     return [f"const {ct} in{k} = p{k}[{index.get(m, f'i % n{k}')}];" for k, m in enumerate(modes)]
-
-
-def _rows(modes: list[str | None], sizes: list[int], total: int) -> tuple[int, list]:
-    """(inner, modes): the inner extent is the largest suffix block, whose inputs are
-    then read by the inner index; without suffix inputs, one row of everything."""
-    blocks = [n for m, n in zip(modes, sizes) if m == "suffix"]
-    inner = max(blocks) if blocks else total
-    return inner, ["row" if m == "suffix" and n == inner else m for m, n in zip(modes, sizes)]
 
 
 def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype,
@@ -192,7 +243,7 @@ class Planned:
 
 
 def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int) -> bool:
-    return (available() and size >= MIN_ELEMENTS and all(op.name in C_FRIENDLY for op, _ in steps)
+    return (available() and size >= MIN_ELEMENTS and all(friendly(op.name) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
             and all(isinstance(v, Value) and v.dtype == dtype for v in inputs))
 
@@ -207,16 +258,16 @@ def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
     size = int(np.prod(out.shape))
     if not _eligible(group.steps, inputs, out.dtype, size):
         return None
-    modes = [_index_mode(v.shape, out.shape) for v in inputs]
-    sizes = [int(np.prod(v.shape)) for v in inputs]
-    inner, loop_modes = _rows(modes, sizes, size)
+    split, modes = _layout([v.shape for v in inputs], out.shape)
+    inner = int(np.prod(out.shape[split:]))
     try:
         expr, symbols = group.expression()
-        src = kernel_source("k", expr, symbols, [m or "same" for m in loop_modes], out.dtype)
+        src = kernel_source("k", expr, symbols, [m or "same" for m in modes], out.dtype)
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "k")
-    return Planned(src, name, (size // inner, inner), modes, sizes, out.shape, out.shape, out.dtype)
+    return Planned(src, name, (size // max(inner, 1), inner), modes,
+                   [int(np.prod(v.shape)) for v in inputs], out.shape, out.shape, out.dtype)
 
 
 def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
@@ -224,17 +275,19 @@ def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
     split = red.split()
     if split is None or not _eligible(red.group.steps, inputs, out.dtype, int(np.prod(red.in_shape))):
         return None
-    modes = [_index_mode(v.shape, red.in_shape) for v in inputs]
     outer, inner, layout = split
-    sizes = [int(np.prod(v.shape)) for v in inputs]
-    loop_modes = ["row" if m == "suffix" and n == inner else m or "same" for m, n in zip(modes, sizes)]
+    nd = len(red.in_shape)
+    reduced = nd if red.axis is None else len(red.axis)
+    cut = nd - reduced if layout == "rows" else reduced        # the outer axes come first
+    modes = [_mode(v.shape, red.in_shape, cut) for v in inputs]
     try:
         expr, symbols = red.group.expression()
-        src = reduction_source("r", expr, symbols, loop_modes, out.dtype, layout)
+        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], out.dtype, layout)
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "r", "r")
-    return Planned(src, name, (outer, inner), modes, sizes, red.in_shape, out.shape, out.dtype)
+    return Planned(src, name, (outer, inner), modes, [int(np.prod(v.shape)) for v in inputs],
+                   red.in_shape, out.shape, out.dtype)
 
 
 def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
@@ -244,7 +297,7 @@ def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
         return []
     unique = {p.name: p.source for p in planned}
     try:
-        lib = _build("\n".join(unique.values()))
+        lib = _build("\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):
         return None
     return [p.runner(getattr(lib, p.name)) for p in planned]
