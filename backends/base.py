@@ -16,6 +16,9 @@ class Backend(ABC):
     """Primitives on raw arrays of one device."""
 
     name: str = "abstract"   # the device name users write: "cpu", "cuda", "symbolic"
+    # Raw arrays have NumPy's `.reshape(shape)` / `.transpose(axes)` (views, same results
+    # as this backend's reshape/transpose), so generated code may call them inline.
+    array_methods: bool = False
 
     # -- creation and conversion ------------------------------------------------
     @abstractmethod

@@ -242,6 +242,8 @@ class CupyBackend(Backend):
     compiled by CI on machines without a GPU.
     """
 
+    array_methods = True
+
     # Methods that must run with this backend's GPU current ("cuda:N" with N given).
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
                        "reshape", "transpose", "broadcast_to", "concatenate", "pad", "where",

@@ -107,6 +107,7 @@ def lambdify_numpy(spec: Any) -> Callable[..., Any]:
 
 class NumpyBackend(Backend):
     name = "cpu"
+    array_methods = True
 
     def __init__(self) -> None:
         self.rng = np.random.default_rng(0)

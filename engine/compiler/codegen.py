@@ -21,6 +21,7 @@ from .ir import Node, Program, Value
 from .passes import FusedElementwise, FusedReduction
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
+_INLINE_METHODS = {"reshape": "shape", "transpose": "axes"}   # op -> its one parameter
 
 
 def _writes_out(fn: Any) -> bool:
@@ -314,6 +315,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         elif kind and kind[0] == "matmul":
             ns[f"_f{k}"] = kind[1]
             lines.append(f"    {out} = _f{k}({', '.join(args)}, {dest or 'None'})")
+        elif getattr(backend, "array_methods", False) and n.op.name in _INLINE_METHODS:
+            param = _INLINE_METHODS[n.op.name]
+            lines.append(f"    {out} = {args[0]}.{n.op.name}({n.params[param]!r})")
         else:
             ns[f"_f{k}"] = functools.partial(n.op.forward, backend, **n.params)
             lines.append(f"    {out} = _f{k}({', '.join(args)})")
