@@ -31,10 +31,20 @@ class _Entry:
         self.generated = generated
         self.stats = stats
         self.compile_time = compile_time
+        self.checked: list = [None] * len(traced.capture_tensors)   # arrays known to match
 
     def guards_hold(self) -> bool:
-        return all((tuple(t.shape), t.dtype, t.device, t.requires_grad) == g
-                   for t, g in zip(self.traced.capture_tensors, self.traced.capture_guards))
+        """Do the captured tensors still have the traced shapes and dtypes? An array
+        already checked (usually the one the last call wrote) needs no second look."""
+        checked = self.checked
+        for i, (t, g) in enumerate(zip(self.traced.capture_tensors, self.traced.capture_guards)):
+            data = t._data
+            if data is checked[i] and t.requires_grad == g[3]:
+                continue
+            if (tuple(t.shape), t.dtype, t.device, t.requires_grad) != g:
+                return False
+            checked[i] = data
+        return True
 
 
 class Compiled:
@@ -82,6 +92,7 @@ class Compiled:
                 wb.tensor.grad = Tensor(results[wb.index], backend)
             else:
                 wb.tensor.grad = None
+        entry.checked = [t._data for t in traced.capture_tensors]    # as just written: valid
         return unflatten(traced.out_structure, out_tensors)
 
     def _compile(self, args: tuple, kwargs: dict, leaves: list) -> _Entry:
