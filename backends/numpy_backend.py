@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import sympy
 
+from . import host_kernels
 from .base import Backend
 from .host_memory import keep_freed_memory
 
@@ -156,6 +157,16 @@ class NumpyBackend(Backend):
             # One GEMM over all rows instead of NumPy's loop over the batch (~1.4x).
             return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
         return np.matmul(a, b)
+
+    # -- fused ops (optional kernels; None: the op runs its primitive decomposition) ------
+    def softmax(self, x: Any, axis: int) -> Any:
+        return host_kernels.softmax(x, axis)
+
+    def log_softmax(self, x: Any, axis: int) -> Any:
+        return host_kernels.softmax(x, axis, log=True)
+
+    def layer_norm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
+        return host_kernels.layer_norm(x, w, b, eps)
 
     def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""

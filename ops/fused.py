@@ -3,7 +3,8 @@
 Their decompositions into primitives (ops.composite) waste memory traffic and
 Python dispatch: each intermediate is a full array and a tape node. As fused ops
 they are one node each, with a forward a backend may implement as one kernel
-(`backend.softmax(x, axis)` etc., optional) and a short VJP written in ops, so
+(`backend.softmax(x, axis)` etc., optional; a kernel may return None for inputs it
+does not handle) and a short VJP written in ops, so
 higher-order gradients, tracing and symbolic execution still work. The composite
 versions remain the reference: the tests check forward and gradients against them.
 """
@@ -33,8 +34,9 @@ def _row_shift(be: Any, x: Any, axis: int) -> Any:
 
 def _softmax_forward(be: Any, x: Any, axis: int) -> Any:
     kernel = getattr(be, "softmax", None)
-    if kernel is not None:
-        return kernel(x, axis)
+    out = None if kernel is None else kernel(x, axis)
+    if out is not None:
+        return out
     e = _fn(exp, be)(_fn(sub, be)(x, _row_shift(be, x, axis)))
     s = be.sum(e, (axis,), True)
     return _fn(div, be)(e, be.where(_fn(eq, be)(s, 0.0), 1.0, s))
@@ -42,8 +44,9 @@ def _softmax_forward(be: Any, x: Any, axis: int) -> Any:
 
 def _log_softmax_forward(be: Any, x: Any, axis: int) -> Any:
     kernel = getattr(be, "log_softmax", None)
-    if kernel is not None:
-        return kernel(x, axis)
+    out = None if kernel is None else kernel(x, axis)
+    if out is not None:
+        return out
     shifted = _fn(sub, be)(x, _row_shift(be, x, axis))
     s = be.sum(_fn(exp, be)(shifted), (axis,), True)
     return _fn(sub, be)(shifted, _fn(log, be)(be.where(_fn(eq, be)(s, 0.0), 1.0, s)))
@@ -100,8 +103,9 @@ log_softmax = register(Op(
 
 def _layer_norm_forward(be: Any, x: Any, w: Any, b: Any, eps: float) -> Any:
     kernel = getattr(be, "layer_norm", None)
-    if kernel is not None:
-        return kernel(x, w, b, eps)
+    out = None if kernel is None else kernel(x, w, b, eps)
+    if out is not None:
+        return out
     n = float(x.shape[-1])
     axis = (x.ndim - 1,)
     xc = _fn(sub, be)(x, _fn(div, be)(be.sum(x, axis, True), n))
