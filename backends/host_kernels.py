@@ -1,4 +1,5 @@
-"""The fused ops' forwards (softmax, log_softmax, layer_norm) as C loops for the CPU.
+"""The fused ops' forwards (softmax, log_softmax, layer_norm) as C loops for the CPU,
+and the scatter-add of whole rows (an embedding's backward).
 
 Each is one pass per row statistic instead of NumPy's five to eight whole-array
 calls (each allocating a temporary): ~5-10x faster on small tensors, where per-call
@@ -82,6 +83,19 @@ void layer_norm_{S}(long long rows, long long n, const {T}* restrict x, const {T
 }}
 """
 
+_SCATTER = """
+/* out[idx[i], :] += values[i, :] for rows of length d; indices already checked. */
+void scatter_add_rows_{S}(long long count, long long d, long long rows, const long long* restrict idx,
+                          const {T}* restrict values, {T}* restrict out) {{
+  for (long long i = 0; i < count; ++i) {{
+    const long long r = idx[i] < 0 ? idx[i] + rows : idx[i];
+    {T}* restrict dst = out + r * d;
+    const {T}* restrict src = values + i * d;
+    for (long long j = 0; j < d; ++j) dst[j] += src[j];
+  }}
+}}
+"""
+
 _TYPES = {np.dtype(np.float32): ("float", "f32", "f"), np.dtype(np.float64): ("double", "f64", "")}
 _lib: Any = None
 _tried = False
@@ -93,7 +107,7 @@ def _library() -> Any:
     if not _tried:
         _tried = True
         if cbuild.available():
-            source = "".join(_ROW_SUM.format(T=t, S=s, F=f) for t, s, f in _TYPES.values())
+            source = "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f) for t, s, f in _TYPES.values())
             try:
                 _lib = cbuild.build(source, vector=cbuild.vector_math())
             except (RuntimeError, OSError):
@@ -138,3 +152,25 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     getattr(lib, f"layer_norm_{suffix}")(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n),
                                          _ptr(x), _ptr(w), _ptr(b), ctypes.c_double(eps), _ptr(y))
     return y
+
+
+def scatter_add_rows(shape: tuple, idx: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+    """zeros(shape) with values[i] added to row idx[i] (repeats accumulate, in order), as
+    `np.add.at(out, (idx,), values)` but ~30x faster; None when not a row scatter."""
+    kind = _TYPES.get(values.dtype)
+    if (kind is None or idx.dtype.kind not in "iu" or not shape
+            or values.shape != idx.shape + tuple(shape[1:])):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    flat = np.ascontiguousarray(idx, dtype=np.int64).ravel()
+    if flat.size and (flat.min() < -shape[0] or flat.max() >= shape[0]):
+        return None                      # let NumPy raise its IndexError
+    values = np.ascontiguousarray(values)
+    out = np.zeros(shape, dtype=values.dtype)
+    d = int(np.prod(shape[1:], dtype=np.int64))
+    getattr(lib, f"scatter_add_rows_{kind[1]}")(
+        ctypes.c_longlong(flat.size), ctypes.c_longlong(d), ctypes.c_longlong(shape[0]),
+        _ptr(flat), _ptr(values), _ptr(out))
+    return out

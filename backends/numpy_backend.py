@@ -201,6 +201,10 @@ class NumpyBackend(Backend):
         return x[index]
 
     def index_add(self, shape: tuple, index: tuple, values: Any, advanced: bool) -> Any:
+        if advanced and len(index) == 1 and isinstance(index[0], np.ndarray):
+            out = host_kernels.scatter_add_rows(shape, index[0], values)
+            if out is not None:
+                return out
         out = np.zeros(shape, dtype=values.dtype)
         if advanced:
             np.add.at(out, index, values)

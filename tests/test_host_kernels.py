@@ -62,3 +62,15 @@ def test_kernels_decline_what_they_do_not_handle(rng):
     assert host_kernels.softmax(np.zeros((3, 0)), 1) is None       # empty rows
     w = np.ones(5, np.float32)
     assert host_kernels.layer_norm(x, w, w, 1e-5) is None          # mixed dtypes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_rows_matches_add_at(dtype, rng):
+    idx = rng.integers(-7, 7, size=(5, 9))                   # repeats and negative indices
+    values = rng.standard_normal((5, 9, 3, 2)).astype(dtype)
+    got = host_kernels.scatter_add_rows((7, 3, 2), idx, values)
+    want = np.zeros((7, 3, 2), dtype)
+    np.add.at(want, (idx,), values)
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
+    assert host_kernels.scatter_add_rows((7, 3, 2), idx + 7, values) is None    # out of range
+    assert host_kernels.scatter_add_rows((7, 6), idx, values) is None           # not whole rows

@@ -265,6 +265,11 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_group(n.op, n.inputs, n.out)
             elif isinstance(n.op, FusedReduction):
                 k = ckernels.plan_reduction(n.op, n.inputs, n.out)
+            elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
+                # A plain sum as a reduction of the empty group (vectorised C loop).
+                plain = FusedReduction(FusedElementwise([], 1), n.params["axis"], n.params["keepdims"],
+                                       n.inputs[0].shape)
+                k = ckernels.plan_reduction(plain, n.inputs, n.out)
             else:
                 continue
             if k is not None:

@@ -201,7 +201,7 @@ class FusedElementwise:
                 else:
                     subs[s] = sympy.sympify(a)
             vals.append(op.impl_expr.xreplace(subs))
-        return vals[-1], symbols
+        return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
     def forward(self, backend: Any, *inputs: Any) -> Any:
         vals: list = []
@@ -209,7 +209,7 @@ class FusedElementwise:
             raw = [inputs[a[1]] if isinstance(a, tuple) and a[0] == "in" else
                    vals[a[1]] if isinstance(a, tuple) else a for a in args]
             vals.append(op.forward(backend, *raw))
-        return vals[-1]
+        return vals[-1] if vals else inputs[0]
 
 
 def _fusable(n: Node) -> bool:
