@@ -152,6 +152,11 @@ def _rows(x: Any, axis: int) -> tuple[Any, str] | None:
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(cbuild.address(a))
+
+
+def _new(a: np.ndarray) -> ctypes.c_void_p:
+    """A fresh array's pointer (not worth remembering)."""
     return ctypes.c_void_p(a.ctypes.data)
 
 
@@ -163,7 +168,7 @@ def softmax(x: np.ndarray, axis: int, log: bool = False) -> np.ndarray | None:
     y = np.empty_like(x)
     n = x.shape[-1]
     fn = getattr(lib, f"{'log_softmax' if log else 'softmax'}_{suffix}")
-    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), _ptr(x), _ptr(y))
+    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), _ptr(x), _new(y))
     return y
 
 
@@ -176,7 +181,7 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     y = np.empty_like(x)
     n = x.shape[-1]
     getattr(lib, f"layer_norm_{suffix}")(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n),
-                                         _ptr(x), _ptr(w), _ptr(b), ctypes.c_double(eps), _ptr(y))
+                                         _ptr(x), _ptr(w), _ptr(b), ctypes.c_double(eps), _new(y))
     return y
 
 
@@ -198,5 +203,5 @@ def scatter_add_rows(shape: tuple, idx: np.ndarray, values: np.ndarray) -> np.nd
     d = int(np.prod(shape[1:], dtype=np.int64))
     getattr(lib, f"scatter_add_rows_{kind[1]}")(
         ctypes.c_longlong(flat.size), ctypes.c_longlong(d), ctypes.c_longlong(shape[0]),
-        _ptr(flat), _ptr(values), _ptr(out))
+        _new(flat), _ptr(values), _new(out))
     return out

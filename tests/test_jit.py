@@ -459,6 +459,12 @@ def test_jit_transformer_training_step_equals_eager_over_several_steps():
     assert compiled.traces == 1
     np.testing.assert_allclose(jitted, eager, rtol=1e-5)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        if n.endswith("k.bias"):
+            # softmax ignores a constant added to every score of a row, so the key bias has
+            # zero gradient: what backward returns is rounding noise, which Adam scales to
+            # full steps of +-lr. Compiled kernels sum in another order: other noise.
+            np.testing.assert_array_less(np.abs(b.numpy() - a.numpy()), 2 * 3 * 1e-2, err_msg=n)
+            continue
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=n)
 
 

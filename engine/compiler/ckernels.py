@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends.cbuild import available, build as _build, vector_math
+from backends.cbuild import address, available, build as _build, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
 from .ir import Value
@@ -146,7 +146,9 @@ class Planned:
 
     def runner(self, cfn: Any) -> Callable[..., Any]:
         cfn.restype = None
-        head = [ctypes.c_longlong(h) for h in self.head]
+        cfn.argtypes = ([ctypes.c_longlong] * len(self.head)
+                        + [ctypes.c_void_p, ctypes.c_longlong] * len(self.modes) + [ctypes.c_void_p])
+        head = tuple(self.head)
         full, size = self.full_shape, int(np.prod(self.full_shape))
         modes, sizes, shape, dtype = self.modes, self.sizes, self.out_shape, self.dtype
 
@@ -161,18 +163,28 @@ class Planned:
             for a, mode, n in zip(arrays, modes, sizes):
                 if mode is None:
                     a, n = np.ascontiguousarray(np.broadcast_to(a, full)), size
-                elif not a.flags.c_contiguous:
+                    keep.append(a)                   # alive until the call returns
+                elif type(a) is not np.ndarray or not a.flags.c_contiguous:
                     a = np.ascontiguousarray(a)
-                keep.append(a)                       # alive until the call returns
-                args += [ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(n)]
-            args.append(ctypes.c_void_p(out.ctypes.data))
+                    keep.append(a)
+                args += (address(a), n)
+            args.append(address(out))
             cfn(*args)
             return out
         return run
 
 
+# What a step costs NumPy in whole-array calls (1 unless listed): a kernel replacing
+# at least MIN_CALLS of them pays for its ctypes call at any size.
+_NUMPY_CALLS = {"lerp": 3, "ema_sq": 4, "adam_param": 7, "rsqrt": 2, "sigmoid": 4, "gelu": 5,
+                "gelu_tanh": 7, "heaviside": 3}
+MIN_CALLS = 3
+
+
 def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int) -> bool:
-    return (available() and size >= MIN_ELEMENTS and all(friendly(op.name) for op, _ in steps)
+    calls = sum(_NUMPY_CALLS.get(op.name, 1) for op, _ in steps)
+    return (available() and (size >= MIN_ELEMENTS or calls >= MIN_CALLS)
+            and all(friendly(op.name) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
             and all(isinstance(v, Value) and v.dtype == dtype for v in inputs))
 

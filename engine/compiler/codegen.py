@@ -121,6 +121,18 @@ def gpu_reduction_kernel(red: FusedReduction, inputs: tuple, out: Value,
     return run, map_expr
 
 
+def _one_step(n: Node) -> FusedElementwise:
+    """A lone elementwise node as a group of one step (Python scalars stay constants)."""
+    args, k = [], 0
+    for a in n.inputs:
+        if isinstance(a, Value):
+            args.append(("in", k))
+            k += 1
+        else:
+            args.append(a)
+    return FusedElementwise([(n.op, tuple(args))], k)
+
+
 def _aliases(node: Node) -> bool:
     op = node.op
     return getattr(op, "view", False) or getattr(op, "kind", "") in _ALIASING_KINDS or \
@@ -265,6 +277,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_group(n.op, n.inputs, n.out)
             elif isinstance(n.op, FusedReduction):
                 k = ckernels.plan_reduction(n.op, n.inputs, n.out)
+            elif isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f":
+                k = ckernels.plan_group(_one_step(n), tuple(a for a in n.inputs if isinstance(a, Value)),
+                                        n.out)
             elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
                 # A plain sum as a reduction of the empty group (vectorised C loop).
                 plain = FusedReduction(FusedElementwise([], 1), n.params["axis"], n.params["keepdims"],
@@ -311,7 +326,8 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         kind = capable.get(n.out)
         if kind and kind[0] == "ckernel":
             ns[f"_f{k}"] = kind[1]
-            lines.append(f"    {out} = _f{k}({', '.join(args)}{', out=' + dest if dest else ''})  # C: {n.op.name}")
+            arrays = [name(a) for a in n.inputs if isinstance(a, Value)]   # constants live in the kernel
+            lines.append(f"    {out} = _f{k}({', '.join(arrays)}{', out=' + dest if dest else ''})  # C: {n.op.name}")
         elif kind and kind[0] == "group":
             lines += _group_lines(n, kind[1], args, out, dest, ns, group_temps, k)
         elif kind and kind[0] == "ufunc":
