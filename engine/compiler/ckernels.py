@@ -181,8 +181,11 @@ _NUMPY_CALLS = {"lerp": 3, "ema_sq": 4, "adam_param": 7, "rsqrt": 2, "sigmoid": 
 MIN_CALLS = 3
 
 
-def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int) -> bool:
-    calls = sum(_NUMPY_CALLS.get(op.name, 1) for op, _ in steps)
+_REDUCTION_CALLS = 3        # np.sum over an axis tuple costs about three ufunc calls
+
+
+def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int, extra_calls: int = 0) -> bool:
+    calls = sum(_NUMPY_CALLS.get(op.name, 1) for op, _ in steps) + extra_calls
     return (available() and (size >= MIN_ELEMENTS or calls >= MIN_CALLS)
             and all(friendly(op.name) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
@@ -214,7 +217,8 @@ def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
 def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
     """A FusedReduction over a leading or trailing block of axes as a C loop, or None."""
     split = red.split()
-    if split is None or not _eligible(red.group.steps, inputs, out.dtype, int(np.prod(red.in_shape))):
+    if split is None or not _eligible(red.group.steps, inputs, out.dtype, int(np.prod(red.in_shape)),
+                                      _REDUCTION_CALLS):
         return None
     outer, inner, layout = split
     nd = len(red.in_shape)
