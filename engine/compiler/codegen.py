@@ -121,6 +121,25 @@ def gpu_reduction_kernel(red: FusedReduction, inputs: tuple, out: Value,
     return run, map_expr
 
 
+def _dead_after(program: Program) -> dict:
+    """{node index: the node values last read there (or never read: made there)}: the
+    generated code drops their names then, so an array no planned buffer holds is freed
+    as in eager mode instead of living until the program returns (a view keeps its base
+    alive by itself)."""
+    keep = {o for o in program.outputs if isinstance(o, Value)}
+    last: dict = {}
+    for i, n in enumerate(program.nodes):
+        if n.out not in keep:
+            last[n.out] = i
+        for a in n.inputs:
+            if a in last:
+                last[a] = i
+    dead: dict = defaultdict(list)
+    for v, i in last.items():
+        dead[i].append(v)
+    return dead
+
+
 def _one_step(n: Node) -> FusedElementwise:
     """A lone elementwise node as a group of one step (Python scalars stay constants)."""
     args, k = [], 0
@@ -317,6 +336,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
     donated = _donations(program, capable) if plan else {}
 
     group_temps: list = []
+    dead_after = _dead_after(program)
     for k, n in enumerate(program.nodes):
         out = f"v{n.out.id}"
         names[n.out] = out
@@ -342,6 +362,8 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         else:
             ns[f"_f{k}"] = functools.partial(n.op.forward, backend, **n.params)
             lines.append(f"    {out} = _f{k}({', '.join(args)})")
+        if k in dead_after:
+            lines.append(f"    del {', '.join(names[v] for v in dead_after[k])}")
     ns["_temps"] = group_temps
     ins = ", ".join(names[v] for v in program.inputs)
     caps = ", ".join(names[v] for v, _ in program.captures)
