@@ -11,53 +11,69 @@ from typing import Any, Callable, Sequence
 
 from ops.errors import GradError, ShapeError
 
-from .dispatch import FreedNode, Node
+from .dispatch import Edge, Node
 from .state import phase, set_grad_enabled
 from .tensor import Tensor
 
+_GRAPH_TYPES = (Tensor, Edge)
 
-def _topological(roots: Sequence[Tensor]) -> list[Tensor]:
-    """Tensors that need grad reachable from `roots`, every consumer before its inputs."""
-    order: list[Tensor] = []
+
+def _key(t: Any) -> int:
+    """Identity of the graph value t stands for: its node (a tensor and its edges
+    share it), or the tensor itself for a leaf."""
+    ctx = t._ctx
+    return id(t) if ctx is None else id(ctx)
+
+
+def _topological(roots: Sequence[Tensor]) -> list:
+    """One tensor (or edge) per graph value that needs grad, reachable from `roots`,
+    every consumer before its inputs."""
+    order: list = []
     seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(r, False) for r in roots]
+    stack: list[tuple[Any, bool]] = [(r, False) for r in roots]
     while stack:
         t, done = stack.pop()
         if done:
             order.append(t)
             continue
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        stack.append((t, True))
         ctx = t._ctx
-        if isinstance(ctx, FreedNode):
-            raise GradError(
-                f"backward through the graph a second time: the graph of {ctx.op.name} was "
-                f"freed by an earlier backward. Pass retain_graph=True to the first call if "
-                f"you need to run backward twice.")
+        k = id(t) if ctx is None else id(ctx)
+        if k in seen:
+            continue
+        seen.add(k)
+        stack.append((t, True))
         if ctx is not None:
-            for x in ctx.inputs:
-                if isinstance(x, Tensor) and x.requires_grad and id(x) not in seen:
-                    stack.append((x, False))
+            inputs = ctx.inputs
+            if inputs is None:
+                raise GradError(
+                    f"backward through the graph a second time: the graph of {ctx.op.name} "
+                    f"was freed by an earlier backward. Pass retain_graph=True to the first "
+                    f"call if you need to run backward twice.")
+            for x in inputs:
+                if isinstance(x, _GRAPH_TYPES) and x.requires_grad:
+                    xc = x._ctx
+                    if (id(x) if xc is None else id(xc)) not in seen:
+                        stack.append((x, False))
     order.reverse()
     return order
 
 
-def _check_versions(t: Tensor, ctx: Node) -> None:
+def _check_versions(t: Any, ctx: Node) -> None:
     """Raise if a value the VJP reads changed in place since the op ran."""
     saved = ctx.op.saves
     if saved == ():
         return
-    everything = ctx.inputs + (t,)
-    for i in (range(len(everything)) if saved is None else saved):
-        x, v = everything[i], ctx.versions[i]
-        if isinstance(x, Tensor) and x._version[0] != v:
+    inputs, versions = ctx.inputs, ctx.versions
+    n = len(inputs)
+    for i in (range(n + 1) if saved is None else saved):
+        x = t if i == -1 or i == n else inputs[i]
+        if isinstance(x, _GRAPH_TYPES) and x._version[0] != versions[i]:
             which = "its output" if x is t else f"input {i}"
             raise GradError(
                 f"{ctx.op.name}: {which} (shape {x.shape}) was modified in place after the "
-                f"op used it (version {v} -> {x._version[0]}), and backward needs the old "
-                f"value. Use an out-of-place op (x = x + y) or .clone() before changing it.")
+                f"op used it (version {versions[i]} -> {x._version[0]}), and backward needs "
+                f"the old value. Use an out-of-place op (x = x + y) or .clone() before "
+                f"changing it.")
 
 
 def _accumulate(prev: Tensor | None, g: Tensor) -> Tensor:
@@ -66,12 +82,12 @@ def _accumulate(prev: Tensor | None, g: Tensor) -> Tensor:
 
 def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
          create_graph: bool, capture: dict[int, Tensor] | None) -> dict[int, Tensor]:
-    """Propagate `grads` from `roots`. Leaves get .grad unless `capture` names tensors
-    whose total gradient is returned instead (autograd.grad)."""
+    """Propagate `grads` from `roots`. Leaves get .grad unless `capture` names graph
+    values (by `_key`) whose total gradient is returned instead (autograd.grad)."""
     order = _topological(roots)
     pending: dict[int, Tensor] = {}
     for r, g in zip(roots, grads):
-        pending[id(r)] = _accumulate(pending.get(id(r)), g)
+        pending[_key(r)] = _accumulate(pending.get(_key(r)), g)
     captured: dict[int, Tensor] = {}
     previous_phase, phase.name = phase.name, "backward"
     try:
@@ -83,41 +99,55 @@ def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
 
 def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
                create_graph: bool, capture: dict | None) -> None:
-    """The backward loop (hot: one iteration per recorded op)."""
+    """The backward loop (hot: one iteration per recorded op). Gradients are keyed
+    per graph value (`_key`), so a tensor and its edges sum into one."""
     with set_grad_enabled(create_graph):
         for i, t in enumerate(order):
             if not retain_graph:
                 order[i] = None               # t's values die once its node is done
-            g = pending.pop(id(t), None)
+            ctx = t._ctx
+            key = id(t) if ctx is None else id(ctx)
+            g = pending.pop(key, None)
             if g is None:
                 continue
-            if capture is not None and id(t) in capture:
-                captured[id(t)] = g
-            ctx = t._ctx
+            if capture is not None and key in capture:
+                captured[key] = g
             if ctx is None or t._retains_grad:
                 if capture is None:
-                    g_store = g if create_graph else g.detach()
-                    t.grad = g_store if t.grad is None else \
-                        (t.grad + g_store if create_graph else (t.grad + g_store).detach())
+                    holder = t.tensor() if type(t) is Edge else t
+                    if holder is not None:
+                        g_store = g if create_graph else g.detach()
+                        holder.grad = g_store if holder.grad is None else \
+                            (holder.grad + g_store if create_graph else
+                             (holder.grad + g_store).detach())
                 if ctx is None:
                     continue
             inputs = ctx.inputs
-            _check_versions(t, ctx)
+            out = ctx.output(t) if ctx.out is not None and type(t) is Edge else t
+            _check_versions(out, ctx)
             needs = tuple([getattr(x, "requires_grad", False) for x in inputs])
-            in_grads = ctx.op.vjp(g, t, inputs, needs, **ctx.params)
+            in_grads = ctx.op.vjp(g, out, inputs, needs, **ctx.params)
             for x, gx, need in zip(inputs, in_grads, needs):
                 if not need or gx is None:
                     continue
-                xd, gd = x._data, gx._data
-                if gd.shape != xd.shape:
+                gd = gx._data
+                if type(x) is Edge:
+                    x_shape, x_dtype = x.shape, x.dtype
+                else:
+                    xd = x._data
+                    x_shape, x_dtype = xd.shape, xd.dtype
+                if gd.shape != x_shape:
                     raise ShapeError(f"{ctx.op.name}: its VJP returned a gradient of shape "
-                                     f"{gx.shape} for an input of shape {x.shape}")
-                if gd.dtype != xd.dtype:
-                    gx = gx.to(dtype=x.dtype)
-                prev = pending.get(id(x))
-                pending[id(x)] = gx if prev is None else prev + gx
-            if not retain_graph:
-                t._ctx = FreedNode(ctx.op)
+                                     f"{gx.shape} for an input of shape {x_shape}")
+                if gd.dtype != x_dtype:
+                    gx = gx.to(dtype=x_dtype)
+                xc = x._ctx
+                xk = id(x) if xc is None else id(xc)
+                prev = pending.get(xk)
+                pending[xk] = gx if prev is None else prev + gx
+            if not retain_graph:              # free in place: every holder sees it
+                ctx.inputs = None
+                ctx.out = None
 
 
 def _root_grad(t: Tensor, grad: Any) -> Tensor:
@@ -160,10 +190,10 @@ def grad(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
             raise GradError(f"grad: an input (shape {x.shape}) does not require grad")
     retain = create_graph if retain_graph is None else retain_graph
     captured = _run(outs, [_root_grad(o, g) for o, g in zip(outs, gos)], retain, create_graph,
-                    {id(x): x for x in ins})
+                    {_key(x): x for x in ins})
     result = []
     for x in ins:
-        g = captured.get(id(x))
+        g = captured.get(_key(x))
         if g is None:
             if not allow_unused:
                 raise GradError(f"grad: an input of shape {x.shape} was not used to compute "

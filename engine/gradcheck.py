@@ -6,9 +6,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .autograd import grad as autograd_grad
-from .dispatch import Node
+from .dispatch import Edge, Node
 from .errors import GradcheckError
-from .state import no_grad
+from .state import keep_graph_inputs, no_grad
 from .tensor import Tensor
 
 
@@ -20,7 +20,8 @@ def _as_float64(x: Any) -> Any:
 
 
 def _projected(f: Callable[..., Tensor], args: list, cot: np.ndarray | None) -> tuple:
-    out = f(*args)
+    with keep_graph_inputs():          # _first_bad_op re-runs each node on its inputs
+        out = f(*args)
     if not isinstance(out, Tensor):
         raise TypeError(f"gradcheck: the function must return a tensor, got {type(out).__name__}")
     if cot is None:
@@ -58,6 +59,8 @@ def _graph_nodes(out: Tensor) -> list[tuple[Tensor, Node]]:
 def _first_bad_op(out: Tensor, eps: float, atol: float, rtol: float) -> str | None:
     """Check each op of the graph on its own recorded inputs; name the first that fails."""
     for t, node in _graph_nodes(out):
+        if any(isinstance(x, Edge) for x in node.inputs):
+            continue                   # recorded outside keep_graph_inputs: values not kept
         if not all(np.dtype(x.dtype) == np.float64 for x in node.inputs
                    if isinstance(x, Tensor) and x.requires_grad):
             continue

@@ -43,6 +43,27 @@ def bump_mode_epoch() -> None:
     mode_epoch.value += 1
 
 
+class _GraphState:
+    """keep_inputs: record every input of an autograd node as the real tensor, even
+    where the VJP does not read it (tools that re-run recorded ops on their inputs:
+    gradcheck's per-op localisation, symbolic verification). Off: such inputs are
+    recorded as data-less edges, so unused intermediates are freed after forward."""
+    keep_inputs = False
+
+
+graph_state = _GraphState()
+
+
+@contextlib.contextmanager
+def keep_graph_inputs(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, autograd nodes keep all their inputs (see _GraphState)."""
+    previous, graph_state.keep_inputs = graph_state.keep_inputs, enabled
+    try:
+        yield
+    finally:
+        graph_state.keep_inputs = previous
+
+
 class _GradMode:
     enabled = True
 

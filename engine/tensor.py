@@ -7,6 +7,7 @@ registry, so the active interpreter (eager, tracing) sees all of them.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ from .state import grad_mode, interpreter_stack
 
 class Tensor:
     __slots__ = ("_data", "_backend", "requires_grad", "grad", "_ctx", "_version",
-                 "_retains_grad", "__weakref__")
+                 "_retains_grad", "_edge", "__weakref__")
     __array_priority__ = 100          # NumPy defers to our reflected operators
 
     def __init__(self, data: Any, backend: Any, requires_grad: bool = False) -> None:
@@ -31,6 +32,7 @@ class Tensor:
         self._ctx: Any = None
         self._version = [0]
         self._retains_grad = False
+        self._edge: Any = None        # this tensor's autograd edge (engine.dispatch.Edge)
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -89,6 +91,10 @@ class Tensor:
         if not self.requires_grad:
             raise GradError("retain_grad() on a tensor that does not require grad")
         self._retains_grad = True
+        edge = self._edge
+        if edge is not None:           # graph nodes that refer to it through its edge
+            edge._retains_grad = True
+            edge._ref = weakref.ref(self)
         return self
 
     def backward(self, grad: Any = None, retain_graph: bool = False,

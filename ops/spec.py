@@ -33,7 +33,10 @@ class Op:
     sample(rng) -> list of (inputs, params) to test with (NumPy arrays / scalars)
     reference(*numpy_inputs, **params) -> the NumPy value the op stands for
     saves: positions of the inputs whose values the VJP reads (-1: the output);
-           None means all. Autograd checks only these for in-place changes.
+           None means all. Autograd keeps only these values alive for backward and
+           checks only these for in-place changes: any other non-leaf input reaches
+           the VJP as a data-less edge (shape, dtype, ndim, device only; reading its
+           value raises), and so may the output unless -1 is listed.
     """
 
     __slots__ = ("name", "kind", "forward", "vjp", "infer", "view", "random",

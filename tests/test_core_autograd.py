@@ -234,3 +234,253 @@ def test_gradcheck_reports_the_faulty_op(rng, monkeypatch):
     assert "worst element" in msg and "analytic" in msg and "numeric" in msg
     assert "op path: mul -> tanh -> exp" in msg
     assert "first op whose own gradient fails: tanh" in msg
+
+
+# -- the graph keeps only what VJPs read ------------------------------------------------------
+# A node records a non-leaf input as an Edge (no data) unless its op's `saves` names it,
+# so an intermediate no VJP reads is freed as soon as the forward drops it.
+
+import weakref
+
+from engine.dispatch import Edge
+from engine.state import keep_graph_inputs
+
+
+def _grads(f, *leaves, keep=False):
+    """Gradients of f(*leaves) w.r.t. the leaves, recording the graph with all inputs
+    kept (the old behaviour) or only the saved ones."""
+    xs = [eg.tensor(x.numpy(), dtype=x.dtype, requires_grad=True) for x in leaves]
+    with keep_graph_inputs(keep):
+        out = f(*xs)
+    out.backward()
+    return [x.grad.numpy() for x in xs]
+
+
+def test_unsaved_intermediate_is_freed_after_forward(rng):
+    x = eg.tensor(rng.standard_normal((4, 8)), requires_grad=True)
+    w = eg.tensor(rng.standard_normal((8, 5)), requires_grad=True)
+    b = eg.tensor(rng.standard_normal(5), requires_grad=True)
+    h = x @ w                         # read by no VJP: add saves nothing
+    a = h + b
+    t = a.tanh()                      # tanh's VJP reads its output
+    y = (t * 2.0).sum()
+    h_data, t_data, a_data = weakref.ref(h._data), weakref.ref(t._data), weakref.ref(a._data)
+    assert isinstance(t._ctx.inputs[0], Edge) and isinstance(a._ctx.inputs[0], Edge)
+    del h, a, t                       # no gc.collect(): freeing must not need the cycle GC
+    assert h_data() is None and a_data() is None
+    assert t_data() is not None       # saved (by tanh for -1 and by mul for input 0)
+    y.backward()
+    f = lambda x, w, b: ((x @ w + b).tanh() * 2.0).sum()
+    for got, kept in zip((x.grad, w.grad, b.grad), _grads(f, x, w, b, keep=True)):
+        np.testing.assert_allclose(got.numpy(), kept, rtol=1e-12)
+    assert eg.gradcheck(f, x, w, b)
+
+
+def test_graph_holds_only_saved_bytes():
+    """A chain of adds (whose VJPs read nothing) holds no intermediate after forward."""
+    n, steps = 1 << 16, 10             # 512 KiB per float64 intermediate
+    x = eg.tensor(np.ones(n), requires_grad=True)
+    b = eg.tensor(np.ones(n), requires_grad=True)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    y = x
+    for _ in range(steps):
+        y = y + b
+    s = (y * 1.0).sum()               # mul saves y: the last intermediate stays
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert held < 2.5 * n * 8, f"the graph holds {held} bytes after forward"
+    s.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 1.0)
+    np.testing.assert_allclose(b.grad.numpy(), float(steps))
+
+
+def test_value_used_by_saving_and_non_saving_consumers_gets_one_summed_gradient():
+    x = eg.tensor([0.5, -1.5], dtype=eg.float64, requires_grad=True)
+    for f in (lambda h: h * h + h, lambda h: h + h * h, lambda h: (h + 1.0) * h + h.exp()):
+        h = x * 3.0
+        y = f(h).sum()
+        del h
+        x.grad = None
+        y.backward()
+        kept = _grads(lambda x: f(x * 3.0).sum(), x, keep=True)[0]
+        np.testing.assert_allclose(x.grad.numpy(), kept, rtol=1e-12)
+    h = x * 3.0                       # saved by mul, an edge in add
+    (g,) = eg.autograd_grad((h * h + h).sum(), [x])
+    np.testing.assert_allclose(g.numpy(), 3 * (2 * 3 * x.numpy() + 1))
+
+
+def test_retain_grad_on_an_edged_intermediate():
+    x = eg.tensor([1.0, 2.0], dtype=eg.float64, requires_grad=True)
+    h = x * 3.0
+    z = h + 1.0                       # h is an edge in add's node
+    h.retain_grad()                   # after the edge was made
+    (z * z).sum().backward()
+    np.testing.assert_allclose(h.grad.numpy(), 2 * z.numpy())
+    h2 = (x * 3.0).retain_grad()      # before
+    ((h2 + 1.0) * 2.0).sum().backward()
+    np.testing.assert_allclose(h2.grad.numpy(), [2.0, 2.0])
+    h3 = (x * 3.0).retain_grad()      # dropped before backward: nothing to store into
+    s = (h3 + 1.0).sum()
+    del h3
+    s.backward()
+
+
+def test_autograd_grad_with_respect_to_an_edged_intermediate():
+    x = eg.tensor([1.0, 2.0], dtype=eg.float64, requires_grad=True)
+    h = x.exp()
+    y = ((h + 1.0) * 2.0).sum()       # add records h as an edge
+    gh, gx = eg.autograd_grad(y, [h, x])
+    np.testing.assert_allclose(gh.numpy(), [2.0, 2.0])
+    np.testing.assert_allclose(gx.numpy(), 2 * np.exp(x.numpy()))
+    assert x.grad is None and h.grad is None
+
+
+def test_second_order_through_ops_saving_their_output_reached_by_edges(rng):
+    """exp and softmax read their output; reached only through edges (the output
+    tensors are dropped), backward rebuilds it, and create_graph differentiates
+    through it: check Hessian-vector products against differences of gradients."""
+    v = rng.standard_normal((2, 4))
+    c = eg.tensor(rng.standard_normal((2, 4)))
+    fns = {
+        "exp": lambda t: ((t.exp() + 1.0) ** 2).sum(),
+        "softmax": lambda t: (((eg.softmax(t, -1) + c) ** 2) * eg.tensor(v)).sum(),
+        "log_softmax": lambda t: ((eg.log_softmax(t, -1) - 1.0) ** 2).sum(),
+    }
+
+    def first(f, xv):
+        x = eg.tensor(xv, requires_grad=True)
+        (g,) = eg.autograd_grad(f(x), [x])
+        return g.numpy()
+
+    x0, u = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    for name, f in fns.items():
+        x = eg.tensor(x0, requires_grad=True)
+        y = f(x)
+        (g,) = eg.autograd_grad(y, [x], create_graph=True)
+        (hu,) = eg.autograd_grad((g * eg.tensor(u)).sum(), [x])
+        eps = 1e-6
+        num = (first(f, x0 + eps * u) - first(f, x0 - eps * u)) / (2 * eps)
+        np.testing.assert_allclose(hu.numpy(), num, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(g.numpy(), first(f, x0), rtol=1e-12, err_msg=name)
+
+
+def test_output_rebuilt_for_the_vjp_has_the_node_and_version():
+    x = eg.tensor([0.5, 1.0], dtype=eg.float64, requires_grad=True)
+    e = x.exp()
+    node = e._ctx
+    s = (e + 1.0).sum()
+    edge = s._ctx.inputs[0]._ctx.inputs[0]
+    assert isinstance(edge, Edge) and edge._ctx is node and edge._version is e._version
+    del e
+    out = node.output(edge)
+    assert out._ctx is node and out._version is edge._version and out.requires_grad
+    np.testing.assert_allclose(out.numpy(), np.exp(x.numpy()))
+    s.backward()
+    np.testing.assert_allclose(x.grad.numpy(), np.exp(x.numpy()))
+
+
+def test_backward_twice_through_edges_raises():
+    x = eg.tensor([1.0, 2.0], requires_grad=True)
+    h = x.exp()
+    a = (h + 1.0).sum()               # h as an edge
+    b = (h * 2.0).sum()               # h itself (mul saves it)
+    a.backward()
+    assert h._ctx.freed               # freed in place: every holder sees it
+    with pytest.raises(eg.GradError, match="second time"):
+        b.backward()
+    with pytest.raises(eg.GradError, match="second time"):
+        a.backward()
+
+
+def test_inplace_change_of_a_saved_value_reached_by_an_edge_is_caught():
+    x = eg.tensor([1.0, 2.0], requires_grad=True)
+    y = x.exp()
+    z = y.detach()                    # shares data and version counter with y
+    s = (y + 2.0).sum()
+    del y                             # exp's node is reached only through add's edge
+    z *= 0.0
+    with pytest.raises(eg.GradError, match="exp: its output"):
+        s.backward()
+    c = eg.tensor([3.0, 4.0])
+    h = x * 2.0
+    y = (h + c) * c                   # mul saves its inputs; add's edge of h is fine
+    c += 1.0
+    with pytest.raises(eg.GradError, match=r"mul: input 1 .* modified in place"):
+        y.sum().backward()
+
+
+def test_an_edge_has_no_value():
+    x = eg.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * 2.0) + 1.0
+    edge = y._ctx.inputs[0]
+    assert isinstance(edge, Edge) and edge.shape == (2,) and edge.dtype == np.float32
+    assert edge.device == "cpu" and edge.ndim == 1 and edge.size == 2 and edge.requires_grad
+    with pytest.raises(eg.GradError, match="saves"):
+        edge._data
+    with pytest.raises(eg.GradError, match="saves"):
+        np.asarray(edge)
+    with pytest.raises(eg.GradError, match="saves"):
+        ops.REGISTRY["exp"](edge)
+
+
+def test_a_vjp_reading_an_undeclared_input_fails_loudly(monkeypatch):
+    add = ops.REGISTRY["add"]
+    monkeypatch.setattr(add, "vjp", lambda g, out, inputs, needs:
+                        (ops.REGISTRY["mul"](g, inputs[1]), ops.REGISTRY["mul"](g, inputs[0])))
+    x = eg.tensor([1.0, 2.0], requires_grad=True)
+    y = ((x * 2.0) + (x * 3.0)).sum()
+    with pytest.raises(eg.GradError, match="saves"):
+        y.backward()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, op in ops.REGISTRY.items()
+                                        if op.vjp is not None and op.sample is not None))
+def test_saves_declarations_cover_what_each_vjp_reads(name, rng):
+    """Every float input is a non-leaf and the output is consumed by an op that does
+    not save it, so only what `saves` declares reaches the VJP as a value; gradients
+    must equal those of a graph that keeps every input."""
+    op = ops.REGISTRY[name]
+    for args, params in op.sample(rng):
+        leaves = [eg.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)
+                  if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
+                  eg.tensor(a, dtype=np.asarray(a).dtype) if isinstance(a, np.ndarray) else a
+                  for a in args]
+        if not any(isinstance(t, eg.Tensor) and t.requires_grad for t in leaves):
+            continue
+
+        def f(*xs):
+            xs = [x * 1.0 if isinstance(x, eg.Tensor) and x.requires_grad else x for x in xs]
+            out = op(*xs, **params)
+            cot = eg.tensor(np.random.default_rng(0).standard_normal(out.shape))
+            return ((out + 0.0) * cot).sum()
+
+        grads = {}
+        for keep in (False, True):
+            xs = [eg.tensor(t.numpy(), dtype=t.dtype, requires_grad=True)
+                  if isinstance(t, eg.Tensor) and t.requires_grad else t for t in leaves]
+            with keep_graph_inputs(keep):
+                s = f(*xs)
+            if not s.requires_grad:
+                break
+            s.backward()
+            grads[keep] = [x.grad for x in xs if isinstance(x, eg.Tensor) and x.requires_grad]
+        else:
+            for a, b in zip(grads[False], grads[True]):
+                if b is None:
+                    assert a is None
+                else:
+                    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, err_msg=name)
+
+
+def test_retained_output_of_an_op_saving_it_gets_grad_at_second_order():
+    """tanh saves its output; reached through an edge with create_graph, the VJP
+    must use the real tensor (which retains grad), not a rebuilt copy."""
+    x = eg.tensor([0.3, -0.4], dtype=eg.float64, requires_grad=True)
+    y = x.tanh().retain_grad()
+    s = (y + 1.0).sum()               # y as an edge
+    (g,) = eg.autograd_grad(s, [x], create_graph=True)    # 1 - y^2, built on y
+    y.grad = None
+    g.sum().backward()
+    np.testing.assert_allclose(y.grad.numpy(), -2 * np.tanh(x.numpy()))
