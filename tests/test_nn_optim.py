@@ -261,6 +261,29 @@ def test_clip_grad_norm_hand_case_and_errors():
     np.testing.assert_array_equal(v.grad.numpy(), [-1.0, 0.5, 1.0])
 
 
+def test_capturable_adam_shares_step_counts_but_counts_skipped_parameters_apart():
+    r = np.random.default_rng(5)
+    init = [r.standard_normal((2, 3)), r.standard_normal(3), r.standard_normal(4)]
+    runs = {}
+    for capturable in (False, True):
+        ps = [nn.Parameter(eg.tensor(v)) for v in init]
+        opt = optim.AdamW(ps, lr=0.05, capturable=capturable)
+        rr = np.random.default_rng(6)
+        for step in range(6):
+            grads = [rr.standard_normal(v.shape) for v in init]
+            set_grads(ps, grads)
+            if step in (1, 2):
+                ps[1].grad = None                       # skipped: its count must not advance
+            opt.step()
+        runs[capturable] = (ps, opt)
+    for a, b in zip(runs[False][0], runs[True][0]):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-12, atol=1e-14)
+    ps, opt = runs[True]
+    steps = [opt.state[id(p)]["step"] for p in ps]
+    assert [s.item() for s in steps] == [6.0, 4.0, 6.0]
+    assert steps[0] is steps[2] and steps[1] is not steps[0]     # one tensor per shared count
+
+
 # -- state_dict -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01)),

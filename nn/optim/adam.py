@@ -12,7 +12,11 @@ on a GPU); results agree with torch.optim to rounding.
 `capturable=True` (as in torch) keeps the step count in a float64 0-d tensor and
 computes the bias corrections with tensor ops, and creates the state when the
 optimizer is built: nothing that changes between steps is a Python number, so a
-training step traced by eg.jit stays correct (a few more scalar ops per parameter).
+training step traced by eg.jit stays correct. Parameters that have always been
+updated together share one step tensor, so the bias corrections cost a handful of
+scalar ops per group rather than per parameter; a parameter skipped in a step
+(no .grad) while others advance gets its own count, so every parameter's count
+is still the number of updates it had, as in torch.
 `lr` may be a 0-d tensor (in the parameters' dtype); schedulers update it in place.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Adam(Optimizer):
             if g["capturable"]:
                 for p in g["params"]:
                     self._init_state(p, self.state.setdefault(id(p), {}), g)
+                self._share_steps(g)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict, group: dict) -> None:
@@ -52,17 +57,67 @@ class Adam(Optimizer):
         state["exp_avg"] = eg.zeros_like(p)
         state["exp_avg_sq"] = eg.zeros_like(p)
 
+    def _share_steps(self, group: dict) -> None:
+        """Let the group's parameters with equal step counts (per device) share one tensor."""
+        shared: dict = {}
+        for p in group["params"]:
+            state = self.state.get(id(p))
+            if not state or not isinstance(state.get("step"), Tensor):
+                continue
+            key = (state["step"].item(), p.device)
+            state["step"] = shared.setdefault(key, state["step"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            if g["capturable"]:
+                self._share_steps(g)
+
+    def _update_group(self, group: dict, active: list[Tensor]) -> None:
+        """Capturable: advance each shared step tensor once and compute its bias
+        corrections once for all the parameters that share it."""
+        if not group["capturable"]:
+            return super()._update_group(group, active)
+        states = [self.state.setdefault(id(p), {}) for p in active]
+        for p, state in zip(active, states):
+            if not state:
+                self._init_state(p, state, group)
+            elif not isinstance(state["step"], Tensor):  # state loaded from a plain optimizer
+                state["step"] = eg.tensor(float(state["step"]), dtype=eg.float64, device=p.device)
+        users: dict = {}
+        for p in group["params"]:
+            step = self.state.get(id(p), {}).get("step")
+            if isinstance(step, Tensor):
+                users[id(step)] = users.get(id(step), 0) + 1
+        advanced: dict = {}
+        for state in states:
+            step = state["step"]
+            if id(step) not in advanced:
+                # Users of this count that are not updated now keep it; the rest move on together.
+                active_users = sum(s["step"] is step for s in states)
+                new = step if active_users == users[id(step)] else step.clone()
+                new += 1.0
+                advanced[id(step)] = new
+            state["step"] = advanced[id(step)]
+        factors: dict = {}
+        for p, state in zip(active, states):
+            key = (id(state["step"]), p.dtype)
+            if key not in factors:
+                factors[key] = self._bias_corrections(state["step"], p.dtype, group)
+            self._update(p, p.grad, state, group, factors[key])
+
+    @staticmethod
+    def _bias_corrections(step: Tensor, dtype: Any, group: dict) -> tuple[Tensor, Tensor]:
+        """(lr / (1 - b1^t), sqrt(1 - b2^t)) for an already advanced step tensor."""
+        lr, (b1, b2) = group["lr"], group["betas"]
+        step_size = (_as_dtype(lr, eg.float64) / (1.0 - b1 ** step)).to(dtype=dtype)
+        return step_size, (1.0 - b2 ** step).sqrt().to(dtype=dtype)
+
     @staticmethod
     def _step_factors(p: Tensor, state: dict, group: dict) -> tuple[Any, Any]:
-        """(lr / (1 - b1^t), sqrt(1 - b2^t)) after advancing the step count."""
+        """(lr / (1 - b1^t), sqrt(1 - b2^t)) after advancing a Python step count."""
         lr, (b1, b2) = group["lr"], group["betas"]
         step = state["step"]
-        if group["capturable"]:
-            if not isinstance(step, Tensor):             # state loaded from a plain optimizer
-                step = state["step"] = eg.tensor(float(step), dtype=eg.float64, device=p.device)
-            step += 1.0
-            step_size = (_as_dtype(lr, eg.float64) / (1.0 - b1 ** step)).to(dtype=p.dtype)
-            return step_size, (1.0 - b2 ** step).sqrt().to(dtype=p.dtype)
         if getattr(p.grad._data, "is_abstract", False):
             raise TraceError("Adam/AdamW: an update traced by eg.jit with a Python step count "
                              "would freeze the bias corrections at their first value; build the "
@@ -70,11 +125,12 @@ class Adam(Optimizer):
         t = state["step"] = (int(step.item()) if isinstance(step, Tensor) else step) + 1
         return _as_dtype(lr / (1.0 - b1 ** t), p.dtype), math.sqrt(1.0 - b2 ** t)
 
-    def _update(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    def _update(self, p: Tensor, grad: Tensor, state: dict, group: dict,
+                factors: tuple | None = None) -> None:
         if not state:
             self._init_state(p, state, group)
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        step_size, bc2_sqrt = self._step_factors(p, state, group)
+        step_size, bc2_sqrt = factors or self._step_factors(p, state, group)
         g = grad
         decay = 1.0
         if wd:

@@ -79,14 +79,13 @@ class Optimizer:
                 loss = closure()
         with eg.no_grad():
             for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
+                active = [p for p in group["params"] if p.grad is not None]
+                for p in active:
                     if p.grad.shape != p.shape:
                         raise ShapeError(f"{type(self).__name__}: grad of shape "
                                          f"{tuple(p.grad.shape)} for a parameter of shape "
                                          f"{tuple(p.shape)}")
-                    self._update(p, p.grad, self.state.setdefault(id(p), {}), group)
+                self._update_group(group, active)
         return loss
 
     # -- state ---------------------------------------------------------------------------
@@ -151,6 +150,11 @@ class Optimizer:
                 else:
                     mine[k] = tuple(v) if isinstance(self.defaults.get(k), tuple) else v
         self.state = new_state
+
+    def _update_group(self, group: dict, active: list[Tensor]) -> None:
+        """Update the group's parameters that have a .grad (subclasses may share work)."""
+        for p in active:
+            self._update(p, p.grad, self.state.setdefault(id(p), {}), group)
 
     def _update(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         raise TypeError(f"{type(self).__name__} does not define _update(p, grad, state, group)")
