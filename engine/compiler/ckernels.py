@@ -26,7 +26,7 @@ MIN_ELEMENTS = 1 << 15
 # Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
 # semantics that masking relies on).
 C_FRIENDLY = {"add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "maximum", "minimum",
-              "relu", "heaviside", "sign", "lerp", "ema_sq", "adam_param"}
+              "relu", "heaviside", "sign", "lerp", "ema_sq", "adam_param", "where"}
 # Ops calling libm's transcendentals: C-friendly only with libmvec (see backends.cbuild).
 VECTOR_MATH_OPS = {"exp", "log", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh"}
 
@@ -59,58 +59,106 @@ def _mode(shape: tuple, out_shape: tuple, split: int) -> str | None:
     return None
 
 
-_MODE_SCORE = {"same": 2, "scalar": 2, "row": 2, "col": 2, "suffix": 1, None: 0}
+def _input_ctypes(in_dtypes: list | None, dtype: np.dtype, n: int) -> list[str]:
+    """Each input's storage type: the kernel's own, or bytes for a condition (`where`).
+    (A NumPy bool is one byte 0/1; read through `_Bool` pointers GCC will not vectorise.)"""
+    in_dtypes = in_dtypes or [dtype] * n
+    return ["unsigned char" if np.dtype(d) == np.dtype(bool) else storage_ctype(d, "c")
+            for d in in_dtypes]
 
 
-def _layout(shapes: list, out_shape: tuple) -> tuple[int, list]:
-    """The split of the output's axes that lets most inputs be read without a modulo or a
-    materialised broadcast (ties: the longest inner loop); returns (split, modes)."""
-    best: tuple | None = None
-    for split in range(len(out_shape) + 1):
-        modes = [_mode(s, out_shape, split) for s in shapes]
-        score = sum(_MODE_SCORE[m] for m in modes)
-        if best is None or score > best[0]:
-            best = (score, split, modes)
-    return best[1], best[2]
+def broadcast_strides(shape: tuple, out_shape: tuple) -> list[int]:
+    """Element strides of a C-contiguous array of `shape` broadcast to `out_shape`."""
+    nd = len(out_shape)
+    padded = (1,) * (nd - len(shape)) + tuple(shape)
+    strides, step = [0] * nd, 1
+    for d in reversed(range(nd)):
+        strides[d] = step if padded[d] != 1 else 0
+        step *= padded[d]
+    return strides
 
 
-def kernel_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype) -> str:
-    """A C function `name(outer, inner, in0, n0, in1, n1, ..., out)` computing `expr` per
-    element of an (outer, inner) view of the output. `inner` is the largest broadcast
-    block (a bias's length), so a suffix input of that size is read at `j`: the inner
-    loop has no modulo and vectorises."""
+def loop_nest(shapes: list, out_shape: tuple) -> tuple[list[int], list[list[int]]]:
+    """(extents, per-input strides) of the loops over the output: size-1 axes dropped,
+    neighbours merged wherever every input steps through them as through one axis."""
+    per_input = [broadcast_strides(s, out_shape) for s in shapes]
+    dims: list[int] = []
+    strides: list[list[int]] = [[] for _ in shapes]
+    for k, extent in enumerate(out_shape):
+        if extent == 1:
+            continue
+        if dims and all(st[-1] == src[k] * extent for st, src in zip(strides, per_input)):
+            dims[-1] *= extent
+            for st, src in zip(strides, per_input):
+                st[-1] = src[k]
+        else:
+            dims.append(extent)
+            for st, src in zip(strides, per_input):
+                st.append(src[k])
+    if not dims:
+        return [1], [[0] for _ in shapes]
+    return dims, strides
+
+
+def kernel_source(name: str, expr: Any, symbols: tuple, dims: list[int], strides: list[list[int]],
+                  dtype: np.dtype, in_dtypes: list | None = None) -> str:
+    """A C function `name(in0, n0, in1, n1, ..., out)` computing `expr` for every element of
+    the output: one loop per (merged) axis, extents and broadcast strides baked in, so
+    the innermost loop reads each input at `b + j` (or at `b`, when broadcast along it)
+    and vectorises; no index arithmetic beyond one multiply-add per outer axis."""
     ct = storage_ctype(dtype, "c")
-    args = ["long long outer", "long long inner"]
-    for k in range(len(modes)):
-        args += [f"const {ct}* restrict p{k}", f"long long n{k}"]
+    cts = _input_ctypes(in_dtypes, dtype, len(strides))
+    args = []
+    for k in range(len(strides)):
+        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
     args.append(f"{ct}* restrict out")
-    loads = " ".join(_loads(modes, ct))
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
-    return (f"void {name}({', '.join(args)}) {{\n"
-            f"  for (long long o = 0; o < outer; ++o) {{\n"
-            f"    const long long base = o * inner;\n"
-            f"    for (long long j = 0; j < inner; ++j) {{\n"
-            f"      const long long i = base + j, c = j; {loads}\n      out[i] = {body};\n    }}\n  }}\n}}\n")
+    depth = len(dims) - 1
+    lines = [f"void {name}({', '.join(args)}) {{"]
+    for a in range(depth):
+        lines.append(f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{")
+    pad = "  " * (depth + 1)
+
+    def offset(steps: list[int]) -> str:
+        terms = [f"d{a} * {steps[a]}LL" for a in range(depth) if steps[a]]
+        return " + ".join(terms) or "0"
+    out_steps = [int(np.prod(dims[a + 1:])) for a in range(depth)]
+    lines.append(f"{pad}const long long bo = {offset(out_steps)};")
+    loads = []
+    for k, st in enumerate(strides):
+        lines.append(f"{pad}const long long b{k} = {offset(st)};")
+        index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
+        loads.append(f"const {ct} in{k} = p{k}[{index}];")
+    lines.append(f"{pad}for (long long j = 0; j < {dims[-1]}LL; ++j) {{")
+    lines.append(f"{pad}  {' '.join(loads)}")
+    lines.append(f"{pad}  out[bo + j] = {body};")
+    lines.append(f"{pad}}}")
+    for a in reversed(range(depth)):
+        lines.append(f"{'  ' * (a + 1)}}}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
-def _loads(modes: list[str], ct: str) -> list[str]:
-    """Per input (see `_mode`): element i, 0, c (inner index), o (outer index) or i % n."""
+def _loads(modes: list[str], cts: list[str], ct: str) -> list[str]:
+    """Per input (see `_mode`): element i, 0, c (inner index), o (outer index) or i % n,
+    as the kernel's type `ct` (conditions too: 0/1, so the loop stays one vector type)."""
     index = {"same": "i", "scalar": "0", "row": "c", "col": "o"}
     return [f"const {ct} in{k} = p{k}[{index.get(m, f'i % n{k}')}];" for k, m in enumerate(modes)]
 
 
 def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype,
-                     layout: str) -> str:
+                     layout: str, in_dtypes: list | None = None) -> str:
     """A C function `name(outer, inner, in0, n0, ..., out)` summing `expr` over each row
     ("rows": out[o] = sum_j f(o*inner + j), eight partial sums so it vectorises without
     reassociating) or down each column ("cols": out[j] = sum_o f(o*inner + j))."""
     ct = storage_ctype(dtype, "c")
+    cts = _input_ctypes(in_dtypes, dtype, len(modes))
     args = ["long long outer", "long long inner"]
     for k in range(len(modes)):
-        args += [f"const {ct}* restrict p{k}", f"long long n{k}"]
+        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
     args.append(f"{ct}* restrict out")
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
-    loads = " ".join(_loads(modes, ct))
+    loads = " ".join(_loads(modes, cts, ct))
     if layout == "rows":
         loop = [
             "  for (long long o = 0; o < outer; ++o) {",
@@ -189,7 +237,7 @@ def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int, extra_call
     return (available() and (size >= MIN_ELEMENTS or calls >= MIN_CALLS)
             and all(friendly(op.name) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
-            and all(isinstance(v, Value) and v.dtype == dtype for v in inputs))
+            and all(isinstance(v, Value) and v.dtype in (dtype, np.dtype(bool)) for v in inputs))
 
 
 def _named(source: str, placeholder: str, prefix: str) -> tuple[str, str]:
@@ -198,20 +246,19 @@ def _named(source: str, placeholder: str, prefix: str) -> tuple[str, str]:
 
 
 def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
-    """A fused elementwise group as a C loop, or None if not worthwhile or not printable."""
+    """A fused elementwise group as a C loop nest, or None if not worthwhile or not printable."""
     size = int(np.prod(out.shape))
     if not _eligible(group.steps, inputs, out.dtype, size):
         return None
-    split, modes = _layout([v.shape for v in inputs], out.shape)
-    inner = int(np.prod(out.shape[split:]))
+    dims, strides = loop_nest([v.shape for v in inputs], out.shape)
     try:
         expr, symbols = group.expression()
-        src = kernel_source("k", expr, symbols, [m or "same" for m in modes], out.dtype)
+        src = kernel_source("k", expr, symbols, dims, strides, out.dtype, [v.dtype for v in inputs])
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "k")
-    return Planned(src, name, (size // max(inner, 1), inner), modes,
-                   [int(np.prod(v.shape)) for v in inputs], out.shape, out.shape, out.dtype)
+    return Planned(src, name, (), ["same"] * len(inputs), [int(np.prod(v.shape)) for v in inputs],
+                   out.shape, out.shape, out.dtype)
 
 
 def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
@@ -227,7 +274,8 @@ def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
     modes = [_mode(v.shape, red.in_shape, cut) for v in inputs]
     try:
         expr, symbols = red.group.expression()
-        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], out.dtype, layout)
+        src = reduction_source("r", expr, symbols, [m or "same" for m in modes], out.dtype, layout,
+                               [v.dtype for v in inputs])
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "r", "r")
