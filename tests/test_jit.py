@@ -487,6 +487,24 @@ def test_c_kernels_read_broadcast_inputs_by_row_column_or_suffix(shapes, rng, mo
         assert j.stats()[-1]["c_kernels"] == 1
 
 
+def test_where_fuses_with_arithmetic_into_one_kernel(rng, monkeypatch):
+    """A mask select between arithmetic (attention: scale, mask, ...) is one C loop; the
+    boolean condition is read as bool, -inf and NaN pass through exactly."""
+    from engine.compiler import ckernels
+    monkeypatch.setattr(ckernels, "MIN_ELEMENTS", 16)
+    x = rng.standard_normal((4, 8, 8))
+    x[0, 0, 0] = np.nan
+    keep = eg.tensor(np.tril(np.ones((8, 8), bool)))
+    f = lambda x, keep: eg.where(keep, x * 0.125, float("-inf")) - x * 2.0
+    j = eg.jit(f)
+    got, want = j(eg.tensor(x), keep).numpy(), f(eg.tensor(x), keep).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+    assert [n.op.name for n in j.ir.nodes] == ["fused[mul,where,mul,sub]"]
+    if ckernels.available():
+        assert j.stats()[-1]["c_kernels"] == 1 and "unsigned char" in j._last.generated.kernel_sources[0]
+
+
 @pytest.mark.parametrize("axis", [-1, (0, 1), None])
 def test_sums_of_elementwise_groups_fuse_into_one_reduction(axis, rng, monkeypatch):
     from engine.compiler import ckernels

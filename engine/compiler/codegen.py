@@ -296,7 +296,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_group(n.op, n.inputs, n.out)
             elif isinstance(n.op, FusedReduction):
                 k = ckernels.plan_reduction(n.op, n.inputs, n.out)
-            elif isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f":
+            elif (isinstance(n.op, ElementwiseOp) or n.op.name == "where") and n.out.dtype.kind == "f":
                 k = ckernels.plan_group(_one_step(n), tuple(a for a in n.inputs if isinstance(a, Value)),
                                         n.out)
             elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):

@@ -194,13 +194,13 @@ class FusedElementwise:
         symbols = tuple(sympy.Symbol(f"in{i}", real=True) for i in range(self.n_inputs))
         vals: list = []
         for op, args in self.steps:
-            subs = {}
-            for s, a in zip(op.symbols, args):
-                if isinstance(a, tuple):
-                    subs[s] = symbols[a[1]] if a[0] == "in" else vals[a[1]]
-                else:
-                    subs[s] = sympy.sympify(a)
-            vals.append(op.impl_expr.xreplace(subs))
+            operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
+                        else sympy.sympify(a) for a in args]
+            if op.name == "where":                    # the one non-arithmetic step: a select
+                c, x, y = operands
+                vals.append(sympy.Piecewise((x, sympy.Ne(c, 0)), (y, True)))
+            else:
+                vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
         return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
     def forward(self, backend: Any, *inputs: Any) -> Any:
@@ -213,7 +213,9 @@ class FusedElementwise:
 
 
 def _fusable(n: Node) -> bool:
-    return isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f"
+    """Elementwise with a float result; `where` too (its condition joins as an input)."""
+    return (isinstance(n.op, ElementwiseOp) or getattr(n.op, "name", "") == "where") \
+        and n.out.dtype.kind == "f"
 
 
 def fuse_elementwise(program: Program) -> Program:
