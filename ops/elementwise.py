@@ -221,8 +221,10 @@ sigmoid = elementwise("sigmoid", lambda x: 1 / (1 + sympy.exp(-x)),
                       grads=lambda x, out: (out * (1 - out),),
                       impl=lambda x: (1 + sympy.tanh(x / 2)) / 2,    # never overflows
                       float_result=True)
+# relu'(x) = [x > 0] = [relu(x) > 0] (relu'(0) = 0): stated on the output, which the
+# next layer's matmul keeps anyway, so backward holds no copy of the input.
 relu = elementwise("relu", lambda x: sympy.Max(x, 0),
-                   grads=lambda x, out: (sympy.Heaviside(x, 0),),     # relu'(0) = 0
+                   grads=lambda x, out: (sympy.Heaviside(out, 0),),
                    domain="nonzero")
 gelu = elementwise("gelu", lambda x: x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2,
                    float_result=True)
