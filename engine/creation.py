@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import ops
+from ops.dtypes import as_dtype
 from ops.errors import DeviceError
 
 from .state import DEFAULT_FLOAT, get_backend
@@ -33,10 +34,9 @@ def tensor(data: Any, dtype: Any = None, device: str = "cpu",
         src = data.detach().to(device)
         arr = src._backend.copy(src._data)
         if dtype is not None:
-            arr = src._backend.astype(arr, np.dtype(dtype))
+            arr = src._backend.astype(arr, as_dtype(dtype))
         return Tensor(arr, src._backend, requires_grad=requires_grad)
-    if dtype is None:
-        dtype = _infer_dtype(data)
+    dtype = _infer_dtype(data) if dtype is None else as_dtype(dtype)
     be = get_backend(device)
     host = np.array(data, dtype=dtype, copy=True)
     return Tensor(be.asarray(host), be, requires_grad=requires_grad)
@@ -81,7 +81,7 @@ def full(shape: Any, value: Any, dtype: Any = None, device: str = "cpu",
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if dtype is None:
         dtype = DEFAULT_FLOAT if isinstance(value, float) else np.asarray(value).dtype
-    t = ops.REGISTRY["full"](shape=shape, value=value, dtype=np.dtype(dtype), device=device)
+    t = ops.REGISTRY["full"](shape=shape, value=value, dtype=as_dtype(dtype), device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
@@ -111,7 +111,7 @@ def arange(start: Any, stop: Any = None, step: Any = 1, dtype: Any = None,
         start, stop = 0, start
     if dtype is None:
         dtype = np.int64 if all(isinstance(v, int) for v in (start, stop, step)) else DEFAULT_FLOAT
-    return ops.REGISTRY["arange"](start=start, stop=stop, step=step, dtype=np.dtype(dtype), device=device)
+    return ops.REGISTRY["arange"](start=start, stop=stop, step=step, dtype=as_dtype(dtype), device=device)
 
 
 def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") -> Tensor:
@@ -122,14 +122,14 @@ def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") ->
 
 def randn(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Standard normal samples from the device's generator (see manual_seed)."""
-    t = ops.REGISTRY["random_normal"](shape=_shape(shape), dtype=np.dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_normal"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                       device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
 def rand(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Uniform samples in [0, 1)."""
-    t = ops.REGISTRY["random_uniform"](shape=_shape(shape), dtype=np.dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_uniform"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                        device=device)
     return t.requires_grad_(True) if requires_grad else t
 

@@ -8,6 +8,7 @@ import numpy as np
 
 import ops
 from ops import composite as C
+from ops.dtypes import as_dtype
 from ops.shapes import normalize_axis
 
 from .tensor import Tensor, _operand
@@ -164,4 +165,4 @@ def stop_gradient(x: Tensor) -> Tensor:
 
 
 def cast(x: Tensor, dtype: Any) -> Tensor:
-    return R["cast"](x, dtype=np.dtype(dtype))
+    return R["cast"](x, dtype=as_dtype(dtype))

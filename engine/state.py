@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 
 import backends
+from ops.dtypes import as_dtype
 from ops.errors import DeviceError
 
 DEFAULT_FLOAT = np.dtype(np.float32)
@@ -133,7 +134,7 @@ def autocast(dtype: object = np.float16, enabled: bool = True) -> Iterator[None]
     default; backends accumulate in float32), the rest stays float32. Pair it with
     `nn.amp.GradScaler` so small float16 gradients do not flush to zero."""
     previous = autocast_state.dtype
-    autocast_state.dtype = np.dtype(dtype) if enabled else None
+    autocast_state.dtype = as_dtype(dtype) if enabled else None
     try:
         yield
     finally:

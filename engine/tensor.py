@@ -14,6 +14,7 @@ import numpy as np
 
 import ops
 from ops import composite as C
+from ops.dtypes import as_dtype
 from ops.errors import DeviceError, DTypeError, GradError, ShapeError, TraceError
 from ops.shapes import normalize_axis
 
@@ -180,8 +181,8 @@ class Tensor:
         if device is not None and not isinstance(device, str):
             device, dtype = None, device
         out = self
-        if dtype is not None and np.dtype(dtype) != self.dtype:
-            out = ops.REGISTRY["cast"](out, dtype=np.dtype(dtype))
+        if dtype is not None and as_dtype(dtype) != self.dtype:
+            out = ops.REGISTRY["cast"](out, dtype=as_dtype(dtype))
         if device is not None and device != self.device:
             from .creation import transfer
             out = transfer(out, device)

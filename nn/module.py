@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 import engine as eg
+from ops.dtypes import as_dtype
 from engine import Tensor
 from engine.creation import transfer
 from engine.errors import DTypeError, EngineError, ShapeError
@@ -296,8 +297,8 @@ class Module:
     @staticmethod
     def _convert(t: Tensor, device: str | None, dtype: Any) -> None:
         new = t.detach()
-        if dtype is not None and np.dtype(t.dtype).kind == "f" and np.dtype(dtype) != t.dtype:
-            if np.dtype(dtype).kind != "f":
+        if dtype is not None and np.dtype(t.dtype).kind == "f" and as_dtype(dtype) != t.dtype:
+            if as_dtype(dtype).kind != "f":
                 raise DTypeError(f"Module.to: parameters can only be cast to a floating dtype, "
                                  f"got {np.dtype(dtype)}")
             new = new.to(dtype=dtype)

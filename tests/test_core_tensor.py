@@ -220,3 +220,12 @@ def test_deepcopy_keeps_the_device_backend():
     assert (x + y).tolist() == [2.0, 4.0]
     y._data[0] = 5.0
     assert x[0].item() == 1.0
+
+
+@pytest.mark.parametrize("make", [lambda d: eg.zeros(3, dtype=d), lambda d: eg.tensor([1.0], dtype=d),
+                                  lambda d: eg.ones(2).to(dtype=d), lambda d: eg.arange(0, 3, dtype=d)])
+def test_bfloat16_and_unknown_dtypes_raise_clear_dtype_errors(make):
+    with pytest.raises(eg.errors.DTypeError, match="bfloat16 is not supported.*float16"):
+        make("bfloat16")
+    with pytest.raises(eg.errors.DTypeError, match="unknown dtype 'flaot32'"):
+        make("flaot32")
