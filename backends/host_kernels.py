@@ -69,27 +69,27 @@ static inline void exp_shifted_{S}(const {T}* restrict x, {T} m, {T}* restrict y
     }}
 }}
 
+/* One row's exp(x - max) into y; returns the row sum (1 for a row with nothing to sum). */
+static inline {T} exp_row_{S}(const {T}* restrict xr, {T}* restrict yr, long long n, {T}* m) {{
+  *m = row_shift_{S}(xr, n);
+  exp_shifted_{S}(xr, *m, yr, n);
+  const {T} s = row_sum_{S}(yr, n);
+  return s == 0 ? 1 : s;
+}}
+
 void softmax_{S}(long long rows, long long n, const {T}* restrict x, {T}* restrict y) {{
   for (long long r = 0; r < rows; ++r) {{
-    const {T}* xr = x + r * n;
-    {T}* yr = y + r * n;
-    const {T} m = row_shift_{S}(xr, n);
-    exp_shifted_{S}(xr, m, yr, n);
-    {T} s = row_sum_{S}(yr, n);
-    s = s == 0 ? 1 : s;
-    for (long long j = 0; j < n; ++j) yr[j] = yr[j] / s;
+    {T} m;
+    const {T} s = exp_row_{S}(x + r * n, y + r * n, n, &m);
+    for (long long j = 0; j < n; ++j) y[r * n + j] = y[r * n + j] / s;
   }}
 }}
 
 void log_softmax_{S}(long long rows, long long n, const {T}* restrict x, {T}* restrict y) {{
   for (long long r = 0; r < rows; ++r) {{
-    const {T}* xr = x + r * n;
-    {T}* yr = y + r * n;
-    const {T} m = row_shift_{S}(xr, n);
-    exp_shifted_{S}(xr, m, yr, n);
-    {T} s = row_sum_{S}(yr, n);
-    const {T} ls = log{F}(s == 0 ? 1 : s);
-    for (long long j = 0; j < n; ++j) yr[j] = (xr[j] - m) - ls;
+    {T} m;
+    const {T} ls = log{F}(exp_row_{S}(x + r * n, y + r * n, n, &m));
+    for (long long j = 0; j < n; ++j) y[r * n + j] = (x[r * n + j] - m) - ls;
   }}
 }}
 
