@@ -337,12 +337,14 @@ def c_expression(expr: sympy.Expr, names: Mapping[sympy.Symbol, str], dtype: Any
 # -- kernels -------------------------------------------------------------------------------
 
 def expression_kernel_source(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], dtype: Any,
-                             result: str = "same") -> tuple[str, str, str]:
+                             result: str = "same",
+                             in_dtypes: Sequence[Any] | None = None) -> tuple[str, str, str]:
     """(in_params, out_params, body) of a `cupy.ElementwiseKernel` computing `expr`.
 
-    Inputs are `in0, in1, ...` (one per symbol, all of `dtype`), the output `out0`
-    (`dtype`, or bool when `result == "bool"`). float16 inputs are read into float
-    locals first, so the arithmetic is float32 and the store rounds once.
+    Inputs are `in0, in1, ...` (one per symbol, of `dtype`, or of `in_dtypes` where
+    given: a `where` condition is bool), the output `out0` (`dtype`, or bool when
+    `result == "bool"`). float16 inputs are read into float locals first, so the
+    arithmetic is float32 and the store rounds once.
     """
     dt = np.dtype(dtype)
     _kind(dt)
@@ -355,7 +357,8 @@ def expression_kernel_source(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], 
     else:
         names = {s: f"in{i}" for i, s in enumerate(symbols)}
     lines.append(f"out0 = {c_expression(expr, names, dt)};")
-    in_params = ", ".join(f"{dt.name} in{i}" for i in range(len(symbols)))
+    in_dts = [np.dtype(d) for d in in_dtypes] if in_dtypes is not None else [dt] * len(symbols)
+    in_params = ", ".join(f"{d.name} in{i}" for i, d in enumerate(in_dts))
     return in_params, f"{out_dt.name} out0", " ".join(lines)
 
 

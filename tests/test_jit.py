@@ -406,10 +406,13 @@ def test_fused_group_cuda_sources_compile_with_nvcc(tmp_path, rng):
         pytest.skip("nvcc not installed")
     w = eg.tensor(rng.standard_normal((8, 8)), dtype=eg.float32, requires_grad=True)
     x = eg.tensor(rng.standard_normal((4, 8)), dtype=eg.float32)
+    keep = eg.tensor(np.tril(np.ones((4, 8), bool)))
 
     def step(x):
         h = eg.gelu(x @ w, approximate="tanh")
-        loss = (eg.log_softmax(h, -1) * -1.0).mean() + (eg.sigmoid(h) * eg.relu(h - 0.5)).mean()
+        masked = eg.softmax(eg.where(keep, h * 0.5, float("-inf")), -1)     # a bool input
+        loss = (eg.log_softmax(h, -1) * -1.0).mean() + (eg.sigmoid(h) * eg.relu(h - 0.5)).mean() \
+            + (masked * h).mean()
         loss.backward()
         with eg.no_grad():
             w.__isub__(0.1 * w.grad / ((w.grad * w.grad).sqrt() + 1e-8))
@@ -419,9 +422,11 @@ def test_fused_group_cuda_sources_compile_with_nvcc(tmp_path, rng):
     groups = [n for n in j.ir.nodes if isinstance(n.op, FusedElementwise)]
     assert len(groups) >= 3
     kernels = []
+    assert any(v.dtype == np.dtype(bool) for n in groups for v in n.inputs)
     for i, n in enumerate(groups):
         for dt in (np.float32, np.float64):
-            kernels.append((f"group{i}_{np.dtype(dt).name}", *cuda_group_source(n.op, dt)))
+            in_dtypes = [v.dtype if v.dtype == np.dtype(bool) else np.dtype(dt) for v in n.inputs]
+            kernels.append((f"group{i}_{np.dtype(dt).name}", *cuda_group_source(n.op, dt, in_dtypes)))
     src = tmp_path / "groups.cu"
     src.write_text(cuda_translation_unit(kernels))
     res = subprocess.run([nvcc, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "g.o")],

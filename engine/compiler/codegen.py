@@ -53,21 +53,23 @@ def _group_ufuncs(group: FusedElementwise, backend: Any, dtype: np.dtype) -> lis
     return fns
 
 
-def cuda_group_source(group: FusedElementwise, dtype: Any) -> tuple[str, str, str]:
+def cuda_group_source(group: FusedElementwise, dtype: Any,
+                      in_dtypes: list | None = None) -> tuple[str, str, str]:
     """(in_params, out_params, body) of a CUDA elementwise kernel computing a fused
     group, printed from its sympy expression by the same printer as the op kernels."""
     from backends.cprint import expression_kernel_source
     expr, symbols = group.expression()
-    return expression_kernel_source(expr, symbols, dtype)
+    return expression_kernel_source(expr, symbols, dtype, in_dtypes=in_dtypes)
 
 
 def gpu_group_kernel(group: FusedElementwise, inputs: tuple, out: Value,
                      backend: Any) -> tuple[Any, str] | None:
     """A fused group as one `cupy.ElementwiseKernel` (CuPy broadcasts the inputs)."""
     make = getattr(backend, "elementwise_kernel", None)
-    if make is None or any(not isinstance(v, Value) or v.dtype != out.dtype for v in inputs):
+    if make is None or any(not isinstance(v, Value) or v.dtype not in (out.dtype, np.dtype(bool))
+                           for v in inputs):
         return None
-    in_params, out_params, body = cuda_group_source(group, out.dtype)
+    in_params, out_params, body = cuda_group_source(group, out.dtype, [v.dtype for v in inputs])
     kernel = make(in_params, out_params, body, "engine_fused")
 
     def run(*arrays: Any, out: Any = None) -> Any:
