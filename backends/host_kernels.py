@@ -30,18 +30,21 @@ static inline {T} row_sum_{S}(const {T}* restrict v, long long n) {{
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }}
 
-/* The row maximum (NaN if the row has one), 0 for a row of all -inf (so x - m stays -inf).
-   `a > b ? a : b` is x86's max instruction, so the eight lanes vectorise. */
+/* The row maximum, 0 for a row of all -inf (so x - m stays -inf). NaNs are skipped
+   here and still reach every output through the row sum, as with NumPy's NaN-propagating
+   max. With AVX, `max(v, acc)` is one instruction on a whole register (GCC will not
+   vectorise this reduction without -ffast-math). */
 static inline {T} row_shift_{S}(const {T}* restrict v, long long n) {{
-  {T} acc[8] = {{-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY}};
-  int nan = 0;
-  long long j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) {{ acc[l] = v[j + l] > acc[l] ? v[j + l] : acc[l]; nan |= v[j + l] != v[j + l]; }}
   {T} m = -INFINITY;
-  for (int l = 0; l < 8; ++l) m = acc[l] > m ? acc[l] : m;
-  for (; j < n; ++j) {{ m = v[j] > m ? v[j] : m; nan |= v[j] != v[j]; }}
-  if (nan) return NAN;
+  long long j = 0;
+#if defined(__AVX__)
+  {VEC} acc = {SET1}(-INFINITY);
+  for (; j + {LANES} <= n; j += {LANES}) acc = {MAX}({LOADU}(v + j), acc);
+  {T} lanes[{LANES}];
+  {STOREU}(lanes, acc);
+  for (int l = 0; l < {LANES}; ++l) m = lanes[l] > m ? lanes[l] : m;
+#endif
+  for (; j < n; ++j) m = v[j] > m ? v[j] : m;
   return m == -INFINITY ? 0 : m;
 }}
 
@@ -122,6 +125,11 @@ void scatter_add_rows_{S}(long long count, long long d, long long rows, const lo
 
 _TYPES = {np.dtype(np.float32): ("float", "f32", "f"), np.dtype(np.float64): ("double", "f64", "")}
 _FAST = {"f32": "-87.0f", "f64": "-708.0"}      # exp's result is still a normal number here
+_AVX = {"f32": dict(VEC="__m256", SET1="_mm256_set1_ps", MAX="_mm256_max_ps", LOADU="_mm256_loadu_ps",
+                    STOREU="_mm256_storeu_ps", LANES=8),
+        "f64": dict(VEC="__m256d", SET1="_mm256_set1_pd", MAX="_mm256_max_pd", LOADU="_mm256_loadu_pd",
+                    STOREU="_mm256_storeu_pd", LANES=4)}
+_HEADER = "#if defined(__AVX__)\n#include <immintrin.h>\n#endif\n"
 _lib: Any = None
 _tried = False
 
@@ -132,8 +140,8 @@ def _library() -> Any:
     if not _tried:
         _tried = True
         if cbuild.available():
-            source = "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f, FAST=_FAST[s])
-                             for t, s, f in _TYPES.values())
+            source = _HEADER + "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
+                                       for t, s, f in _TYPES.values())
             try:
                 _lib = cbuild.build(source, vector=cbuild.vector_math())
             except (RuntimeError, OSError):
