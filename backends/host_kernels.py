@@ -20,14 +20,18 @@ import numpy as np
 from . import cbuild
 
 _ROW_SUM = """
+/* Thirty-two running sums (several vector registers, so the adds do not wait on each
+   other), folded pairwise: vectorises without reassociating. */
 static inline {T} row_sum_{S}(const {T}* restrict v, long long n) {{
-  {T} acc[8] = {{0}};
+  {T} acc[32] = {{0}};
   long long j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += v[j + l];
+  for (; j + 32 <= n; j += 32)
+    for (int l = 0; l < 32; ++l) acc[l] += v[j + l];
+  for (int w = 16; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   {T} tail = 0;
   for (; j < n; ++j) tail += v[j];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  return acc[0] + tail;
 }}
 
 /* The row maximum, 0 for a row of all -inf (so x - m stays -inf). NaNs are skipped

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default per config)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--markdown", action="store_true", help="also print the rows as the README's table")
     ap.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_* settings in children")
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS/OpenMP threads for every implementation (0: libraries' defaults)")
@@ -181,7 +182,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
+    if args.markdown:
+        print(markdown(rows))
     return rows
+
+
+_NAMES = {"eager": "engine eager", "jit": "engine jit", "torch": "PyTorch eager", "floor": "NumPy matmul floor"}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the README's performance table."""
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "–"
+    lines = ["| config | impl | ms/step | GFLOP/s | x PyTorch | x matmul floor | peak MB | loss@1 / loss@5 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = (f"{r['loss1']:.6f} / {r['loss5']:.6f}" if r.get("loss1") is not None else "–")
+        lines.append(f"| {r['config']} | {_NAMES.get(r['impl'], r['impl'])} | {r['ms']:.2f} | {r['gflops']:.1f} | "
+                     f"{f(r.get('x_torch'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
+                     f"{f(r.get('peak_growth_mb'), '.1f')} | {loss} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

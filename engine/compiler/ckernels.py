@@ -149,8 +149,8 @@ def _loads(modes: list[str], cts: list[str], ct: str) -> list[str]:
 def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dtype: np.dtype,
                      layout: str, in_dtypes: list | None = None) -> str:
     """A C function `name(outer, inner, in0, n0, ..., out)` summing `expr` over each row
-    ("rows": out[o] = sum_j f(o*inner + j), eight partial sums so it vectorises without
-    reassociating) or down each column ("cols": out[j] = sum_o f(o*inner + j))."""
+    ("rows": out[o] = sum_j f(o*inner + j), thirty-two partial sums folded pairwise, so it
+    vectorises without reassociating and the adds do not wait on each other) or down each column ("cols": out[j] = sum_o f(o*inner + j))."""
     ct = storage_ctype(dtype, "c")
     cts = _input_ctypes(in_dtypes, dtype, len(modes))
     args = ["long long outer", "long long inner"]
@@ -162,14 +162,16 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
     if layout == "rows":
         loop = [
             "  for (long long o = 0; o < outer; ++o) {",
-            f"    {ct} acc[8] = {{0}};",
+            f"    {ct} acc[32] = {{0}};",
             "    long long j = 0;",
-            "    for (; j + 8 <= inner; j += 8) {",
-            f"      for (int l = 0; l < 8; ++l) {{ const long long c = j + l, i = o * inner + c; {loads} acc[l] += {body}; }}",
+            "    for (; j + 32 <= inner; j += 32) {",
+            f"      for (int l = 0; l < 32; ++l) {{ const long long c = j + l, i = o * inner + c; {loads} acc[l] += {body}; }}",
             "    }",
+            "    for (int w = 16; w > 0; w /= 2)",
+            "      for (int l = 0; l < w; ++l) acc[l] += acc[l + w];",
             f"    {ct} tail = 0;",
             f"    for (; j < inner; ++j) {{ const long long c = j, i = o * inner + c; {loads} tail += {body}; }}",
-            "    out[o] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;",
+            "    out[o] = acc[0] + tail;",
             "  }"]
     else:
         loop = [
