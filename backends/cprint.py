@@ -250,6 +250,8 @@ class _KernelPrinter(C99CodePrinter):
         h0 = self._print(expr.args[1]) if len(expr.args) > 1 else self.literal(sympy.S.Half)
         z, p = self.literal(0), self.literal(1)
         if self._floating:      # NaN falls through every test and is returned as is
+            if len(expr.args) > 1 and expr.args[1] == 0:       # relu's kink: two tests, not three
+                return f"({a} > {z} ? {p} : ({a} <= {z} ? {z} : {a}))"
             return f"({a} < {z} ? {z} : ({a} > {z} ? {p} : ({a} == {z} ? {h0} : {a})))"
         return f"({a} < 0 ? 0 : ({a} > 0 ? 1 : {h0}))"
 
