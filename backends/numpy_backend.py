@@ -172,7 +172,7 @@ class NumpyBackend(Backend):
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""
         if out is None or a.dtype != out.dtype or b.dtype != out.dtype or a.dtype == np.float16:
             return self.matmul(a, b)
-        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous and out.flags.c_contiguous:
             np.matmul(a.reshape(-1, a.shape[-1]), b, out=out.reshape(-1, b.shape[-1]))
             return out
         return np.matmul(a, b, out=out)

@@ -142,6 +142,28 @@ def _dead_after(program: Program) -> dict:
     return dead
 
 
+def _transposed_outputs(program: Program) -> dict:
+    """{matmul output: (shape, inverse axes)} for matmuls whose one reader transposes
+    them (attention heads merged back: (B, H, T, d) -> (B, T, H, d) -> reshape). The
+    matmul writes straight into a buffer laid out as the transpose, so the transpose
+    is contiguous and the reshape after it a view, not a copy."""
+    readers: dict = defaultdict(list)
+    for n in program.nodes:
+        for a in n.inputs:
+            if isinstance(a, Value):
+                readers[a].append(n)
+    outputs = {o for o in program.outputs if isinstance(o, Value)}
+    found = {}
+    for n in program.nodes:
+        users = readers.get(n.out, [])
+        if (getattr(n.op, "name", "") == "matmul" and len(users) == 1 and n.out not in outputs
+                and getattr(users[0].op, "name", "") == "transpose"):
+            axes = tuple(users[0].params["axes"])
+            inverse = tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
+            found[n.out] = (tuple(users[0].out.shape), inverse)
+    return found
+
+
 def _one_step(n: Node) -> FusedElementwise:
     """A lone elementwise node as a group of one step (Python scalars stay constants)."""
     args, k = [], 0
@@ -339,6 +361,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
 
     group_temps: list = []
     dead_after = _dead_after(program)
+    transposed = _transposed_outputs(program) if getattr(backend, "array_methods", False) else {}
     for k, n in enumerate(program.nodes):
         out = f"v{n.out.id}"
         names[n.out] = out
@@ -357,6 +380,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             lines.append(f"    {out} = _f{k}({', '.join(args)}{', out=' + dest if dest else ''})")
         elif kind and kind[0] == "matmul":
             ns[f"_f{k}"] = kind[1]
+            if dest and n.out in transposed:          # write in the layout its reader wants
+                shape, inverse = transposed[n.out]
+                dest = f"{dest}.reshape({shape!r}).transpose({inverse!r})"
             lines.append(f"    {out} = _f{k}({', '.join(args)}, {dest or 'None'})")
         elif getattr(backend, "array_methods", False) and n.op.name in _INLINE_METHODS:
             param = _INLINE_METHODS[n.op.name]
