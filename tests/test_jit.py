@@ -355,6 +355,24 @@ def test_memory_plan_shares_slots_across_shapes():
     np.testing.assert_allclose(_run(p, np.ones((4, 6)))[0], np.exp(np.tanh(np.full(4, 6 * np.e))))
 
 
+def test_memory_plan_computes_elementwise_values_in_place():
+    from engine.compiler.codegen import plan_memory
+    x = _v((4, 4))
+    a, b, t, c, d = (_v((4, 4)) for _ in range(5))
+    p = _prog([Node(R["exp"], (x,), {}, a),
+               Node(R["tanh"], (a,), {}, b),                          # a dies here: b takes its slot
+               Node(R["transpose"], (b,), {"axes": (1, 0)}, t),
+               Node(R["mul"], (t, b), {}, c),                          # reads b through a view too
+               Node(R["exp"], (c,), {}, d)], [x], [d])
+    slots, stats = plan_memory(p, {a, b, c}, elementwise={b, c})
+    views = stats["views"]
+    assert views[slots[b]][0] == views[slots[a]][0]                    # in place
+    assert views[slots[c]][0] != views[slots[b]][0]                    # never over a transposed read
+    xs = np.arange(16.0).reshape(4, 4) / 16
+    bb = np.tanh(np.exp(xs))
+    np.testing.assert_allclose(_run(p, xs)[0], np.exp(bb.T * bb))
+
+
 # -- generated kernels -------------------------------------------------------------------------
 
 def _adam_like(p, m, v):

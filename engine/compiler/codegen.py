@@ -182,14 +182,17 @@ def _aliases(node: Node) -> bool:
         getattr(op, "name", "") == "cast"
 
 
-def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
+def plan_memory(program: Program, capable: set, elementwise: set = frozenset()) -> tuple[dict, dict]:
     """Assign the values of `capable` nodes to reusable byte buffers (slots).
 
     A slot is reused only after the last use of every value that may alias it
     (views of views included); values that escape as outputs get no slot. Slots
     hold bytes, not shapes: a value takes the smallest free slot large enough, or
     grows the largest free one, so values of any shape and dtype share memory and
-    the planned total stays near the peak of live bytes.
+    the planned total stays near the peak of live bytes. The value of an
+    `elementwise` node (each element written after its own inputs are read) takes
+    over the slot of an input read for the last time there, with the same shape and
+    dtype and no other view of it among the node's inputs: computed in place.
     Returns (value -> view index, statistics with `views` [(slot, shape, dtype)] and
     `slot_bytes`).
     """
@@ -214,7 +217,11 @@ def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
             continue
         need = _nbytes(n.out.shape, n.out.dtype)
         fits = [s for s in free if slot_bytes[s] >= need]
-        if fits:
+        donor = _in_place_donor(n, i, index, root, last_use) if n.out in elementwise else None
+        if donor is not None:
+            slot = views[index[donor]][0]
+            release[i].remove(slot)          # the slot lives on as this node's value
+        elif fits:
             slot = min(fits, key=lambda s: slot_bytes[s])
         elif free:
             slot = max(free, key=lambda s: slot_bytes[s])
@@ -230,6 +237,17 @@ def plan_memory(program: Program, capable: set) -> tuple[dict, dict]:
     stats = dict(buffers=len(slot_bytes), planned_values=len(views), reused=len(views) - len(slot_bytes),
                  buffer_bytes=int(sum(slot_bytes)))
     return index, dict(stats, views=views, slot_bytes=slot_bytes)
+
+
+def _in_place_donor(n: Node, i: int, index: dict, root: dict, last_use: dict) -> Value | None:
+    """An input of node `i` whose slot its output can reuse in place (see plan_memory)."""
+    values = [a for a in n.inputs if isinstance(a, Value)]
+    for a in values:
+        if (a in index and root.get(a, a) is a and last_use.get(a) == i and a.shape == n.out.shape
+                and a.dtype == n.out.dtype
+                and all(b is a or root.get(b, b) is not a for b in values)):
+            return a
+    return None
 
 
 def _nbytes(shape: tuple, dtype: Any) -> int:
@@ -355,7 +373,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
-    slots, mem = plan_memory(program, set(capable)) if plan else \
+    elementwise = {n.out for n in program.nodes if capable.get(n.out, ("",))[0] in ("ufunc", "group", "ckernel")
+                   and (isinstance(n.op, (FusedElementwise, ElementwiseOp)) or n.op.name == "where")}
+    slots, mem = plan_memory(program, set(capable), elementwise) if plan else \
         ({}, dict(buffers=0, views=[], slot_bytes=[]))
     donated = _donations(program, capable) if plan else {}
 
