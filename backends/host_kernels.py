@@ -138,16 +138,21 @@ _lib: Any = None
 _tried = False
 
 
+def c_source() -> str:
+    """The kernels' C source for both float types (the jit's row kernels reuse its
+    static row helpers: row_shift, exp_row, row_sum)."""
+    return _HEADER + "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
+                             for t, s, f in _TYPES.values())
+
+
 def _library() -> Any:
     """The compiled kernels (built on first use), or None without a C compiler."""
     global _lib, _tried
     if not _tried:
         _tried = True
         if cbuild.available():
-            source = _HEADER + "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
-                                       for t, s, f in _TYPES.values())
             try:
-                _lib = cbuild.build(source, vector=cbuild.vector_math())
+                _lib = cbuild.build(c_source(), vector=cbuild.vector_math())
             except (RuntimeError, OSError):
                 _lib = None
     return _lib

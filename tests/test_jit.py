@@ -528,6 +528,27 @@ def test_where_fuses_with_arithmetic_into_one_kernel(rng, monkeypatch):
         assert j.stats()[-1]["c_kernels"] == 1 and "unsigned char" in j._last.generated.kernel_sources[0]
 
 
+@pytest.mark.parametrize("row_op", ["softmax", "log_softmax"])
+def test_masked_scaled_softmax_is_one_row_kernel(row_op, rng):
+    """Attention's scale, mask and softmax: one C kernel computing each row of the
+    masked scores on the stack; fully masked rows, -inf and NaN as in eager mode."""
+    from engine.compiler import ckernels
+    x = rng.standard_normal((2, 3, 6, 6))
+    x[0, 0, 1, 2] = np.nan
+    keep = np.tril(np.ones((6, 6), bool))
+    keep[3] = False                                            # a fully masked row
+    f = lambda x, keep: getattr(eg, row_op)(eg.where(keep, x * 0.125, float("-inf")), -1)
+    j = eg.jit(f)
+    got, want = j(eg.tensor(x), eg.tensor(keep)).numpy(), f(eg.tensor(x), eg.tensor(keep)).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-13, atol=1e-15)
+    assert [n.op.name for n in j.ir.nodes] == [f"{row_op}<fused[mul,where]>"]
+    if ckernels.available() and ckernels.vector_math():
+        assert j.stats()[-1]["c_kernels"] == 1
+
+
 @pytest.mark.parametrize("axis", [-1, (0, 1), None])
 def test_sums_of_elementwise_groups_fuse_into_one_reduction(axis, rng, monkeypatch):
     from engine.compiler import ckernels

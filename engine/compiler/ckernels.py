@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from backends import host_kernels
 from backends.cbuild import address, available, build as _build, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
@@ -78,16 +79,19 @@ def broadcast_strides(shape: tuple, out_shape: tuple) -> list[int]:
     return strides
 
 
-def loop_nest(shapes: list, out_shape: tuple) -> tuple[list[int], list[list[int]]]:
+def loop_nest(shapes: list, out_shape: tuple, keep_last: bool = False) -> tuple[list[int], list[list[int]]]:
     """(extents, per-input strides) of the loops over the output: size-1 axes dropped,
-    neighbours merged wherever every input steps through them as through one axis."""
+    neighbours merged wherever every input steps through them as through one axis
+    (never into the last axis with `keep_last`: it is a row of its own)."""
     per_input = [broadcast_strides(s, out_shape) for s in shapes]
     dims: list[int] = []
     strides: list[list[int]] = [[] for _ in shapes]
+    last = len(out_shape) - 1
     for k, extent in enumerate(out_shape):
-        if extent == 1:
+        if extent == 1 and not (keep_last and k == last):
             continue
-        if dims and all(st[-1] == src[k] * extent for st, src in zip(strides, per_input)):
+        if dims and not (keep_last and k == last) and \
+                all(st[-1] == src[k] * extent for st, src in zip(strides, per_input)):
             dims[-1] *= extent
             for st, src in zip(strides, per_input):
                 st[-1] = src[k]
@@ -182,6 +186,53 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
     return f"void {name}({', '.join(args)}) {{\n" + "\n".join(loop) + "\n}\n"
 
 
+MAX_ROW = 1 << 14         # a row kernel keeps one row on the stack
+
+
+def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dtype: np.dtype,
+               in_dtypes: list) -> str:
+    """A C function computing softmax / log_softmax of a fused group's rows: each row of
+    the group's value goes to a scratch row on the stack, then the row helpers of
+    backends/host_kernels.py (max shift, exp, sum) normalise it into the output."""
+    ct = storage_ctype(dtype, "c")
+    sfx = {"float": "f32", "double": "f64"}[ct]
+    cts = _input_ctypes(in_dtypes, dtype, len(strides))
+    expr, symbols = op.group.expression()
+    body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
+    n = dims[-1]
+    args = []
+    for k in range(len(strides)):
+        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
+    args.append(f"{ct}* restrict out")
+    depth = len(dims) - 1
+    lines = [f"void {name}({', '.join(args)}) {{", f"  {ct} row[{n}];"]
+    for a in range(depth):
+        lines.append(f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{")
+    pad = "  " * (depth + 1)
+
+    def offset(steps: list[int]) -> str:
+        terms = [f"d{a} * {steps[a]}LL" for a in range(depth) if steps[a]]
+        return " + ".join(terms) or "0"
+    lines.append(f"{pad}{ct}* restrict y = out + {offset([int(np.prod(dims[a + 1:])) for a in range(depth)])};")
+    loads = []
+    for k, st in enumerate(strides):
+        lines.append(f"{pad}const long long b{k} = {offset(st)};")
+        index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
+        loads.append(f"const {ct} in{k} = p{k}[{index}];")
+    lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {' '.join(loads)} row[j] = {body}; }}")
+    lines.append(f"{pad}{ct} m;")
+    lines.append(f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);")
+    if op.row_op == "softmax":
+        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = y[j] / s;")
+    else:
+        lines.append(f"{pad}const {ct} ls = log{'f' if ct == 'float' else ''}(s);")
+        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = (row[j] - m) - ls;")
+    for a in reversed(range(depth)):
+        lines.append(f"{'  ' * (a + 1)}}}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class Planned:
     """A kernel to build: its C source, function name, and how to call it."""
@@ -193,6 +244,7 @@ class Planned:
     full_shape: tuple          # the shape inputs broadcast to
     out_shape: tuple
     dtype: np.dtype
+    rows: bool = False         # needs the row helpers of backends/host_kernels.py
 
     def runner(self, cfn: Any) -> Callable[..., Any]:
         cfn.restype = None
@@ -285,14 +337,31 @@ def plan_reduction(red: Any, inputs: tuple, out: Value) -> Planned | None:
                    red.in_shape, out.shape, out.dtype)
 
 
+def plan_row(op: Any, inputs: tuple, out: Value) -> Planned | None:
+    """A FusedRowOp (softmax / log_softmax of a group, last axis) as a C row kernel."""
+    n = out.shape[-1] if out.shape else 0
+    if (not 2 <= n <= MAX_ROW or not vector_math()
+            or not _eligible(op.group.steps, inputs, out.dtype, int(np.prod(out.shape)), _REDUCTION_CALLS)):
+        return None
+    dims, strides = loop_nest([v.shape for v in inputs], out.shape, keep_last=True)
+    try:
+        src = row_source("k", op, dims, strides, out.dtype, [v.dtype for v in inputs])
+    except (CPrintError, TypeError, ValueError):
+        return None
+    src, name = _named(src, "k", "row")
+    return Planned(src, name, (), ["same"] * len(inputs), [int(np.prod(v.shape)) for v in inputs],
+                   out.shape, out.shape, out.dtype, rows=True)
+
+
 def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
     """Compile every planned kernel of a program in one translation unit (one compiler
     run), and return their runners; None if the compiler fails."""
     if not planned:
         return []
     unique = {p.name: p.source for p in planned}
+    helpers = host_kernels.c_source() if any(p.rows for p in planned) else ""
     try:
-        lib = _build("\n".join(unique.values()), vector=vector_math())
+        lib = _build(helpers + "\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):
         return None
     return [p.runner(getattr(lib, p.name)) for p in planned]

@@ -18,7 +18,7 @@ from ops.elementwise import ElementwiseOp
 
 from . import ckernels
 from .ir import Node, Program, Value
-from .passes import FusedElementwise, FusedReduction
+from .passes import FusedElementwise, FusedReduction, FusedRowOp, single_group
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 _INLINE_METHODS = {"reshape": "shape", "transpose": "axes"}   # op -> its one parameter
@@ -162,18 +162,6 @@ def _transposed_outputs(program: Program) -> dict:
             inverse = tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
             found[n.out] = (tuple(users[0].out.shape), inverse)
     return found
-
-
-def _one_step(n: Node) -> FusedElementwise:
-    """A lone elementwise node as a group of one step (Python scalars stay constants)."""
-    args, k = [], 0
-    for a in n.inputs:
-        if isinstance(a, Value):
-            args.append(("in", k))
-            k += 1
-        else:
-            args.append(a)
-    return FusedElementwise([(n.op, tuple(args))], k)
 
 
 def _aliases(node: Node) -> bool:
@@ -338,9 +326,10 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_group(n.op, n.inputs, n.out)
             elif isinstance(n.op, FusedReduction):
                 k = ckernels.plan_reduction(n.op, n.inputs, n.out)
+            elif isinstance(n.op, FusedRowOp):
+                k = ckernels.plan_row(n.op, n.inputs, n.out)
             elif (isinstance(n.op, ElementwiseOp) or n.op.name == "where") and n.out.dtype.kind == "f":
-                k = ckernels.plan_group(_one_step(n), tuple(a for a in n.inputs if isinstance(a, Value)),
-                                        n.out)
+                k = ckernels.plan_group(*single_group(n), n.out)
             elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
                 # A plain sum as a reduction of the empty group (vectorised C loop).
                 plain = FusedReduction(FusedElementwise([], 1), n.params["axis"], n.params["keepdims"],

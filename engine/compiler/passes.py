@@ -328,14 +328,7 @@ def fuse_reductions(program: Program) -> Program:
         if isinstance(p.op, FusedElementwise):
             group, inputs = p.op, p.inputs
         elif _fusable(p):
-            args, inputs = [], []
-            for a in p.inputs:
-                if isinstance(a, Value):
-                    args.append(("in", len(inputs)))
-                    inputs.append(a)
-                else:
-                    args.append(a)
-            group, inputs = FusedElementwise([(p.op, tuple(args))], len(inputs)), tuple(inputs)
+            group, inputs = single_group(p)
         else:
             continue
         op = FusedReduction(group, n.params["axis"], n.params["keepdims"], p.out.shape)
@@ -353,6 +346,72 @@ def fuse_reductions(program: Program) -> Program:
     return program.copy(nodes=nodes)
 
 
+# -- row-op prologues -----------------------------------------------------------------------------------
+
+ROW_OPS = ("softmax", "log_softmax")
+
+
+class FusedRowOp:
+    """softmax / log_softmax over the last axis of an elementwise group's value, as one
+    kernel: each row of the group is computed into a scratch row and normalised at
+    once, never stored (attention's scale and mask feed its softmax this way)."""
+
+    kind = "fused_row"
+    random = False
+    view = False
+
+    def __init__(self, row_op: str, group: FusedElementwise, axis: int) -> None:
+        self.row_op = row_op
+        self.group = group
+        self.axis = axis
+        self.name = f"{row_op}<{group.name}>"
+
+    def forward(self, backend: Any, *inputs: Any) -> Any:
+        import ops
+        return ops.REGISTRY[self.row_op].forward(backend, self.group.forward(backend, *inputs),
+                                                 axis=self.axis)
+
+
+def fuse_row_prologues(program: Program) -> Program:
+    """Merge a last-axis softmax / log_softmax with the elementwise group (or single
+    elementwise op) producing its input, when that value has no other use."""
+    uses = program.uses()
+    producers = program.producers()
+    merged: dict = {}
+    for n in program.nodes:
+        if getattr(n.op, "name", "") not in ROW_OPS or n.out.dtype.kind != "f":
+            continue
+        src = n.inputs[0]
+        p = producers.get(src) if isinstance(src, Value) else None
+        if (p is None or uses.get(src, 0) != 1 or p.out.dtype != n.out.dtype
+                or n.params["axis"] != len(n.out.shape) - 1 or p.out.shape != n.out.shape):
+            continue
+        if isinstance(p.op, FusedElementwise):
+            group, inputs = p.op, p.inputs
+        elif _fusable(p):
+            group, inputs = single_group(p)
+        else:
+            continue
+        merged[p.out] = None
+        merged[n.out] = Node(FusedRowOp(n.op.name, group, n.params["axis"]), tuple(inputs), {}, n.out)
+    if not merged:
+        return program
+    nodes = [merged.get(n.out, n) for n in program.nodes]
+    return program.copy(nodes=[n for n in nodes if n is not None])
+
+
+def single_group(p: Node) -> tuple[FusedElementwise, tuple]:
+    """One elementwise node as a group of one step, and its array inputs."""
+    args, inputs = [], []
+    for a in p.inputs:
+        if isinstance(a, Value):
+            args.append(("in", len(inputs)))
+            inputs.append(a)
+        else:
+            args.append(a)
+    return FusedElementwise([(p.op, tuple(args))], len(inputs)), tuple(inputs)
+
+
 # -- the pipeline -------------------------------------------------------------------------------------------
 
 def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Program, list]:
@@ -361,7 +420,8 @@ def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Progr
         ("dce", dce), ("constant_fold", lambda p: constant_fold(p, backend)), ("simplify", simplify),
         ("cse", cse), ("dce", dce)]
     if fuse:
-        pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions)]
+        pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions),
+                     ("fuse_row_prologues", fuse_row_prologues)]
     stats = []
     debug = int(os.environ.get("ENGINE_DEBUG", "0") or 0)
     if debug >= 1:
