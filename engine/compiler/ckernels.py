@@ -104,6 +104,44 @@ def loop_nest(shapes: list, out_shape: tuple, keep_last: bool = False) -> tuple[
     return dims, strides
 
 
+@dataclass
+class _Nest:
+    """The C scaffolding shared by the elementwise and row kernels: the signature's
+    input arguments, the outer loops, per-row offsets and the per-element loads."""
+    args: list
+    open: list
+    offsets: list
+    loads: str
+    close: list
+    pad: str
+
+
+def _nest(dims: list[int], strides: list[list[int]], dtype: np.dtype, in_dtypes: list | None,
+          out_offset: str) -> _Nest:
+    """`out_offset`: the declaration of a row's output position, "{}" standing for the
+    element offset."""
+    ct = storage_ctype(dtype, "c")
+    cts = _input_ctypes(in_dtypes, dtype, len(strides))
+    args = []
+    for k in range(len(strides)):
+        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
+    depth = len(dims) - 1
+    opening = [f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{" for a in range(depth)]
+    pad = "  " * (depth + 1)
+
+    def offset(steps: list[int]) -> str:
+        terms = [f"d{a} * {steps[a]}LL" for a in range(depth) if steps[a]]
+        return " + ".join(terms) or "0"
+    offsets = [f"{pad}{out_offset.format(offset([int(np.prod(dims[a + 1:])) for a in range(depth)]))};"]
+    loads = []
+    for k, st in enumerate(strides):
+        offsets.append(f"{pad}const long long b{k} = {offset(st)};")
+        index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
+        loads.append(f"const {ct} in{k} = p{k}[{index}];")
+    closing = [f"{'  ' * (a + 1)}}}" for a in reversed(range(depth))]
+    return _Nest(args, opening, offsets, " ".join(loads), closing, pad)
+
+
 def kernel_source(name: str, expr: Any, symbols: tuple, dims: list[int], strides: list[list[int]],
                   dtype: np.dtype, in_dtypes: list | None = None) -> str:
     """A C function `name(in0, n0, in1, n1, ..., out)` computing `expr` for every element of
@@ -111,35 +149,12 @@ def kernel_source(name: str, expr: Any, symbols: tuple, dims: list[int], strides
     the innermost loop reads each input at `b + j` (or at `b`, when broadcast along it)
     and vectorises; no index arithmetic beyond one multiply-add per outer axis."""
     ct = storage_ctype(dtype, "c")
-    cts = _input_ctypes(in_dtypes, dtype, len(strides))
-    args = []
-    for k in range(len(strides)):
-        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
-    args.append(f"{ct}* restrict out")
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
-    depth = len(dims) - 1
-    lines = [f"void {name}({', '.join(args)}) {{"]
-    for a in range(depth):
-        lines.append(f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{")
-    pad = "  " * (depth + 1)
-
-    def offset(steps: list[int]) -> str:
-        terms = [f"d{a} * {steps[a]}LL" for a in range(depth) if steps[a]]
-        return " + ".join(terms) or "0"
-    out_steps = [int(np.prod(dims[a + 1:])) for a in range(depth)]
-    lines.append(f"{pad}const long long bo = {offset(out_steps)};")
-    loads = []
-    for k, st in enumerate(strides):
-        lines.append(f"{pad}const long long b{k} = {offset(st)};")
-        index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
-        loads.append(f"const {ct} in{k} = p{k}[{index}];")
-    lines.append(f"{pad}for (long long j = 0; j < {dims[-1]}LL; ++j) {{")
-    lines.append(f"{pad}  {' '.join(loads)}")
-    lines.append(f"{pad}  out[bo + j] = {body};")
-    lines.append(f"{pad}}}")
-    for a in reversed(range(depth)):
-        lines.append(f"{'  ' * (a + 1)}}}")
-    lines.append("}")
+    nest = _nest(dims, strides, dtype, in_dtypes, "const long long bo = {}")
+    pad = nest.pad
+    lines = [f"void {name}({', '.join(nest.args + [f'{ct}* restrict out'])}) {{", *nest.open, *nest.offsets,
+             f"{pad}for (long long j = 0; j < {dims[-1]}LL; ++j) {{",
+             f"{pad}  {nest.loads}", f"{pad}  out[bo + j] = {body};", f"{pad}}}", *nest.close, "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -196,41 +211,21 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     backends/host_kernels.py (max shift, exp, sum) normalise it into the output."""
     ct = storage_ctype(dtype, "c")
     sfx = {"float": "f32", "double": "f64"}[ct]
-    cts = _input_ctypes(in_dtypes, dtype, len(strides))
     expr, symbols = op.group.expression()
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
     n = dims[-1]
-    args = []
-    for k in range(len(strides)):
-        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
-    args.append(f"{ct}* restrict out")
-    depth = len(dims) - 1
-    lines = [f"void {name}({', '.join(args)}) {{", f"  {ct} row[{n}];"]
-    for a in range(depth):
-        lines.append(f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{")
-    pad = "  " * (depth + 1)
-
-    def offset(steps: list[int]) -> str:
-        terms = [f"d{a} * {steps[a]}LL" for a in range(depth) if steps[a]]
-        return " + ".join(terms) or "0"
-    lines.append(f"{pad}{ct}* restrict y = out + {offset([int(np.prod(dims[a + 1:])) for a in range(depth)])};")
-    loads = []
-    for k, st in enumerate(strides):
-        lines.append(f"{pad}const long long b{k} = {offset(st)};")
-        index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
-        loads.append(f"const {ct} in{k} = p{k}[{index}];")
-    lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {' '.join(loads)} row[j] = {body}; }}")
-    lines.append(f"{pad}{ct} m;")
-    lines.append(f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);")
+    nest = _nest(dims, strides, dtype, in_dtypes, ct + "* restrict y = out + {}")
+    pad = nest.pad
+    lines = [f"void {name}({', '.join(nest.args + [f'{ct}* restrict out'])}) {{", f"  {ct} row[{n}];",
+             *nest.open, *nest.offsets,
+             f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {nest.loads} row[j] = {body}; }}",
+             f"{pad}{ct} m;", f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);"]
     if op.row_op == "softmax":
         lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = y[j] / s;")
     else:
         lines.append(f"{pad}const {ct} ls = log{'f' if ct == 'float' else ''}(s);")
         lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = (row[j] - m) - ls;")
-    for a in reversed(range(depth)):
-        lines.append(f"{'  ' * (a + 1)}}}")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + nest.close + ["}"]) + "\n"
 
 
 @dataclass
