@@ -549,6 +549,44 @@ def test_masked_scaled_softmax_is_one_row_kernel(row_op, rng):
         assert j.stats()[-1]["c_kernels"] == 1
 
 
+def test_layer_norm_backward_runs_as_one_row_kernel(rng):
+    """Layer norm's backward (row sums, row scalars, full rows, per-column weights) is
+    one row-by-row C kernel; gradients equal eager mode's."""
+    from engine.compiler import ckernels
+    x = eg.tensor(rng.standard_normal((6, 5, 32)) * 3 + 1, requires_grad=True)
+    w = eg.tensor(rng.standard_normal(32), requires_grad=True)
+    b = eg.tensor(rng.standard_normal(32), requires_grad=True)
+    g = eg.tensor(rng.standard_normal((6, 5, 32)))
+
+    def grads(x, w, b, g):
+        return eg.grad(lambda x, w, b: (eg.layer_norm(x, w, b) * g).sum(), argnums=(0, 1, 2))(x, w, b)
+    j = eg.jit(grads)
+    for got, want in zip(j(x, w, b, g), grads(x, w, b, g)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-11, atol=1e-12)
+    if ckernels.available():
+        assert "# C: rows[" in j.source
+
+
+def test_row_groups_are_found_and_keep_only_what_is_read_later():
+    from engine.compiler.codegen import alias_roots
+    from engine.compiler.rows import find_row_groups
+    x, g = _v((4, 16)), _v((4, 16))
+    s, m, c, sq, out, extra = _v((4, 1)), _v((4, 1)), _v((4, 16)), _v((4, 1)), _v((4, 16)), _v((16,))
+    nodes = [Node(R["sum"], (x,), {"axis": (1,), "keepdims": True}, s),
+             Node(R["div"], (s, 16.0), {}, m),
+             Node(R["sub"], (x, m), {}, c),                          # a full row, read only inside
+             Node(R["sum"], (c,), {"axis": (1,), "keepdims": True}, sq),
+             Node(R["mul"], (c, sq), {}, out),
+             Node(R["sum"], (out,), {"axis": (0,), "keepdims": False}, extra)]   # across rows: not a row step
+    p = _prog(nodes, [x, g], [out, extra])
+    (group,) = find_row_groups(p, alias_roots(p))
+    assert group.members == [0, 1, 2, 3, 4] and group.inputs == [x]
+    assert group.stored == [out]                                       # c, s, m, sq stay in the kernel
+    np.testing.assert_allclose(_run(p, np.arange(64.0).reshape(4, 16), np.zeros((4, 16)))[0],
+                               (lambda a: (a - a.mean(1, keepdims=True)) *
+                                (a - a.mean(1, keepdims=True)).sum(1, keepdims=True))(np.arange(64.0).reshape(4, 16)))
+
+
 @pytest.mark.parametrize("axis", [-1, (0, 1), None])
 def test_sums_of_elementwise_groups_fuse_into_one_reduction(axis, rng, monkeypatch):
     from engine.compiler import ckernels

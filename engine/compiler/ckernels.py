@@ -228,6 +228,87 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     return "\n".join(lines + nest.close + ["}"]) + "\n"
 
 
+def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
+    """A C function running a row group (engine/compiler/rows.py) row by row: per row,
+    each step in order on the row (full rows in stack arrays, or straight in their
+    output buffer when stored; per-row scalars in locals; row sums with 32 running
+    sums); stored values are written once. Arguments: the inputs, then the stored
+    values in order."""
+    from .rows import value_kind
+    ct = storage_ctype(dtype, "c")
+    space = group.space
+    n = space[-1]
+    rows = int(np.prod(space[:-1]))
+    inputs = {v: k for k, v in enumerate(group.inputs)}
+    cts = _input_ctypes([v.dtype for v in group.inputs], dtype, len(group.inputs))
+    stored = {v: q for q, v in enumerate(group.stored)}
+    args = []
+    for k in range(len(group.inputs)):
+        args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
+    args += [f"{ct}* restrict out{q}" for q in range(len(group.stored))]
+    local = {s.out: m for m, s in enumerate(group.steps)}
+    lines = [f"void {name}({', '.join(args)}) {{"]
+    lines += [f"  {ct} f{m}[{n}];" for m, st in enumerate(group.steps)
+              if value_kind(st.out.shape, space) == "full" and st.out not in stored]
+    lines.append(f"  for (long long r = 0; r < {rows}LL; ++r) {{")
+    lines.append(f"    const long long base = r * {n}LL;")
+    for m, st in enumerate(group.steps):
+        if value_kind(st.out.shape, space) == "full" and st.out in stored:
+            lines.append(f"    {ct}* restrict f{m} = out{stored[st.out]} + base;")
+
+    def access(v: Value, j: str) -> str:
+        if v in local:
+            m = local[v]
+            return f"f{m}[{j}]" if value_kind(v.shape, space) == "full" else f"s{m}"
+        k, kind = inputs[v], value_kind(v.shape, space)
+        read = {"full": f"p{k}[base + {j}]", "rowscalar": f"p{k}[r]", "col": f"p{k}[{j}]",
+                "scalar": f"p{k}[0]"}[kind]
+        return f"(({ct}){read})"
+
+    for m, st in enumerate(group.steps):
+        expr, symbols = st.group.expression()
+        if st.kind == "sum":
+            names = {sym: access(v, "jj") for sym, v in zip(symbols, st.inputs)}
+            body = c_expression(expr, names, dtype)
+            lines += [f"    {ct} s{m};", "    {",
+                      f"      {ct} acc[32] = {{0}};", "      long long j = 0;",
+                      f"      for (; j + 32 <= {n}LL; j += 32)",
+                      f"        for (int l = 0; l < 32; ++l) {{ const long long jj = j + l; acc[l] += {body}; }}",
+                      "      for (int w = 16; w > 0; w /= 2)",
+                      "        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];",
+                      f"      {ct} tail = 0;",
+                      f"      for (; j < {n}LL; ++j) {{ const long long jj = j; tail += {body}; }}",
+                      f"      s{m} = acc[0] + tail;", "    }"]
+        elif value_kind(st.out.shape, space) == "full":
+            names = {sym: access(v, "j") for sym, v in zip(symbols, st.inputs)}
+            lines.append(f"    for (long long j = 0; j < {n}LL; ++j) f{m}[j] = "
+                         f"{c_expression(expr, names, dtype)};")
+        else:
+            names = {sym: access(v, "0") for sym, v in zip(symbols, st.inputs)}
+            lines.append(f"    const {ct} s{m} = {c_expression(expr, names, dtype)};")
+        if st.out in stored and value_kind(st.out.shape, space) != "full":
+            lines.append(f"    out{stored[st.out]}[r] = s{m};")
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_row_group(group: Any) -> Planned | None:
+    """A row group as one C kernel, or None when it cannot be printed."""
+    dtype = group.steps[0].out.dtype
+    if not available() or dtype not in (np.dtype(np.float32), np.dtype(np.float64)) \
+            or not all(friendly(op.name) for st in group.steps for op, _ in st.group.steps):
+        return None
+    try:
+        src = row_group_source("k", group, dtype)
+    except (CPrintError, TypeError, ValueError, KeyError):
+        return None
+    src, name = _named(src, "k", "rows")
+    out = group.stored[0] if group.stored else group.steps[-1].out
+    return Planned(src, name, (), ["same"] * len(group.inputs),
+                   [int(np.prod(v.shape)) for v in group.inputs], group.space, out.shape, dtype,
+                   n_out=len(group.stored))
+
+
 @dataclass
 class Planned:
     """A kernel to build: its C source, function name, and how to call it."""
@@ -240,8 +321,11 @@ class Planned:
     out_shape: tuple
     dtype: np.dtype
     rows: bool = False         # needs the row helpers of backends/host_kernels.py
+    n_out: int | None = None   # a row group: called as run(*inputs, *outputs)
 
     def runner(self, cfn: Any) -> Callable[..., Any]:
+        if self.n_out is not None:
+            return self._group_runner(cfn)
         cfn.restype = None
         cfn.argtypes = ([ctypes.c_longlong] * len(self.head)
                         + [ctypes.c_void_p, ctypes.c_longlong] * len(self.modes) + [ctypes.c_void_p])
@@ -268,6 +352,25 @@ class Planned:
             args.append(address(out))
             cfn(*args)
             return out
+        return run
+
+    def _group_runner(self, cfn: Any) -> Callable[..., Any]:
+        """run(*inputs, *outputs): every output preallocated and C-contiguous."""
+        cfn.restype = None
+        n_in = len(self.modes)
+        cfn.argtypes = [ctypes.c_void_p, ctypes.c_longlong] * n_in + [ctypes.c_void_p] * self.n_out
+        sizes = self.sizes
+
+        def run(*arrays: Any) -> None:
+            args = []
+            keep = []
+            for a, n in zip(arrays[:n_in], sizes):
+                if type(a) is not np.ndarray or not a.flags.c_contiguous:
+                    a = np.ascontiguousarray(a)
+                    keep.append(a)                   # alive until the call returns
+                args += (address(a), n)
+            args += [address(o) for o in arrays[n_in:]]
+            cfn(*args)
         return run
 
 

@@ -19,6 +19,7 @@ from ops.elementwise import ElementwiseOp
 from . import ckernels
 from .ir import Node, Program, Value
 from .passes import FusedElementwise, FusedReduction, FusedRowOp, single_group
+from .rows import find_row_groups
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 _INLINE_METHODS = {"reshape": "shape", "transpose": "axes"}   # op -> its one parameter
@@ -123,6 +124,25 @@ def gpu_reduction_kernel(red: FusedReduction, inputs: tuple, out: Value,
     return run, map_expr
 
 
+def _row_group_lines(group: Any, runner: Any, k: int, names: dict, name: Any, slots: dict, ns: dict,
+                     dying: list) -> list[str]:
+    """One call running a row group where its last member stands: its stored values get
+    their planned buffers (or new arrays), then names dying inside it are dropped."""
+    ns[f"_rows{k}"] = runner
+    lines = []
+    for v in group.stored:
+        buf = f"_b[{slots[v]}]" if v in slots else f"np.empty({v.shape!r}, np.{v.dtype.name})"
+        lines.append(f"    {names[v]} = {buf}")
+    ops_ = ",".join(s.group.name if s.kind == "map" else f"sum<{s.group.name}>" for s in group.steps)
+    args = [name(v) for v in group.inputs] + [names[v] for v in group.stored]
+    lines.append(f"    _rows{k}({', '.join(args)})  # C: rows[{ops_}]")
+    stored = set(group.stored)
+    gone = [v for v in dying if v in stored or v not in {s.out for s in group.steps}]
+    if gone:
+        lines.append(f"    del {', '.join(names[v] for v in gone)}")
+    return lines
+
+
 def _dead_after(program: Program) -> dict:
     """{node index: the node values last read there (or never read: made there)}: the
     generated code drops their names then, so an array no planned buffer holds is freed
@@ -170,7 +190,17 @@ def _aliases(node: Node) -> bool:
         getattr(op, "name", "") == "cast"
 
 
-def plan_memory(program: Program, capable: set, elementwise: set = frozenset()) -> tuple[dict, dict]:
+def alias_roots(program: Program) -> dict:
+    """{value: the value whose buffer it may share} (views of views included)."""
+    root: dict = {}
+    for n in program.nodes:
+        first = next((a for a in n.inputs if isinstance(a, Value)), None)
+        root[n.out] = root.get(first, first) if (_aliases(n) and first is not None) else n.out
+    return root
+
+
+def plan_memory(program: Program, capable: set, elementwise: set = frozenset(),
+                read_until: dict | None = None) -> tuple[dict, dict]:
     """Assign the values of `capable` nodes to reusable byte buffers (slots).
 
     A slot is reused only after the last use of every value that may alias it
@@ -181,19 +211,21 @@ def plan_memory(program: Program, capable: set, elementwise: set = frozenset()) 
     `elementwise` node (each element written after its own inputs are read) takes
     over the slot of an input read for the last time there, with the same shape and
     dtype and no other view of it among the node's inputs: computed in place.
+    `read_until` {value: node index} keeps values alive at least that long (a row
+    group reads its inputs where its last member stands).
     Returns (value -> view index, statistics with `views` [(slot, shape, dtype)] and
     `slot_bytes`).
     """
-    root: dict = {}
-    for n in program.nodes:
-        first = next((a for a in n.inputs if isinstance(a, Value)), None)
-        root[n.out] = root.get(first, first) if (_aliases(n) and first is not None) else n.out
+    root = alias_roots(program)
     escaping = {root.get(o, o) for o in program.outputs if isinstance(o, Value)}
     last_use: dict = {}
     for i, n in enumerate(program.nodes):
         for a in n.inputs:
             if isinstance(a, Value):
                 last_use[root.get(a, a)] = i
+    for v, i in (read_until or {}).items():
+        r = root.get(v, v)
+        last_use[r] = max(last_use.get(r, -1), i)
     free: list = []                     # free slot ids
     release: dict = defaultdict(list)
     slot_bytes: list = []
@@ -247,10 +279,7 @@ def _donations(program: Program, capable: dict) -> dict:
     the input or capture it overwrites}. Only elementwise writers (each element read
     before it is written), only after the old value's last use (its views included),
     and never when the old value is itself returned."""
-    root: dict = {}
-    for n in program.nodes:
-        first = next((a for a in n.inputs if isinstance(a, Value)), None)
-        root[n.out] = root.get(first, first) if (_aliases(n) and first is not None) else n.out
+    root = alias_roots(program)
     last_use: dict = {}
     position: dict = {}
     for i, n in enumerate(program.nodes):
@@ -339,6 +368,13 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 continue
             if k is not None:
                 planned[n.out] = k
+    row_groups = {}                     # last member index -> RowGroup
+    if backend.name == "cpu" and plan:
+        for g in find_row_groups(program, alias_roots(program)):
+            k = ckernels.plan_row_group(g)
+            if k is not None:
+                row_groups[g.members[-1]] = g
+                planned[("rows", g.members[-1])] = k
     runners = ckernels.build(list(planned.values())) or []
     c_runner = dict(zip(planned, runners))
     kernels += [k.source for v, k in planned.items() if v in c_runner]
@@ -362,15 +398,23 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
-    elementwise = {n.out for n in program.nodes if capable.get(n.out, ("",))[0] in ("ufunc", "group", "ckernel")
-                   and (isinstance(n.op, (FusedElementwise, ElementwiseOp)) or n.op.name == "where")}
-    slots, mem = plan_memory(program, set(capable), elementwise) if plan else \
-        ({}, dict(buffers=0, views=[], slot_bytes=[]))
     donated = _donations(program, capable) if plan else {}
+    row_groups = {last: g for last, g in row_groups.items() if ("rows", last) in c_runner
+                  and not any(v in donated for v in g.stored)}
+    in_group = {i: last for last, g in row_groups.items() for i in g.members}
+    locals_ = {s.out for g in row_groups.values() for s in g.steps if s.out not in g.stored}
+    members_ = {s.out for g in row_groups.values() for s in g.steps}
+    read_until = {v: last for last, g in row_groups.items() for v in g.inputs}
+    elementwise = {n.out for n in program.nodes if capable.get(n.out, ("",))[0] in ("ufunc", "group", "ckernel")
+                   and (isinstance(n.op, (FusedElementwise, ElementwiseOp)) or n.op.name == "where")
+                   and n.out not in members_}
+    slots, mem = plan_memory(program, set(capable) - locals_, elementwise, read_until) if plan else \
+        ({}, dict(buffers=0, views=[], slot_bytes=[]))
 
     group_temps: list = []
     dead_after = _dead_after(program)
     transposed = _transposed_outputs(program) if getattr(backend, "array_methods", False) else {}
+    deferred: list = []                 # names dying inside a row group, dropped after it
     for k, n in enumerate(program.nodes):
         out = f"v{n.out.id}"
         names[n.out] = out
@@ -378,6 +422,13 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         dest = f"_b[{slots[n.out]}]" if n.out in slots else \
             (names[donated[n.out]] if n.out in donated else None)
         kind = capable.get(n.out)
+        if k in in_group:
+            deferred += dead_after.pop(k, [])
+            if in_group[k] == k:
+                lines += _row_group_lines(row_groups[k], c_runner[("rows", k)], k, names, name, slots, ns,
+                                          deferred)
+                deferred = []
+            continue
         if kind and kind[0] == "ckernel":
             ns[f"_f{k}"] = kind[1]
             arrays = [name(a) for a in n.inputs if isinstance(a, Value)]   # constants live in the kernel

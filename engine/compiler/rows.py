@@ -1,0 +1,145 @@
+"""Row programs: stretches of nodes that work row by row, as one kernel.
+
+Layer norm's backward is a dozen small steps over the same rows: row sums, a row
+mean, elementwise arithmetic mixing full rows with per-row scalars and per-column
+vectors. Each step as its own kernel streams the whole tensor through memory; done
+row by row, a row stays in L1 while every step runs on it and only the values needed
+later are written. A row group is a stretch of consecutive nodes over one space
+(..., C) whose steps are elementwise maps (full rows or per-row scalars) and sums over
+the last axis; codegen runs it as one C kernel (`ckernels.plan_row_group`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ops.elementwise import ElementwiseOp
+
+from .ir import Program, Value
+from .passes import FusedElementwise, FusedReduction, single_group
+
+
+@dataclass
+class RowStep:
+    """One member: "map" (an elementwise group) or "sum" (a group summed over the row)."""
+    kind: str
+    group: FusedElementwise
+    inputs: tuple
+    out: Value
+
+
+@dataclass
+class RowGroup:
+    members: list[int]            # node indices, consecutive
+    steps: list[RowStep]
+    space: tuple                  # the full shape (..., C)
+    inputs: list[Value]           # read from outside, each as a full row, a row scalar, a column or a scalar
+    stored: list[Value]           # member values needed after the group
+
+
+def value_kind(shape: tuple, space: tuple) -> str | None:
+    """How a value of `shape` is read per row of `space`."""
+    nd = len(space)
+    if len(shape) > nd:
+        return None
+    padded = (1,) * (nd - len(shape)) + tuple(shape)
+    if padded == tuple(space):
+        return "full"
+    if int(np.prod(shape)) == 1:
+        return "scalar"
+    if padded[:-1] == tuple(space[:-1]) and padded[-1] == 1:
+        return "rowscalar"
+    if all(d == 1 for d in padded[:-1]) and padded[-1] == space[-1]:
+        return "col"
+    return None
+
+
+def _step(n: Any) -> RowStep | None:
+    op = n.op
+    last = (len(n.inputs[0].shape) - 1,) if n.inputs and isinstance(n.inputs[0], Value) else None
+    if isinstance(op, FusedElementwise) and n.out.dtype.kind == "f":
+        return RowStep("map", op, tuple(n.inputs), n.out)
+    if (isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where") and n.out.dtype.kind == "f":
+        group, inputs = single_group(n)
+        return RowStep("map", group, inputs, n.out)
+    if isinstance(op, FusedReduction) and op.keepdims and op.axis is not None \
+            and tuple(op.axis) == (len(op.in_shape) - 1,):
+        return RowStep("sum", op.group, tuple(n.inputs), n.out)
+    if getattr(op, "name", "") == "sum" and n.params.get("keepdims") and last is not None \
+            and n.params.get("axis") is not None and tuple(n.params["axis"]) == last:
+        return RowStep("sum", FusedElementwise([], 1), (n.inputs[0],), n.out)
+    return None
+
+
+def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[RowGroup]:
+    """Maximal stretches of consecutive row steps over one float space with at least one
+    row sum and two members. Inputs from outside must be read in their own layout
+    (`roots`: a view is not)."""
+    groups: list[RowGroup] = []
+    current: list = []
+    steps: list = []
+    space: tuple | None = None
+
+    def close() -> None:
+        nonlocal space
+        if len(steps) >= 2 and any(st.kind == "sum" for st in steps):
+            groups.append(_finish(program, list(current), list(steps), space))
+        current.clear()
+        steps.clear()
+        space = None
+
+    for i, n in enumerate(program.nodes):
+        s = _step(n)
+        if s is not None and space is not None and not _fits(s, space, steps, roots):
+            close()
+        if s is None:
+            close()
+            continue
+        if space is None:
+            full = s.inputs[0].shape if s.kind == "sum" else s.out.shape
+            if len(full) == 0 or full[-1] < min_row or not _fits(s, tuple(full), steps, roots):
+                continue
+            space = tuple(full)
+        current.append(i)
+        steps.append(s)
+    close()
+    return groups
+
+
+def _fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
+    """Can step `s` run row by row in `space`, after `steps`?"""
+    if steps and s.out.dtype != steps[0].out.dtype:
+        return False
+    out_kind = value_kind(s.out.shape, space)
+    if s.kind == "sum":
+        if out_kind != "rowscalar" or value_kind(s.inputs[0].shape, space) != "full":
+            return False
+    elif out_kind not in ("full", "rowscalar"):
+        return False
+    made = {st.out for st in steps}
+    for v in s.inputs:
+        if v in made:
+            continue
+        kind = value_kind(v.shape, space)
+        if kind is None or v.dtype not in (s.out.dtype, np.dtype(bool)):
+            return False
+        if kind == "full" and roots.get(v, v) is not v:
+            return False
+    return True
+
+
+def _finish(program: Program, members: list[int], steps: list[RowStep], space: tuple) -> RowGroup:
+    inside = {s.out for s in steps}
+    inputs: list = []
+    for s in steps:
+        for v in s.inputs:
+            if v not in inside and v not in inputs:
+                inputs.append(v)
+    member_set = set(members)
+    used_after = {a for i, n in enumerate(program.nodes) if i not in member_set
+                  for a in n.inputs if isinstance(a, Value)}
+    outputs = {o for o in program.outputs if isinstance(o, Value)}
+    stored = [s.out for s in steps if s.out in used_after or s.out in outputs]
+    return RowGroup(members, steps, space, inputs, stored)
