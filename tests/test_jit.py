@@ -567,6 +567,20 @@ def test_layer_norm_backward_runs_as_one_row_kernel(rng):
         assert "# C: rows[" in j.source
 
 
+def test_masked_softmax_backward_reads_the_mask_as_repeating_rows(rng):
+    """softmax's backward under a causal mask shared by every batch and head: the mask
+    is a tile of whole rows in the row kernel; gradients equal eager mode's."""
+    x = eg.tensor(rng.standard_normal((2, 3, 8, 8)), requires_grad=True)
+    keep = eg.tensor(np.tril(np.ones((8, 8), bool)))
+    g = eg.tensor(rng.standard_normal((2, 3, 8, 8)))
+    f = eg.grad(lambda x: (eg.softmax(eg.where(keep, x * 0.5, float("-inf")), -1) * g).sum())
+    j = eg.jit(f)
+    np.testing.assert_allclose(j(x).numpy(), f(x).numpy(), rtol=1e-12, atol=1e-14)
+    from engine.compiler import ckernels
+    if ckernels.available():
+        assert "where" in next(l for l in j.source.splitlines() if "# C: rows[" in l)
+
+
 def test_row_groups_are_found_and_keep_only_what_is_read_later():
     from engine.compiler.codegen import alias_roots
     from engine.compiler.rows import find_row_groups

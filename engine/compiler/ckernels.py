@@ -261,8 +261,9 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
             m = local[v]
             return f"f{m}[{j}]" if value_kind(v.shape, space) == "full" else f"s{m}"
         k, kind = inputs[v], value_kind(v.shape, space)
+        period = int(np.prod(v.shape[:-1])) if v.shape else 1
         read = {"full": f"p{k}[base + {j}]", "rowscalar": f"p{k}[r]", "col": f"p{k}[{j}]",
-                "scalar": f"p{k}[0]"}[kind]
+                "scalar": f"p{k}[0]", "tile": f"p{k}[(r % {period}LL) * {n}LL + {j}]"}[kind]
         return f"(({ct}){read})"
 
     for m, st in enumerate(group.steps):

@@ -35,7 +35,7 @@ class RowGroup:
     members: list[int]            # node indices, consecutive
     steps: list[RowStep]
     space: tuple                  # the full shape (..., C)
-    inputs: list[Value]           # read from outside, each as a full row, a row scalar, a column or a scalar
+    inputs: list[Value]           # read from outside: full rows, row scalars, columns, tiles, scalars
     stored: list[Value]           # member values needed after the group
 
 
@@ -53,6 +53,11 @@ def value_kind(shape: tuple, space: tuple) -> str | None:
         return "rowscalar"
     if all(d == 1 for d in padded[:-1]) and padded[-1] == space[-1]:
         return "col"
+    lead = 0
+    while padded[lead] == 1:
+        lead += 1
+    if padded[lead:] == tuple(space[lead:]):
+        return "tile"          # whole rows repeating every prod(shape[:-1]) rows (a mask)
     return None
 
 
