@@ -315,11 +315,20 @@ class FusedReduction:
 def fuse_reductions(program: Program) -> Program:
     """Merge a sum with the elementwise group (or single elementwise op) it reads,
     when that value has no other use."""
+    return _absorb_producer(
+        program, lambda n: getattr(n.op, "name", "") == "sum",
+        lambda n, group, p: FusedReduction(group, n.params["axis"], n.params["keepdims"], p.out.shape))
+
+
+def _absorb_producer(program: Program, accepts: Callable, make: Callable) -> Program:
+    """Each float node `n` with `accepts(n)` whose first input comes from an elementwise
+    group (or single elementwise node) of the same dtype used nowhere else becomes
+    `make(n, group, producer)` over the group's inputs; the producer disappears."""
     uses = program.uses()
     producers = program.producers()
     merged: dict = {}
     for n in program.nodes:
-        if getattr(n.op, "name", "") != "sum" or n.out.dtype.kind != "f":
+        if not accepts(n) or n.out.dtype.kind != "f":
             continue
         src = n.inputs[0]
         p = producers.get(src) if isinstance(src, Value) else None
@@ -331,19 +340,12 @@ def fuse_reductions(program: Program) -> Program:
             group, inputs = single_group(p)
         else:
             continue
-        op = FusedReduction(group, n.params["axis"], n.params["keepdims"], p.out.shape)
         merged[p.out] = None
-        merged[n.out] = Node(op, tuple(inputs), {}, n.out)
+        merged[n.out] = Node(make(n, group, p), tuple(inputs), {}, n.out)
     if not merged:
         return program
-    nodes = []
-    for n in program.nodes:
-        if n.out in merged:
-            if merged[n.out] is not None:
-                nodes.append(merged[n.out])
-            continue
-        nodes.append(n)
-    return program.copy(nodes=nodes)
+    nodes = [merged.get(n.out, n) for n in program.nodes]
+    return program.copy(nodes=[n for n in nodes if n is not None])
 
 
 # -- row-op prologues -----------------------------------------------------------------------------------
@@ -375,29 +377,11 @@ class FusedRowOp:
 def fuse_row_prologues(program: Program) -> Program:
     """Merge a last-axis softmax / log_softmax with the elementwise group (or single
     elementwise op) producing its input, when that value has no other use."""
-    uses = program.uses()
-    producers = program.producers()
-    merged: dict = {}
-    for n in program.nodes:
-        if getattr(n.op, "name", "") not in ROW_OPS or n.out.dtype.kind != "f":
-            continue
-        src = n.inputs[0]
-        p = producers.get(src) if isinstance(src, Value) else None
-        if (p is None or uses.get(src, 0) != 1 or p.out.dtype != n.out.dtype
-                or n.params["axis"] != len(n.out.shape) - 1 or p.out.shape != n.out.shape):
-            continue
-        if isinstance(p.op, FusedElementwise):
-            group, inputs = p.op, p.inputs
-        elif _fusable(p):
-            group, inputs = single_group(p)
-        else:
-            continue
-        merged[p.out] = None
-        merged[n.out] = Node(FusedRowOp(n.op.name, group, n.params["axis"]), tuple(inputs), {}, n.out)
-    if not merged:
-        return program
-    nodes = [merged.get(n.out, n) for n in program.nodes]
-    return program.copy(nodes=[n for n in nodes if n is not None])
+    def last_axis_row_op(n: Node) -> bool:
+        return (getattr(n.op, "name", "") in ROW_OPS and n.params["axis"] == len(n.out.shape) - 1
+                and tuple(n.inputs[0].shape) == tuple(n.out.shape))
+    return _absorb_producer(program, last_axis_row_op,
+                            lambda n, group, p: FusedRowOp(n.op.name, group, n.params["axis"]))
 
 
 def single_group(p: Node) -> tuple[FusedElementwise, tuple]:
