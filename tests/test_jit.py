@@ -585,20 +585,24 @@ def test_row_groups_are_found_and_keep_only_what_is_read_later():
     from engine.compiler.codegen import alias_roots
     from engine.compiler.rows import find_row_groups
     x, g = _v((4, 16)), _v((4, 16))
-    s, m, c, sq, out, extra = _v((4, 1)), _v((4, 1)), _v((4, 16)), _v((4, 1)), _v((4, 16)), _v((16,))
+    s, m, c, sq, out, col, after = (_v((4, 1)), _v((4, 1)), _v((4, 16)), _v((4, 1)), _v((4, 16)), _v((16,)),
+                                    _v((16,)))
     nodes = [Node(R["sum"], (x,), {"axis": (1,), "keepdims": True}, s),
              Node(R["div"], (s, 16.0), {}, m),
              Node(R["sub"], (x, m), {}, c),                          # a full row, read only inside
              Node(R["sum"], (c,), {"axis": (1,), "keepdims": True}, sq),
              Node(R["mul"], (c, sq), {}, out),
-             Node(R["sum"], (out,), {"axis": (0,), "keepdims": False}, extra)]   # across rows: not a row step
-    p = _prog(nodes, [x, g], [out, extra])
+             Node(R["sum"], (out,), {"axis": (0,), "keepdims": False}, col),   # over all rows
+             Node(R["exp"], (col,), {}, after)]                      # reads a column sum: outside
+    p = _prog(nodes, [x, g], [out, after])
     (group,) = find_row_groups(p, alias_roots(p))
-    assert group.members == [0, 1, 2, 3, 4] and group.inputs == [x]
-    assert group.stored == [out]                                       # c, s, m, sq stay in the kernel
-    np.testing.assert_allclose(_run(p, np.arange(64.0).reshape(4, 16), np.zeros((4, 16)))[0],
-                               (lambda a: (a - a.mean(1, keepdims=True)) *
-                                (a - a.mean(1, keepdims=True)).sum(1, keepdims=True))(np.arange(64.0).reshape(4, 16)))
+    assert group.members == [0, 1, 2, 3, 4, 5] and group.inputs == [x]
+    assert group.stored == [out, col]                                 # c, s, m, sq stay in the kernel
+    a = np.arange(64.0).reshape(4, 16) / 7
+    want = (a - a.mean(1, keepdims=True)) * (a - a.mean(1, keepdims=True)).sum(1, keepdims=True)
+    got_out, got_after = _run(p, a, np.zeros((4, 16)))
+    np.testing.assert_allclose(got_out, want, atol=1e-12)
+    np.testing.assert_allclose(got_after, np.exp(want.sum(0)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("axis", [-1, (0, 1), None])

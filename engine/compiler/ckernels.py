@@ -232,8 +232,9 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
     """A C function running a row group (engine/compiler/rows.py) row by row: per row,
     each step in order on the row (full rows in stack arrays, or straight in their
     output buffer when stored; per-row scalars in locals; row sums with 32 running
-    sums); stored values are written once. Arguments: the inputs, then the stored
-    values in order."""
+    sums; column sums accumulated in their output row by row, in row order, as the C
+    column reductions do); stored values are written once. Arguments: the inputs,
+    then the stored values in order."""
     from .rows import value_kind
     ct = storage_ctype(dtype, "c")
     space = group.space
@@ -250,6 +251,10 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
     lines = [f"void {name}({', '.join(args)}) {{"]
     lines += [f"  {ct} f{m}[{n}];" for m, st in enumerate(group.steps)
               if value_kind(st.out.shape, space) == "full" and st.out not in stored]
+    for m, st in enumerate(group.steps):          # column sums: one running row each
+        if st.kind == "colsum":
+            lines += [f"  {ct}* restrict c{m} = out{stored[st.out]};",
+                      f"  for (long long j = 0; j < {n}LL; ++j) c{m}[j] = 0;"]
     lines.append(f"  for (long long r = 0; r < {rows}LL; ++r) {{")
     lines.append(f"    const long long base = r * {n}LL;")
     for m, st in enumerate(group.steps):
@@ -280,6 +285,11 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
                       f"      {ct} tail = 0;",
                       f"      for (; j < {n}LL; ++j) {{ const long long jj = j; tail += {body}; }}",
                       f"      s{m} = acc[0] + tail;", "    }"]
+        elif st.kind == "colsum":
+            names = {sym: access(v, "j") for sym, v in zip(symbols, st.inputs)}
+            lines.append(f"    for (long long j = 0; j < {n}LL; ++j) c{m}[j] += "
+                         f"{c_expression(expr, names, dtype)};")
+            continue
         elif value_kind(st.out.shape, space) == "full":
             names = {sym: access(v, "j") for sym, v in zip(symbols, st.inputs)}
             lines.append(f"    for (long long j = 0; j < {n}LL; ++j) f{m}[j] = "

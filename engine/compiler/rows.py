@@ -5,8 +5,9 @@ mean, elementwise arithmetic mixing full rows with per-row scalars and per-colum
 vectors. Each step as its own kernel streams the whole tensor through memory; done
 row by row, a row stays in L1 while every step runs on it and only the values needed
 later are written. A row group is a stretch of consecutive nodes over one space
-(..., C) whose steps are elementwise maps (full rows or per-row scalars) and sums over
-the last axis; codegen runs it as one C kernel (`ckernels.plan_row_group`).
+(..., C) whose steps are elementwise maps (full rows or per-row scalars), sums over
+the last axis, and sums over all rows (a bias's gradient, accumulated as the rows go
+by); codegen runs it as one C kernel (`ckernels.plan_row_group`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from .passes import FusedElementwise, FusedReduction, single_group
 
 @dataclass
 class RowStep:
-    """One member: "map" (an elementwise group) or "sum" (a group summed over the row)."""
+    """One member: "map" (an elementwise group), "sum" (a group summed over the row) or
+    "colsum" (a group summed over all rows into one row)."""
     kind: str
     group: FusedElementwise
     inputs: tuple
@@ -62,19 +64,30 @@ def value_kind(shape: tuple, space: tuple) -> str | None:
 
 
 def _step(n: Any) -> RowStep | None:
+    """The node as a row step: "map", "sum" (over the last axis, kept) or "colsum" (over
+    every axis but the last: a bias's gradient), or None."""
     op = n.op
-    last = (len(n.inputs[0].shape) - 1,) if n.inputs and isinstance(n.inputs[0], Value) else None
-    if isinstance(op, FusedElementwise) and n.out.dtype.kind == "f":
+    if n.out.dtype.kind != "f":
+        return None
+    if isinstance(op, FusedElementwise):
         return RowStep("map", op, tuple(n.inputs), n.out)
-    if (isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where") and n.out.dtype.kind == "f":
+    if isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where":
         group, inputs = single_group(n)
         return RowStep("map", group, inputs, n.out)
-    if isinstance(op, FusedReduction) and op.keepdims and op.axis is not None \
-            and tuple(op.axis) == (len(op.in_shape) - 1,):
-        return RowStep("sum", op.group, tuple(n.inputs), n.out)
-    if getattr(op, "name", "") == "sum" and n.params.get("keepdims") and last is not None \
-            and n.params.get("axis") is not None and tuple(n.params["axis"]) == last:
-        return RowStep("sum", FusedElementwise([], 1), (n.inputs[0],), n.out)
+    if isinstance(op, FusedReduction):
+        group, inputs, in_shape, axis, keepdims = op.group, tuple(n.inputs), op.in_shape, op.axis, op.keepdims
+    elif getattr(op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
+        group, inputs = FusedElementwise([], 1), (n.inputs[0],)
+        in_shape, axis, keepdims = n.inputs[0].shape, n.params["axis"], n.params["keepdims"]
+    else:
+        return None
+    nd = len(in_shape)
+    if axis is None or nd == 0:
+        return None
+    if tuple(axis) == (nd - 1,) and keepdims:
+        return RowStep("sum", group, inputs, n.out)
+    if nd >= 2 and tuple(axis) == tuple(range(nd - 1)) and not keepdims:
+        return RowStep("colsum", group, inputs, n.out)
     return None
 
 
@@ -89,7 +102,7 @@ def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[Row
 
     def close() -> None:
         nonlocal space
-        if len(steps) >= 2 and any(st.kind == "sum" for st in steps):
+        if len(steps) >= 2 and any(st.kind != "map" for st in steps):
             groups.append(_finish(program, list(current), list(steps), space))
         current.clear()
         steps.clear()
@@ -103,7 +116,7 @@ def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[Row
             close()
             continue
         if space is None:
-            full = s.inputs[0].shape if s.kind == "sum" else s.out.shape
+            full = s.out.shape if s.kind == "map" else _summed_shape(s)
             if len(full) == 0 or full[-1] < min_row or not _fits(s, tuple(full), steps, roots):
                 continue
             space = tuple(full)
@@ -118,14 +131,16 @@ def _fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
     if steps and s.out.dtype != steps[0].out.dtype:
         return False
     out_kind = value_kind(s.out.shape, space)
-    if s.kind == "sum":
-        if out_kind != "rowscalar" or value_kind(s.inputs[0].shape, space) != "full":
+    if s.kind != "map":
+        if out_kind != ("rowscalar" if s.kind == "sum" else "col") or tuple(_summed_shape(s)) != tuple(space):
             return False
     elif out_kind not in ("full", "rowscalar"):
         return False
-    made = {st.out for st in steps}
+    made = {st.out: st for st in steps}
     for v in s.inputs:
         if v in made:
+            if made[v].kind == "colsum":        # complete only after the last row
+                return False
             continue
         kind = value_kind(v.shape, space)
         if kind is None or v.dtype not in (s.out.dtype, np.dtype(bool)):
@@ -133,6 +148,11 @@ def _fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
         if kind == "full" and roots.get(v, v) is not v:
             return False
     return True
+
+
+def _summed_shape(s: RowStep) -> tuple:
+    """The shape a sum step reduces: its inputs broadcast together."""
+    return tuple(np.broadcast_shapes(*[v.shape for v in s.inputs]))
 
 
 def _finish(program: Program, members: list[int], steps: list[RowStep], space: tuple) -> RowGroup:
