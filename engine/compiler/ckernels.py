@@ -373,6 +373,13 @@ class Planned:
         sizes = self.sizes
 
         def run(*arrays: Any) -> None:
+            outs = arrays[n_in:]
+            if not all(o.flags.c_contiguous for o in outs):      # e.g. a donated view
+                temps = [np.empty(o.shape, o.dtype) for o in outs]
+                run(*arrays[:n_in], *temps)
+                for o, t in zip(outs, temps):
+                    o[...] = t
+                return
             args = []
             keep = []
             for a, n in zip(arrays[:n_in], sizes):
@@ -380,7 +387,7 @@ class Planned:
                     a = np.ascontiguousarray(a)
                     keep.append(a)                   # alive until the call returns
                 args += (address(a), n)
-            args += [address(o) for o in arrays[n_in:]]
+            args += [address(o) for o in outs]
             cfn(*args)
         return run
 

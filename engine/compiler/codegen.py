@@ -124,14 +124,26 @@ def gpu_reduction_kernel(red: FusedReduction, inputs: tuple, out: Value,
     return run, map_expr
 
 
+def _donations_stream(group: Any, donated: dict, roots: dict) -> bool:
+    """Can the group write its donated values straight into the buffers they replace?
+    Only if it reads each such buffer, if at all, as whole rows in its own layout (row
+    r is read before row r is written, and no other row is touched)."""
+    from .rows import value_kind
+    targets = {donated[v] for v in group.stored if v in donated}
+    return all(value_kind(x.shape, group.space) == "full" and roots.get(x, x) is x
+               for x in group.inputs if roots.get(x, x) in targets)
+
+
 def _row_group_lines(group: Any, runner: Any, k: int, names: dict, name: Any, slots: dict, ns: dict,
-                     dying: list) -> list[str]:
+                     dying: list, donated: dict) -> list[str]:
     """One call running a row group where its last member stands: its stored values get
-    their planned buffers (or new arrays), then names dying inside it are dropped."""
+    their planned buffers, the buffers they replace (donated) or new arrays; then names
+    dying inside it are dropped."""
     ns[f"_rows{k}"] = runner
     lines = []
     for v in group.stored:
-        buf = f"_b[{slots[v]}]" if v in slots else f"np.empty({v.shape!r}, np.{v.dtype.name})"
+        buf = f"_b[{slots[v]}]" if v in slots else (
+            names[donated[v]] if v in donated else f"np.empty({v.shape!r}, np.{v.dtype.name})")
         lines.append(f"    {names[v]} = {buf}")
     ops_ = ",".join(s.group.name if s.kind == "map" else f"sum<{s.group.name}>" for s in group.steps)
     args = [name(v) for v in group.inputs] + [names[v] for v in group.stored]
@@ -399,8 +411,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
     donated = _donations(program, capable) if plan else {}
+    roots = alias_roots(program)
     row_groups = {last: g for last, g in row_groups.items() if ("rows", last) in c_runner
-                  and not any(v in donated for v in g.stored)}
+                  and _donations_stream(g, donated, roots)}
     in_group = {i: last for last, g in row_groups.items() for i in g.members}
     locals_ = {s.out for g in row_groups.values() for s in g.steps if s.out not in g.stored}
     members_ = {s.out for g in row_groups.values() for s in g.steps}
@@ -426,7 +439,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             deferred += dead_after.pop(k, [])
             if in_group[k] == k:
                 lines += _row_group_lines(row_groups[k], c_runner[("rows", k)], k, names, name, slots, ns,
-                                          deferred)
+                                          deferred, donated)
                 deferred = []
             continue
         if kind and kind[0] == "ckernel":

@@ -92,9 +92,9 @@ def _step(n: Any) -> RowStep | None:
 
 
 def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[RowGroup]:
-    """Maximal stretches of consecutive row steps over one float space with at least one
-    row sum and two members. Inputs from outside must be read in their own layout
-    (`roots`: a view is not)."""
+    """Maximal stretches of two or more consecutive row steps over one float space, with
+    a sum among them or at least two values to write. Inputs from outside must be read
+    in their own layout (`roots`: a view is not)."""
     groups: list[RowGroup] = []
     current: list = []
     steps: list = []
@@ -102,8 +102,12 @@ def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[Row
 
     def close() -> None:
         nonlocal space
-        if len(steps) >= 2 and any(st.kind != "map" for st in steps):
-            groups.append(_finish(program, list(current), list(steps), space))
+        if len(steps) >= 2:
+            group = _finish(program, list(current), list(steps), space)
+            # Worth a kernel of its own: a reduction inside, or several values written
+            # in one pass (an optimizer's updates of one parameter).
+            if any(st.kind != "map" for st in steps) or len(group.stored) >= 2:
+                groups.append(group)
         current.clear()
         steps.clear()
         space = None
