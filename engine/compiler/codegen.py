@@ -148,8 +148,8 @@ def _row_group_lines(group: Any, runner: Any, k: int, names: dict, name: Any, sl
     ops_ = ",".join(s.group.name if s.kind == "map" else f"sum<{s.group.name}>" for s in group.steps)
     args = [name(v) for v in group.inputs] + [names[v] for v in group.stored]
     lines.append(f"    _rows{k}({', '.join(args)})  # C: rows[{ops_}]")
-    stored = set(group.stored)
-    gone = [v for v in dying if v in stored or v not in {s.out for s in group.steps}]
+    inside = {s.out for s in group.steps if s.out not in group.stored}     # never named
+    gone = [v for v in dying if v not in inside]
     if gone:
         lines.append(f"    del {', '.join(names[v] for v in gone)}")
     return lines
@@ -211,6 +211,16 @@ def alias_roots(program: Program) -> dict:
     return root
 
 
+def _last_uses(program: Program, root: dict) -> dict:
+    """{buffer root: index of the last node reading it or any of its views}."""
+    last_use: dict = {}
+    for i, n in enumerate(program.nodes):
+        for a in n.inputs:
+            if isinstance(a, Value):
+                last_use[root.get(a, a)] = i
+    return last_use
+
+
 def plan_memory(program: Program, capable: set, elementwise: set = frozenset(),
                 read_until: dict | None = None) -> tuple[dict, dict]:
     """Assign the values of `capable` nodes to reusable byte buffers (slots).
@@ -230,11 +240,7 @@ def plan_memory(program: Program, capable: set, elementwise: set = frozenset(),
     """
     root = alias_roots(program)
     escaping = {root.get(o, o) for o in program.outputs if isinstance(o, Value)}
-    last_use: dict = {}
-    for i, n in enumerate(program.nodes):
-        for a in n.inputs:
-            if isinstance(a, Value):
-                last_use[root.get(a, a)] = i
+    last_use = _last_uses(program, root)
     for v, i in (read_until or {}).items():
         r = root.get(v, v)
         last_use[r] = max(last_use.get(r, -1), i)
@@ -292,13 +298,8 @@ def _donations(program: Program, capable: dict) -> dict:
     before it is written), only after the old value's last use (its views included),
     and never when the old value is itself returned."""
     root = alias_roots(program)
-    last_use: dict = {}
-    position: dict = {}
-    for i, n in enumerate(program.nodes):
-        position[n.out] = i
-        for a in n.inputs:
-            if isinstance(a, Value):
-                last_use[root.get(a, a)] = i
+    last_use = _last_uses(program, root)
+    position = {n.out: i for i, n in enumerate(program.nodes)}
     outputs = [o for o in program.outputs if isinstance(o, Value)]
     returned = {root.get(o, o) for o in outputs}
     donated: dict = {}
@@ -380,9 +381,10 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 continue
             if k is not None:
                 planned[n.out] = k
+    roots = alias_roots(program)
     row_groups = {}                     # last member index -> RowGroup
     if backend.name == "cpu" and plan:
-        for g in find_row_groups(program, alias_roots(program)):
+        for g in find_row_groups(program, roots):
             k = ckernels.plan_row_group(g)
             if k is not None:
                 row_groups[g.members[-1]] = g
@@ -411,7 +413,6 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
     donated = _donations(program, capable) if plan else {}
-    roots = alias_roots(program)
     row_groups = {last: g for last, g in row_groups.items() if ("rows", last) in c_runner
                   and _donations_stream(g, donated, roots)}
     in_group = {i: last for last, g in row_groups.items() for i in g.members}
