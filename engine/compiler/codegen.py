@@ -222,7 +222,7 @@ def _last_uses(program: Program, root: dict) -> dict:
 
 
 def plan_memory(program: Program, capable: set, elementwise: set = frozenset(),
-                read_until: dict | None = None) -> tuple[dict, dict]:
+                read_until: dict | None = None, root: dict | None = None) -> tuple[dict, dict]:
     """Assign the values of `capable` nodes to reusable byte buffers (slots).
 
     A slot is reused only after the last use of every value that may alias it
@@ -238,7 +238,7 @@ def plan_memory(program: Program, capable: set, elementwise: set = frozenset(),
     Returns (value -> view index, statistics with `views` [(slot, shape, dtype)] and
     `slot_bytes`).
     """
-    root = alias_roots(program)
+    root = alias_roots(program) if root is None else root
     escaping = {root.get(o, o) for o in program.outputs if isinstance(o, Value)}
     last_use = _last_uses(program, root)
     for v, i in (read_until or {}).items():
@@ -292,12 +292,11 @@ def _nbytes(shape: tuple, dtype: Any) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def _donations(program: Program, capable: dict) -> dict:
+def _donations(program: Program, capable: dict, root: dict) -> dict:
     """Writeback outputs computed straight into the buffer they replace: {output value:
     the input or capture it overwrites}. Only elementwise writers (each element read
     before it is written), only after the old value's last use (its views included),
     and never when the old value is itself returned."""
-    root = alias_roots(program)
     last_use = _last_uses(program, root)
     position = {n.out: i for i, n in enumerate(program.nodes)}
     outputs = [o for o in program.outputs if isinstance(o, Value)]
@@ -412,7 +411,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
-    donated = _donations(program, capable) if plan else {}
+    donated = _donations(program, capable, roots) if plan else {}
     row_groups = {last: g for last, g in row_groups.items() if ("rows", last) in c_runner
                   and _donations_stream(g, donated, roots)}
     in_group = {i: last for last, g in row_groups.items() for i in g.members}
@@ -422,7 +421,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
     elementwise = {n.out for n in program.nodes if capable.get(n.out, ("",))[0] in ("ufunc", "group", "ckernel")
                    and (isinstance(n.op, (FusedElementwise, ElementwiseOp)) or n.op.name == "where")
                    and n.out not in members_}
-    slots, mem = plan_memory(program, set(capable) - locals_, elementwise, read_until) if plan else \
+    slots, mem = plan_memory(program, set(capable) - locals_, elementwise, read_until, roots) if plan else \
         ({}, dict(buffers=0, views=[], slot_bytes=[]))
 
     group_temps: list = []
