@@ -234,6 +234,22 @@ def _scalar_proto(k: Any) -> Any:
     return np.empty(0, k) if isinstance(k, np.dtype) else k(0)
 
 
+def reduction_preamble(in_params: str, out_params: str) -> str:
+    """The CUDA preamble of a generated `ReductionKernel`, with the raw-type names of its
+    first input and output declared.
+
+    CuPy (14) sends a one-input reduction over trailing contiguous axes to its CUB block
+    reduction, whose template reads `type_in0_raw`/`type_out0_raw`; only CuPy's own
+    reductions declare them, so a user kernel with concrete dtypes fails to compile
+    there. Declaring them ourselves is harmless elsewhere (an identical typedef may repeat).
+    """
+    (in_dtype, _), *_ = cprint.parse_params(in_params)
+    (out_dtype, _), *_ = cprint.parse_params(out_params)
+    return (f"typedef {cprint.storage_ctype(in_dtype, 'cupy')} type_in0_raw;\n"
+            f"typedef {cprint.storage_ctype(out_dtype, 'cupy')} type_out0_raw;\n"
+            + cprint.CUDA_PREAMBLE)
+
+
 class CupyBackend(Backend):
     """Raw arrays are `cupy.ndarray`s on one GPU.
 
@@ -359,7 +375,7 @@ class CupyBackend(Backend):
         if kern is None:
             kern = self._kernels[key] = self.cp.ReductionKernel(
                 in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name=name,
-                preamble=cprint.CUDA_PREAMBLE)
+                preamble=reduction_preamble(in_params, out_params))
         return kern
 
     def elementwise_kernel(self, in_params: str, out_params: str, body: str,
