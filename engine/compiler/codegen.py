@@ -17,6 +17,7 @@ import numpy as np
 from ops.elementwise import ElementwiseOp
 
 from . import ckernels
+from .bands import BandedMatmul
 from .ir import Node, Program, Value
 from .passes import FusedElementwise, FusedReduction, FusedRowOp, single_group
 from .rows import find_row_groups
@@ -188,7 +189,8 @@ def _transposed_outputs(program: Program) -> dict:
     found = {}
     for n in program.nodes:
         users = readers.get(n.out, [])
-        if (getattr(n.op, "name", "") == "matmul" and len(users) == 1 and n.out not in outputs
+        is_matmul = getattr(n.op, "name", "") == "matmul" or isinstance(n.op, BandedMatmul)
+        if (is_matmul and len(users) == 1 and n.out not in outputs
                 and getattr(users[0].op, "name", "") == "transpose"):
             axes = tuple(users[0].params["axes"])
             inverse = tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
@@ -409,6 +411,8 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 kernels.append(compiled[1])
         elif _ufunc(n.op, backend, n.inputs, n.out) is not None:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
+        elif isinstance(n.op, BandedMatmul):
+            capable[n.out] = ("matmul", functools.partial(n.op.run, backend))
         elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
     donated = _donations(program, capable, roots) if plan else {}

@@ -406,15 +406,20 @@ def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Progr
     if fuse:
         pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions),
                      ("fuse_row_prologues", fuse_row_prologues)]
+        if backend.name == "cpu":       # on a GPU, more and smaller launches cost more than they save
+            from .bands import band_matmuls
+            pipeline.append(("band_matmuls", band_matmuls))
     stats = []
     debug = int(os.environ.get("ENGINE_DEBUG", "0") or 0)
     if debug >= 1:
         print(f"== traced program ({len(program.nodes)} nodes)\n{program}")
     for name, fn in pipeline:
-        before = len(program.nodes)
+        before = program.nodes
         program = fn(program)
-        stats.append(dict(name=name, nodes_before=before, nodes_after=len(program.nodes)))
+        kept = {id(n) for n in before}
+        stats.append(dict(name=name, nodes_before=len(before), nodes_after=len(program.nodes),
+                          rewritten=sum(id(n) not in kept for n in program.nodes)))
         if debug >= 2:
-            print(f"== after {name} ({before} -> {len(program.nodes)} nodes)\n{program}")
+            print(f"== after {name} ({len(before)} -> {len(program.nodes)} nodes)\n{program}")
     return program, stats
 
