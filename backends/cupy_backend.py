@@ -3,7 +3,7 @@
 Elementwise ops run as `cupy.ElementwiseKernel`s whose bodies `backends.cprint`
 prints from each spec's sympy expression (one kernel per op and compute dtype,
 built on first use). Reductions, matmul (cuBLAS), movement and indexing use CuPy
-directly; index_add uses `cupyx.scatter_add`; random numbers come from a device
+directly; index_add uses `cupy.add.at`; random numbers come from a device
 generator that `seed()` resets. The hot composites (softmax, log_softmax,
 layer_norm) have hand-written fused kernels, kept here as source templates so CI
 can compile them with `nvcc` on machines without a GPU.
@@ -42,7 +42,7 @@ _CUPY_UFUNCS = {
     "logical_not": "logical_not",
 }
 
-# Accumulation dtype of cupyx.scatter_add per value dtype (its atomics cover only
+# Accumulation dtype of cupy.add.at per value dtype (its atomics cover only
 # these); int64 adds as uint64, which wraps identically in two's complement.
 _SCATTER_DTYPES = {_F16: _F32, _F32: _F32, _F64: _F64, np.dtype(np.int32): np.dtype(np.int32),
                    np.dtype(np.uint32): np.dtype(np.uint32), _U64: _U64, _I64: _U64}
@@ -253,7 +253,7 @@ def reduction_preamble(in_params: str, out_params: str) -> str:
 class CupyBackend(Backend):
     """Raw arrays are `cupy.ndarray`s on one GPU.
 
-    `cupy_module`/`cupyx_module` are passed in (by `create_backend`) rather than
+    `cupy_module` is passed in (by `create_backend`) rather than
     imported here, so this module imports without CuPy: its kernel sources are
     compiled by CI on machines without a GPU.
     """
@@ -267,9 +267,8 @@ class CupyBackend(Backend):
                        "random_uniform", "bernoulli", "from_dlpack", "softmax", "log_softmax",
                        "layer_norm", "to_numpy", "matmul_out")
 
-    def __init__(self, cupy_module: Any, cupyx_module: Any, device: str = "cuda") -> None:
+    def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
         self.cp = cupy_module
-        self.cupyx = cupyx_module
         self.name = device
         index = int(device.split(":", 1)[1]) if ":" in device else None
         self._device = cupy_module.cuda.Device(index) if index is not None else None
@@ -446,7 +445,7 @@ class CupyBackend(Backend):
         else:
             values = values.astype(work, copy=False)
         out = cp.zeros(shape, dtype=work)
-        self.cupyx.scatter_add(out, index, values)
+        cp.add.at(out, index, values)
         if work == _U64 and dt != _U64:
             out = out.view(_I64)
         return out != 0 if dt.kind == "b" else out.astype(dt, copy=False)
@@ -547,7 +546,6 @@ def create_backend(device: str = "cuda") -> CupyBackend:
     from . import BackendUnavailable
     try:
         import cupy
-        import cupyx
     except Exception as e:            # ImportError, or CuPy failing to load CUDA libraries
         raise BackendUnavailable(
             f"device {device!r} needs CuPy, which could not be imported "
@@ -566,7 +564,7 @@ def create_backend(device: str = "cuda") -> CupyBackend:
         if not index.isdigit() or int(index) >= count:
             raise BackendUnavailable(f"device {device!r}: no such GPU (this machine has {count}: "
                                      f"cuda:0 .. cuda:{count - 1})")
-    return CupyBackend(cupy, cupyx, device)
+    return CupyBackend(cupy, device)
 
 
 __all__ = ["CupyBackend", "create_backend", "FusedKernel", "FUSED_KERNELS", "FUSED_PRELUDE",

@@ -1,14 +1,18 @@
-"""Eager per-op overhead against raw NumPy (and PyTorch when installed) on small arrays.
+"""Eager per-op overhead against the raw array library (and PyTorch when installed) on
+small arrays.
 
-    python -m benchmarks.op_overhead [--json out.json]
+    python -m benchmarks.op_overhead [--device cpu|cuda] [--json out.json]
 
 Each row times the same computation in one run; the "overhead" column is the engine's
-time minus NumPy's, i.e. what dispatch, shape handling and tape recording cost.
+time minus the raw library's (NumPy on the CPU, CuPy on "cuda"), i.e. what dispatch,
+shape handling and tape recording cost. On "cuda" every call is followed by a device
+synchronisation, so a row is the latency of one small launch-bound computation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,28 +21,43 @@ import engine as eg
 from .timing import median_time
 
 
-def _np_softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
+def _softmax(xp: Any, x: Any) -> Any:
+    e = xp.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 
-def cases() -> list[tuple[str, dict]]:
+def _synced(fns: dict[str, Callable[[], object]], syncs: dict[str, Callable[[], None]]) -> dict:
+    """Each callable followed by its library's device synchronisation (if any)."""
+    def wrap(f: Callable[[], object], sync: Callable[[], None]) -> Callable[[], None]:
+        return lambda: (f(), sync())
+    return {k: wrap(f, syncs[k]) if k in syncs else f for k, f in fns.items()}
+
+
+def cases(device: str = "cpu") -> list[tuple[str, dict]]:
+    """[(case, {"raw": fn, "engine": fn, "torch": fn?})] on `device`."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 64)).astype(np.float32)
     b = rng.standard_normal((64, 64)).astype(np.float32)
     x = rng.standard_normal((32, 64)).astype(np.float32)
     w1 = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32)
     w2 = (rng.standard_normal((64, 10)) * 0.1).astype(np.float32)
-    ta, tb, tx = eg.tensor(a), eg.tensor(b), eg.tensor(x)
-    tw1, tw2 = eg.tensor(w1, requires_grad=True), eg.tensor(w2, requires_grad=True)
+    syncs: dict[str, Callable[[], None]] = {}
+    xp: Any = np
+    if device != "cpu":
+        import cupy
+        xp = cupy
+        syncs["raw"] = syncs["engine"] = cupy.cuda.Device().synchronize
+    ra, rb, rx, rw1, rw2 = (xp.asarray(v) for v in (a, b, x, w1, w2))
+    ta, tb, tx = (eg.tensor(v, device=device) for v in (a, b, x))
+    tw1, tw2 = (eg.tensor(v, requires_grad=True, device=device) for v in (w1, w2))
 
-    def np_mlp() -> None:
-        h = np.tanh(x @ w1)
-        y = h @ w2
-        gy = np.full_like(y, 1.0 / y.size)
+    def raw_mlp() -> None:
+        h = xp.tanh(rx @ rw1)
+        y = h @ rw2
+        gy = xp.full_like(y, 1.0 / y.size)
         gw2 = h.T @ gy
-        gh = gy @ w2.T * (1 - h * h)
-        gw1 = x.T @ gh
+        gh = gy @ rw2.T * (1 - h * h)
+        gw1 = rx.T @ gh
         return gw1, gw2
 
     def eg_mlp() -> None:
@@ -47,17 +66,20 @@ def cases() -> list[tuple[str, dict]]:
         tw1.grad = tw2.grad = None
 
     out = [
-        ("add 64x64", dict(numpy=lambda: a + b, engine=lambda: ta + tb)),
-        ("matmul 64x64", dict(numpy=lambda: a @ b, engine=lambda: ta @ tb)),
-        ("softmax 64x64", dict(numpy=lambda: _np_softmax(a), engine=lambda: eg.softmax(ta, -1))),
-        ("MLP fwd+bwd 32x64x64x10", dict(numpy=np_mlp, engine=eg_mlp)),
+        ("add 64x64", dict(raw=lambda: ra + rb, engine=lambda: ta + tb)),
+        ("matmul 64x64", dict(raw=lambda: ra @ rb, engine=lambda: ta @ tb)),
+        ("softmax 64x64", dict(raw=lambda: _softmax(xp, ra), engine=lambda: eg.softmax(ta, -1))),
+        ("MLP fwd+bwd 32x64x64x10", dict(raw=raw_mlp, engine=eg_mlp)),
     ]
     try:
         import torch
         torch.set_num_threads(2)
-        pa, pb, px = (torch.from_numpy(v) for v in (a, b, x))
-        pw1 = torch.tensor(w1, requires_grad=True)
-        pw2 = torch.tensor(w2, requires_grad=True)
+        tdev = "cuda" if device != "cpu" else "cpu"
+        if tdev == "cuda":
+            syncs["torch"] = torch.cuda.synchronize
+        pa, pb, px = (torch.tensor(v, device=tdev) for v in (a, b, x))
+        pw1 = torch.tensor(w1, requires_grad=True, device=tdev)
+        pw2 = torch.tensor(w2, requires_grad=True, device=tdev)
 
         def torch_mlp() -> None:
             y = (torch.tanh(px @ pw1) @ pw2).mean()
@@ -70,27 +92,30 @@ def cases() -> list[tuple[str, dict]]:
         out[3][1]["torch"] = torch_mlp
     except ImportError:
         pass
-    return out
+    return [(name, _synced(fns, syncs)) for name, fns in out]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--repeat", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    raw = "numpy" if args.device == "cpu" else "cupy"
     rows = []
-    print(f"{'case':28s} {'numpy us':>9s} {'engine us':>10s} {'overhead us':>12s} "
-          f"{'engine/numpy':>13s} {'torch us':>9s} {'engine/torch':>13s}")
-    for name, fns in cases():
+    print(f"{'case':28s} {raw + ' us':>9s} {'engine us':>10s} {'overhead us':>12s} "
+          f"{'engine/' + raw:>13s} {'torch us':>9s} {'engine/torch':>13s}")
+    for name, fns in cases(args.device):
         t = {k: median_time(f, repeat=args.repeat) * 1e6 for k, f in fns.items()}
-        row = dict(case=name, **{f"{k}_us": round(v, 2) for k, v in t.items()})
-        row["engine_over_numpy"] = round(t["engine"] / t["numpy"], 2)
+        t[raw] = t.pop("raw")
+        row = dict(case=name, device=args.device, **{f"{k}_us": round(v, 2) for k, v in t.items()})
+        row[f"engine_over_{raw}"] = round(t["engine"] / t[raw], 2)
         tt = t.get("torch")
         if tt:
             row["engine_over_torch"] = round(t["engine"] / tt, 2)
         rows.append(row)
-        print(f"{name:28s} {t['numpy']:9.1f} {t['engine']:10.1f} {t['engine'] - t['numpy']:12.1f} "
-              f"{t['engine'] / t['numpy']:13.2f} {tt or float('nan'):9.1f} "
+        print(f"{name:28s} {t[raw]:9.1f} {t['engine']:10.1f} {t['engine'] - t[raw]:12.1f} "
+              f"{t['engine'] / t[raw]:13.2f} {tt or float('nan'):9.1f} "
               f"{(t['engine'] / tt) if tt else float('nan'):13.2f}")
     if args.json:
         with open(args.json, "w") as f:

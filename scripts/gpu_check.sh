@@ -150,6 +150,14 @@ run_gpu_benchmark() {
     else
         note "- GPU benchmark: FAILED or timed out (benchmark.log)"; STATUS=1
     fi
+    # per-op latency on the device: engine vs raw CuPy vs PyTorch CUDA (into the same log)
+    if timeout 120 "$PY" -m benchmarks.op_overhead --device cuda --repeat 200 \
+        >>"$OUT/benchmark.log" 2>&1; then
+        note "- GPU op overhead: ok; last lines:"
+        tail -5 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    else
+        note "- GPU op overhead: FAILED or timed out (benchmark.log)"; STATUS=1
+    fi
 }
 
 : >"$SUMMARY"
