@@ -32,7 +32,7 @@ import numpy as np
 
 from .spec import CONFIGS, canonical_batch, canonical_params, matmul_shapes
 
-DEFAULT_STEPS = {"small": 40, "base": 10, "medium": 5}
+DEFAULT_STEPS = {"small": 40, "base": 20, "medium": 12}
 WARMUP = 3
 
 
