@@ -406,7 +406,8 @@ def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Progr
     if fuse:
         pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions),
                      ("fuse_row_prologues", fuse_row_prologues)]
-        if backend.name == "cpu":       # on a GPU, more and smaller launches cost more than they save
+        if backend.name == "cpu":
+            # not on a GPU: each block would be one more launch, and launches bound its step
             from .bands import band_matmuls
             pipeline.append(("band_matmuls", band_matmuls))
     stats = []
