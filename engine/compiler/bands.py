@@ -200,7 +200,6 @@ class BandedMatmul:
     kind = "banded_matmul"
     random = False
     view = False
-    differentiable = False
 
     def __init__(self, how: str, blocks: tuple, fills: tuple, shape: tuple, dtype: Any,
                  work: float) -> None:
