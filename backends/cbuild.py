@@ -2,8 +2,9 @@
 
 Shared by the jit's fused kernels (engine.compiler.ckernels) and the NumPy
 backend's hand-written kernels. Libraries are cached on disk by a hash of their
-source, so a program compiles once per machine; without a C compiler
-(`available()` is False) callers keep their NumPy code paths.
+source, so a program compiles once per machine, in a directory only this user can
+write (backends/kernel_cache.py says why and how that is checked); without a C
+compiler (`available()` is False) callers keep their NumPy code paths.
 """
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import weakref
 from typing import Any
 
 import numpy as np
 
-_CACHE_DIR = os.environ.get("ENGINE_KERNEL_CACHE",
-                            os.path.join(tempfile.gettempdir(), f"engine-kernels-{os.getuid()}"))
+from . import kernel_cache
+
 _compiler = shutil.which("cc") or shutil.which("gcc")
 _loaded: dict[str, Any] = {}
+_PRELUDE = "#include <math.h>\n#include <stdbool.h>\n"
 
 # glibc's vector math library (libmvec): declared `simd`, libm's exp/log/tanh/erf
 # are called on whole SIMD registers, ~10x faster than scalar calls and about as
@@ -31,6 +32,9 @@ VECTOR_MATH_HEADER = "".join(
     f'__attribute__((simd("notinbranch"))) {t} {f}{sfx}({t});\n'
     for f in _VECTOR_FUNCTIONS for t, sfx in (("float", "f"), ("double", "")))
 _vector_math: bool | None = None
+# The first library the engine builds (see vector_math).
+PROBE_SOURCE = ("void probe(long long n, const float* restrict a, float* restrict o) {\n"
+                "  for (long long i = 0; i < n; ++i) o[i] = expf(a[i]) + tanhf(a[i]);\n}\n")
 
 
 def available() -> bool:
@@ -43,10 +47,8 @@ def vector_math() -> bool:
     if _vector_math is None:
         _vector_math = False
         if available() and os.environ.get("ENGINE_NO_VECTOR_MATH", "") != "1":
-            probe = ("void probe(long long n, const float* restrict a, float* restrict o) {\n"
-                     "  for (long long i = 0; i < n; ++i) o[i] = expf(a[i]) + tanhf(a[i]);\n}\n")
             try:
-                lib = build(probe, vector=True)
+                lib = build(PROBE_SOURCE, vector=True)
                 x = np.array([0.0, 1.0, -np.inf, np.inf, np.nan] * 4, dtype=np.float32)
                 out = np.empty_like(x)
                 lib.probe(ctypes.c_longlong(x.size), ctypes.c_void_p(x.ctypes.data),
@@ -58,37 +60,39 @@ def vector_math() -> bool:
     return _vector_math
 
 
+def library_name(source: str, vector: bool = False) -> str:
+    """The cache file name of the library `build(source, vector)` makes: a hash of
+    its whole source (the same on every machine)."""
+    if vector:
+        source = VECTOR_MATH_HEADER + source
+    return f"k{hashlib.sha1(source.encode()).hexdigest()[:20]}.so"
+
+
 def build(source: str, vector: bool = False) -> Any:
     """Compile `source` to a shared library (cached by content) and load it; `vector`
     declares libm's functions SIMD and links libmvec."""
-    if vector:
-        source = VECTOR_MATH_HEADER + source
-    digest = hashlib.sha1(source.encode()).hexdigest()[:20]
-    lib = _loaded.get(digest)
-    if lib is not None:
-        return lib
-    os.makedirs(_CACHE_DIR, exist_ok=True)
-    so = os.path.join(_CACHE_DIR, f"k{digest}.so")
-    if not os.path.exists(so):
-        src = os.path.join(_CACHE_DIR, f"k{digest}.{os.getpid()}.c")
-        with open(src, "w") as f:
-            f.write("#include <math.h>\n#include <stdbool.h>\n" + source)
-        tmp = so + f".{os.getpid()}.tmp"
-        flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
-        libs = ["-lmvec", "-lm"] if vector else ["-lm"]
-        for extra in (["-march=native"], []):
-            res = subprocess.run([_compiler, *flags, *extra, src, "-o", tmp, *libs],
-                                 capture_output=True, text=True)
-            if res.returncode == 0:
-                break
-        os.remove(src)
-        if res.returncode != 0:
-            raise RuntimeError(f"C compiler failed:\n{res.stderr[:2000]}")
-        os.replace(tmp, so)                   # atomic: concurrent builders never see half a file
-    lib = _loaded[digest] = ctypes.CDLL(so)
+    name = library_name(source, vector)
+    lib = _loaded.get(name)
+    if lib is None:
+        text = _PRELUDE + (VECTOR_MATH_HEADER if vector else "") + source
+        lib = _loaded[name] = ctypes.CDLL(kernel_cache.library(name, lambda out: _compile(text, vector, out)))
     return lib
 
 
+def _compile(text: str, vector: bool, out: str) -> None:
+    """Compile C `text` into the shared library `out` (a path in a private scratch
+    directory). The compiler runs from an argument list, never through a shell."""
+    src = out[:-len(".so")] + ".c"
+    with open(src, "w") as f:
+        f.write(text)
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+    libs = ["-lmvec", "-lm"] if vector else ["-lm"]
+    for extra in (["-march=native"], []):
+        res = subprocess.run([_compiler, *flags, *extra, src, "-o", out, *libs],
+                             capture_output=True, text=True)
+        if res.returncode == 0:
+            return
+    raise RuntimeError(f"C compiler failed:\n{res.stderr[:2000]}")
 
 
 _addresses: dict[int, tuple] = {}
