@@ -16,9 +16,14 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import engine as eg
+import nn
+import ops
 from backends import cbuild, host_kernels
+from engine.compiler.codegen import _comment, literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cc = pytest.mark.skipif(not cbuild.available(), reason="no C compiler: nothing is loaded")
@@ -194,3 +199,128 @@ def test_private_cache_is_created_and_reused_by_the_next_process(tmp_path):
     assert {os.path.basename(p) for p in second["mapped"]} == set(built)
     assert all(p.startswith(cache) for p in second["mapped"]), second["mapped"]
     assert second["softmax_err"] < 1e-6 and second["jit_err"] < 1e-5
+
+
+# -- generated code: user values are objects in its namespace, never text in its source ---------
+
+def _command(marker) -> str:
+    """Python that creates `marker` if it is ever run as code."""
+    return f"__import__('os').system('touch {marker}')"
+
+
+def _hostile_names(marker) -> list[str]:
+    cmd = _command(marker)
+    return [cmd, f"a'\n{cmd}\n#", f'b"\n{cmd}\n#', "c\r" + cmd, f"d'); {cmd}; ('", "e\\"]
+
+
+class _Hostile(nn.Module):
+    """Sub-modules, a ModuleDict and a parameter registered under names that are code."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.heads = nn.ModuleDict({n: nn.Linear(4, 3) for n in names})
+        for n in names:
+            setattr(self, n, nn.Linear(3, 3))
+            self.register_parameter(n + "_scale", nn.Parameter(eg.tensor(rng.standard_normal(3))))
+        self.names = names
+
+    def forward(self, x):
+        out = 0.0
+        for n in self.names:
+            out = out + getattr(self, n)(self.heads[n](x)) * getattr(self, n + "_scale")
+        return out
+
+
+def _assert_clean(compiled, marker) -> None:
+    assert not os.path.exists(marker), "a user string was run as code"
+    entry = compiled._entry()
+    for text in [entry.generated.source, *entry.generated.kernel_sources]:
+        assert "system" not in text and "__import__" not in text, text
+
+
+def test_hostile_module_parameter_and_dict_key_names_never_reach_generated_code(tmp_path):
+    marker = str(tmp_path / "marker")
+    names = _hostile_names(marker)
+    x = eg.tensor(np.random.default_rng(1).standard_normal((5, 4)), dtype=eg.float32)
+
+    initial = _Hostile(names).state_dict()
+
+    def run(compiled: bool) -> tuple[list, list]:
+        model = _Hostile(names)
+        model.load_state_dict(initial)
+        opt = nn.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x, tag):                      # `tag`: a static string argument that is code
+            opt.zero_grad()
+            loss = (model(x) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return loss
+        fn = eg.jit(step, static_argnums=(1,)) if compiled else step
+        losses = [fn(x, _command(marker)).item() for _ in range(3)]
+        if compiled:
+            _assert_clean(fn, marker)
+        return losses, [p.numpy().copy() for p in model.parameters()]
+
+    (eager_losses, eager_params), (jit_losses, jit_params) = run(False), run(True)
+    np.testing.assert_allclose(jit_losses, eager_losses, rtol=1e-5)
+    for a, b in zip(jit_params, eager_params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not os.path.exists(marker)
+
+
+def test_constants_whose_repr_is_code_are_passed_as_objects(tmp_path):
+    """A number subclass prints whatever it likes: its text never becomes code, in the
+    generated Python (ufunc chains, shapes, axes) or in the C kernels."""
+    marker = str(tmp_path / "marker")
+    cmd = _command(marker)
+
+    class LyingFloat(float):
+        def __repr__(self):
+            return cmd
+        __str__ = __repr__
+
+    class LyingInt(int):
+        def __repr__(self):
+            return cmd
+        __str__ = __repr__
+
+    x = eg.tensor(np.random.default_rng(2).standard_normal((6, 8)), dtype=eg.float32)
+    two, one, n = LyingFloat(2.0), LyingFloat(1.0), LyingInt(3)
+    functions = [
+        lambda a: a * two,                                               # one ufunc
+        lambda a: ((a * two + one).abs().sqrt() - a) * a,               # a fused group (C or ufuncs)
+        lambda a: (a.reshape((LyingInt(8), LyingInt(6))) * n).transpose((LyingInt(1), LyingInt(0))),
+        lambda a: (a * two).sum(axis=LyingInt(1)) + float("inf") * 0 + one,
+    ]
+    for fn in functions:
+        compiled = eg.jit(fn)
+        np.testing.assert_allclose(compiled(x).numpy(), fn(x).numpy(), rtol=1e-6, equal_nan=True)
+        _assert_clean(compiled, marker)
+    assert not os.path.exists(marker)
+
+
+def test_string_values_are_rejected_or_never_run(tmp_path):
+    """Strings where numbers or options belong fail (an option by name, as in eager
+    mode; a string operand as data NumPy has no loop for), and are never run as code."""
+    marker = str(tmp_path / "marker")
+    x = eg.tensor(np.ones((3, 4)), dtype=eg.float32)
+    with pytest.raises(ValueError, match="approximate"):
+        eg.jit(lambda a: eg.gelu(a, approximate=_command(marker)))(x)
+    for fn in (lambda a: a * _command(marker),
+               lambda a: ops.REGISTRY["mul"](a, np.str_(_command(marker))).abs().sqrt() * a):
+        with pytest.raises(Exception, match="did not contain a loop|must be tensors"):
+            fn(x)
+        with pytest.raises(Exception, match="did not contain a loop|must be tensors"):
+            eg.jit(fn)(x)
+    assert not os.path.exists(marker)
+
+
+def test_generated_code_helpers_keep_text_out_of_code():
+    ns: dict = {}
+    assert literal((2, 3.5, True, None), ns) == "(2, 3.5, True, None)" and ns == {}
+    for value in ["x'); import os; ('", float("nan"), np.float32(1.0), (1, "s"), np.dtype("f4")]:
+        name = literal(value, ns)
+        assert name.isidentifier() and ns[name] is value
+    assert "\n" not in _comment("sqrt\nimport os") and "\r" not in _comment("a\rb")

@@ -9,6 +9,7 @@ groups run as a chain of in-place ufunc calls over one or two temporaries.
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -24,6 +25,31 @@ from .rows import find_row_groups
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 _INLINE_METHODS = {"reshape": "shape", "transpose": "axes"}   # op -> its one parameter
+
+
+def literal(value: Any, ns: dict) -> str:
+    """Source text standing for the constant `value` in generated code: a literal for
+    finite plain numbers, bools, None and tuples of them (the repr of these builtins is
+    exactly their value), else a name bound to the object itself in the namespace `ns`.
+    No other object's text (a string, a user's number subclass with its own repr, an
+    odd integer in a shape) ever becomes code."""
+    if _plain(value):
+        return repr(value)
+    key = f"_o{len(ns)}"                  # namespace only grows: a fresh name every time
+    ns[key] = value
+    return key
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind is tuple:
+        return all(_plain(v) for v in value)
+    return kind is int or kind is bool or value is None or (kind is float and math.isfinite(value))
+
+
+def _comment(text: str) -> str:
+    """`text` for a comment in generated code: on one line whatever it holds."""
+    return text if text.isprintable() else ascii(text)
 
 
 def _writes_out(fn: Any) -> bool:
@@ -144,11 +170,11 @@ def _row_group_lines(group: Any, runner: Any, k: int, names: dict, name: Any, sl
     lines = []
     for v in group.stored:
         buf = f"_b[{slots[v]}]" if v in slots else (
-            names[donated[v]] if v in donated else f"np.empty({v.shape!r}, np.{v.dtype.name})")
+            names[donated[v]] if v in donated else f"np.empty({literal(v.shape, ns)}, {literal(v.dtype, ns)})")
         lines.append(f"    {names[v]} = {buf}")
     ops_ = ",".join(s.group.name if s.kind == "map" else f"sum<{s.group.name}>" for s in group.steps)
     args = [name(v) for v in group.inputs] + [names[v] for v in group.stored]
-    lines.append(f"    _rows{k}({', '.join(args)})  # C: rows[{ops_}]")
+    lines.append(f"    _rows{k}({', '.join(args)})  # C: {_comment(f'rows[{ops_}]')}")
     inside = {s.out for s in group.steps if s.out not in group.stored}     # never named
     gone = [v for v in dying if v not in inside]
     if gone:
@@ -347,9 +373,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
     names: dict = {}
 
     def name(v: Any) -> str:
-        if isinstance(v, Value):
-            return names[v]
-        return repr(v) if not (isinstance(v, float) and not np.isfinite(v)) else f"float('{v}')"
+        return names[v] if isinstance(v, Value) else literal(v, ns)
 
     for i, v in enumerate(program.inputs):
         names[v] = f"x{v.id}"
@@ -449,7 +473,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
         if kind and kind[0] == "ckernel":
             ns[f"_f{k}"] = kind[1]
             arrays = [name(a) for a in n.inputs if isinstance(a, Value)]   # constants live in the kernel
-            lines.append(f"    {out} = _f{k}({', '.join(arrays)}{', out=' + dest if dest else ''})  # C: {n.op.name}")
+            lines.append(f"    {out} = _f{k}({', '.join(arrays)}{', out=' + dest if dest else ''})  # C: {_comment(n.op.name)}")
         elif kind and kind[0] == "group":
             lines += _group_lines(n, kind[1], args, out, dest, ns, group_temps, k)
         elif kind and kind[0] == "ufunc":
@@ -459,11 +483,11 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             ns[f"_f{k}"] = kind[1]
             if dest and n.out in transposed:          # write in the layout its reader wants
                 shape, inverse = transposed[n.out]
-                dest = f"{dest}.reshape({shape!r}).transpose({inverse!r})"
+                dest = f"{dest}.reshape({literal(shape, ns)}).transpose({literal(inverse, ns)})"
             lines.append(f"    {out} = _f{k}({', '.join(args)}, {dest or 'None'})")
         elif getattr(backend, "array_methods", False) and n.op.name in _INLINE_METHODS:
             param = _INLINE_METHODS[n.op.name]
-            lines.append(f"    {out} = {args[0]}.{n.op.name}({n.params[param]!r})")
+            lines.append(f"    {out} = {args[0]}.{n.op.name}({literal(n.params[param], ns)})")
         else:
             ns[f"_f{k}"] = functools.partial(n.op.forward, backend, **n.params)
             lines.append(f"    {out} = _f{k}({', '.join(args)})")
@@ -520,7 +544,7 @@ def _group_lines(n: Node, fns: list, args: list, out: str, dest: str | None, ns:
             elif isinstance(a, tuple):
                 operands.append(args[a[1]])
             else:
-                operands.append(repr(a) if not (isinstance(a, float) and not np.isfinite(a)) else f"float('{a}')")
+                operands.append(literal(a, ns))
         last = j == len(group.steps) - 1
         if last:
             target = dest
