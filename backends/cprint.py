@@ -377,8 +377,12 @@ def derivative_kernel_source(spec: Any, i: int, dtype: Any) -> tuple[str, str, s
 
 
 def kernel_name(spec_name: str, dtype: Any, suffix: str = "") -> str:
-    """A C identifier for the kernel of op `spec_name` in `dtype`."""
-    return f"engine_{spec_name}{suffix}_{np.dtype(dtype).name}"
+    """A C identifier for the kernel of op `spec_name` in `dtype` (CPrintError when the
+    op's name could not be part of one: it would be C text, not a name)."""
+    name = f"engine_{spec_name}{suffix}_{np.dtype(dtype).name}"
+    if not name.isidentifier() or not name.isascii():
+        raise CPrintError(f"op name {spec_name!r} cannot name a C kernel: not an identifier")
+    return name
 
 
 def parse_params(params: str) -> list[tuple[np.dtype, str]]:

@@ -324,3 +324,35 @@ def test_generated_code_helpers_keep_text_out_of_code():
         name = literal(value, ns)
         assert name.isidentifier() and ns[name] is value
     assert "\n" not in _comment("sqrt\nimport os") and "\r" not in _comment("a\rb")
+
+
+class _RunsOnUnpickle:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_are_read_without_pickle(tmp_path):
+    """A checkpoint holding a pickled object (which would run a command when
+    unpickled) is refused with a CheckpointError; the command never runs."""
+    marker = str(tmp_path / "marker")
+    model = nn.Linear(2, 2)
+    path = str(tmp_path / "ckpt.npz")
+    nn.save(path, model)
+    with np.load(path) as z:
+        entries = {k: z[k] for k in z.files}
+    entries["model/weight"] = np.array([_RunsOnUnpickle(marker)], dtype=object)
+    np.savez(path, **entries)
+    with pytest.raises(Exception) as refused:
+        nn.load(path, model)
+    assert not os.path.exists(marker), "unpickling a checkpoint ran a command"
+    assert isinstance(refused.value, nn.CheckpointError) and "cannot read" in str(refused.value)
+
+
+def test_kernel_names_are_identifiers():
+    from backends.cprint import CPrintError, kernel_name
+    assert kernel_name("softmax", "float32") == "engine_softmax_float32"
+    with pytest.raises(CPrintError, match="identifier"):
+        kernel_name("x(){}; void y", "float32")
