@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import weakref
@@ -60,12 +61,28 @@ def vector_math() -> bool:
     return _vector_math
 
 
+def _target() -> str:
+    """What a library built with -march=native depends on besides its source: the
+    compiler and the CPU's instruction sets. A cache in a home directory shared by
+    several machines must not hand one machine's AVX-512 build to another."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"{_compiler}|{platform.machine()}|{platform.processor()}|{flags}"
+
+
+_TARGET = _target()
+
+
 def library_name(source: str, vector: bool = False) -> str:
     """The cache file name of the library `build(source, vector)` makes: a hash of
-    its whole source (the same on every machine)."""
+    its whole source and of the machine it is built for."""
     if vector:
         source = VECTOR_MATH_HEADER + source
-    return f"k{hashlib.sha1(source.encode()).hexdigest()[:20]}.so"
+    return f"k{hashlib.sha1((_TARGET + source).encode()).hexdigest()[:20]}.so"
 
 
 def build(source: str, vector: bool = False) -> Any:

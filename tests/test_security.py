@@ -201,6 +201,33 @@ def test_private_cache_is_created_and_reused_by_the_next_process(tmp_path):
     assert second["softmax_err"] < 1e-6 and second["jit_err"] < 1e-5
 
 
+@needs_cc
+def test_processes_building_the_same_kernels_at_once_share_the_cache(tmp_path):
+    """Two processes filling one fresh cache at the same time: each library is renamed
+    into place whole, both compute the right results, no temporary file is left."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENGINE_KERNEL_CACHE",)}
+    env.update(XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKLOAD], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["warnings"] == [] and result["softmax_err"] < 1e-6 and result["jit_err"] < 1e-5
+    names = os.listdir(tmp_path / "engine" / "kernels")
+    assert names and all(n.startswith("k") and n.endswith(".so") for n in names), names
+
+
+def test_library_names_depend_on_the_machine(monkeypatch):
+    """-march=native builds are machine-specific: a cache in a home directory shared by
+    machines with other instruction sets must not hand them each other's libraries."""
+    here = cbuild.library_name("void f(void) {}")
+    monkeypatch.setattr(cbuild, "_TARGET", cbuild._target() + " avx512f")
+    assert cbuild.library_name("void f(void) {}") != here
+    monkeypatch.setattr(cbuild, "_TARGET", cbuild._target())
+    assert cbuild.library_name("void f(void) {}") == here
+
+
 # -- generated code: user values are objects in its namespace, never text in its source ---------
 
 def _command(marker) -> str:
