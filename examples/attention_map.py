@@ -40,6 +40,7 @@ if __package__ in (None, ""):          # run as a script: make `engine`/`nn` imp
 
 import engine as eg                                            # noqa: E402
 from engine import nn                                          # noqa: E402
+from examples.common import report_files, warmup_cosine        # noqa: E402
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 DET = {"the": "le", "a": "un"}
@@ -110,7 +111,7 @@ def build_model(vocab_size: int, args: argparse.Namespace) -> nn.Seq2SeqTransfor
 def train(model: nn.Seq2SeqTransformer, vocab: Vocab, args: argparse.Namespace) -> float:
     """Trains on fresh sentences every step; returns the held-out exact-match rate."""
     opt = nn.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = nn.optim.WarmupCosineLR(opt, max(1, args.steps // 10), args.steps, min_ratio=0.05)
+    sched = warmup_cosine(opt, max(1, args.steps // 10), args.steps, min_ratio=0.05)
     dev = args.device
 
     def batch_fn(step: int) -> tuple:
