@@ -3,9 +3,10 @@
 Nothing is downloaded. The docstrings of a fixed list of standard-library modules (and
 of the public classes, functions and methods they define) are collected with
 `inspect`, in a fixed order, cleaned with `inspect.cleandoc` and deduplicated. The
-text depends on the Python version (3.11 here: about 3 MB); modules that cannot be
-imported on this machine are skipped and reported. Under `python -OO` docstrings are
-stripped and the corpus is empty, which `load_corpus` reports as an error.
+text depends on the Python version (3.11 here: 2,501 documents, about 734,000
+characters, 0.73 MB); modules that cannot be imported on this machine are skipped and
+reported. Under `python -OO` docstrings are stripped and the corpus is empty, which
+`load_corpus` reports as an error.
 
     python examples/corpus.py            # statistics and a sample
 """

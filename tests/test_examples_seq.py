@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from examples import attention_map, toy_tasks, translate
+from examples import attention_map, fit_mlp, toy_tasks, translate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +38,48 @@ def test_toy_task_smoke(task: str, tmp_path: str, capsys: pytest.CaptureFixture)
     assert "issue" not in out
     assert all(np.isfinite(h["loss"]) for h in res["history"])
     assert len(res["history"]) == 6
+
+
+def test_fit_mlp_smoke_and_script_run(tmp_path: str, capsys: pytest.CaptureFixture) -> None:
+    first = fit_mlp.main(["--smoke"])
+    assert "ours: MISS" in capsys.readouterr().out and first > 0.01     # 20 steps: no fit yet
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "fit_mlp.py"),
+                        "--steps", "300"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)                  # as a script, from anywhere
+    assert r.returncode == 0, r.stderr
+    assert "R^2" in r.stdout
+
+
+def test_attention_map_without_matplotlib_says_how_to_get_pictures(
+        tmp_path: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib fails
+    attention_map.main(["--smoke", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'pip install -e ".[plot]"' in out and "--text prints" in out
+    assert out.count("% of the row") == 1                    # one table, not one per head
+    assert os.path.join(str(tmp_path), "model.npz") in out
+
+
+def test_heatmap_has_a_colour_bar_and_token_labels(tmp_path: str) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    saved = []
+    monkey = plt.Figure.savefig
+
+    def keep(fig, *a, **k):                                  # inspect the figure as saved
+        saved.append(fig)
+        return monkey(fig, *a, **k)
+    plt.Figure.savefig = keep
+    try:
+        w = np.array([[0.9, 0.1], [0.2, 0.8]])
+        assert attention_map.save_heatmap(w, ["le", "chat"], ["the", "cat"], "cross attention",
+                                          str(tmp_path / "m.png"))
+    finally:
+        plt.Figure.savefig = monkey
+    heat, bar = saved[0].axes
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["the", "cat"]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["le", "chat"]
+    assert bar.get_ylabel() == "attention weight"
+    assert (tmp_path / "m.png").stat().st_size > 0
 
 
 def test_translate_smoke(tmp_path: str, capsys: pytest.CaptureFixture) -> None:
