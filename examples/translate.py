@@ -20,7 +20,10 @@ sentences, and a few are translated with beam search.
     python examples/translate.py --translate "the first of may 2020" "dec 24 1999"
     python examples/translate.py --smoke             # a few steps of a tiny model
 
-Writes the log (JSONL), the checkpoint and, with matplotlib, the loss curve to --out-dir.
+--translate sentences are checked before training: a word outside the vocabulary is
+named and the run stops (the model would otherwise read it as <unk> and still answer
+with a date). Writes the log (JSONL), the checkpoint and, with matplotlib, the loss
+curve to --out-dir and lists them at the end, after the verdict against the 98% target.
 """
 from __future__ import annotations
 
