@@ -1,4 +1,4 @@
-"""The shared benchmark workload (shared/benchmarks/model_spec.md): configs, the
+"""The benchmark workload (described in benchmarks/README.md): configs, the
 canonical parameters and batch, FLOPs per step, and the NumPy matmul floor."""
 from __future__ import annotations
 

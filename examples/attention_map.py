@@ -40,6 +40,7 @@ if __package__ in (None, ""):          # run as a script: make `engine`/`nn` imp
 
 import engine as eg                                            # noqa: E402
 from engine import nn                                          # noqa: E402
+from examples.common import report_files, warmup_cosine        # noqa: E402
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 DET = {"the": "le", "a": "un"}
@@ -110,7 +111,7 @@ def build_model(vocab_size: int, args: argparse.Namespace) -> nn.Seq2SeqTransfor
 def train(model: nn.Seq2SeqTransformer, vocab: Vocab, args: argparse.Namespace) -> float:
     """Trains on fresh sentences every step; returns the held-out exact-match rate."""
     opt = nn.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = nn.optim.WarmupCosineLR(opt, max(1, args.steps // 10), args.steps, min_ratio=0.05)
+    sched = warmup_cosine(opt, max(1, args.steps // 10), args.steps, min_ratio=0.05)
     dev = args.device
 
     def batch_fn(step: int) -> tuple:
@@ -164,19 +165,26 @@ def text_table(weights: np.ndarray, rows: list[str], cols: list[str], title: str
 
 def save_heatmap(weights: np.ndarray, rows: list[str], cols: list[str], title: str,
                  path: str) -> bool:
+    """One attention map as a PNG: queries down, keys across, each labelled with its token,
+    a colour bar for the weight and each cell's percentage written in it. False (nothing
+    written) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 1 + 0.5 * len(rows)))
-    ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * len(cols), 1.2 + 0.5 * len(rows)))
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
+    for (i, j), v in np.ndenumerate(weights):
+        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                color="black" if v > 0.6 else "white")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("attends to (keys)")
     ax.set_ylabel("query (the word being produced)" if "cross" in title else "query")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -262,17 +270,28 @@ def main(argv: list[str] | None = None) -> dict:
         path = os.path.join(args.out_dir, f"{kind}_layer{layer}_head{h}.png")
         if use_png and save_heatmap(w, rows, cols, title, path):
             saved.append(path)
-        else:
-            use_png = False
+        elif args.text:
             print("\n" + text_table(w, rows, cols, title + " (% of the row; * = row maximum)"))
+        else:
+            use_png = False                                 # no matplotlib: one table below
     last = max(m[1] for m in maps if m[0] == "cross")
     mean_cross = np.mean([m[3] for m in maps if m[0] == "cross" and m[1] == last], axis=0)
+    mean_title = f"cross-attention of the last decoder layer, mean over heads"
+    mean_png = os.path.join(args.out_dir, "cross_mean_last_layer.png")
+    if saved and save_heatmap(mean_cross, rows_tgt, words, mean_title, mean_png):
+        saved.append(mean_png)
     print("\n" + text_table(mean_cross, rows_tgt, words,
-                            f"cross-attention of the last decoder layer, mean over heads "
-                            f"(% of the row; * = row maximum)"))
-    if saved:
-        print(f"\nsaved {len(saved)} heatmaps (one per head) to {args.out_dir}/")
+                            mean_title + " (% of the row; * = row maximum)"))
     print(f"total time {time.perf_counter() - t0:.0f}s")
+    files = {"checkpoint": ckpt}
+    if heldout is not None:                             # trained in this run
+        loss_png = os.path.join(args.out_dir, "loss.png")
+        files.update({"training log": os.path.join(args.out_dir, "log.jsonl"),
+                      "loss curve": loss_png if os.path.exists(loss_png) else None})
+    files[f"heatmaps ({len(saved)} PNGs)" if saved else "heatmaps"] = args.out_dir if saved else None
+    report_files(files)
+    if not saved and not args.text:
+        print("(--text prints the table of every head of every layer)")
     return {"translation": target, "heldout_exact": heldout, "maps": maps, "pngs": saved,
             "reference": translate_words(words) if not unknown else None}
 

@@ -3,9 +3,10 @@
 Nothing is downloaded. The docstrings of a fixed list of standard-library modules (and
 of the public classes, functions and methods they define) are collected with
 `inspect`, in a fixed order, cleaned with `inspect.cleandoc` and deduplicated. The
-text depends on the Python version (3.11 here: about 3 MB); modules that cannot be
-imported on this machine are skipped and reported. Under `python -OO` docstrings are
-stripped and the corpus is empty, which `load_corpus` reports as an error.
+text depends on the Python version (3.11 here: 2,501 documents, about 734,000
+characters, 0.73 MB); modules that cannot be imported on this machine are skipped and
+reported. Under `python -OO` docstrings are stripped and the corpus is empty, which
+`load_corpus` reports as an error.
 
     python examples/corpus.py            # statistics and a sample
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -117,6 +120,40 @@ def load_corpus(val_fraction: float = 0.05, max_docs: int | None = None,
     for d in docs:
         (val if zlib.crc32(d.encode()) % 10_000 < cut else train).append(d)
     return Corpus(train, val, skipped)
+
+
+MIN_CHARS = 2_000
+
+
+def load_text_file(path: str, val_fraction: float = 0.1) -> Corpus:
+    """A user's UTF-8 text file as a corpus: the last `val_fraction` of it (cut at a line
+    break) is the validation text, and each part is split into documents at blank lines.
+    Raises ValueError naming the file when it is missing, not UTF-8, or too small to
+    train on (fewer than MIN_CHARS characters)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path!r}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"--data {path!r}: not UTF-8 text (byte {e.start}, line {line}: "
+                         f"{raw[e.start:e.start + 1]!r}); convert it first, e.g. with "
+                         f"iconv -t UTF-8") from None
+    text = text.replace("\r\n", "\n")
+    n = len(text.strip())
+    if n < MIN_CHARS:
+        raise ValueError(f"--data {path!r}: {'empty' if n == 0 else f'only {n:,} characters'}; "
+                         f"training needs at least {MIN_CHARS:,} characters of text")
+    cut = text.find("\n", int(len(text) * (1 - val_fraction)))
+    cut = int(len(text) * (1 - val_fraction)) if cut < 0 else cut
+    return Corpus(_paragraphs(text[:cut]), _paragraphs(text[cut:]))
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Documents separated by blank lines (a file without any is one document)."""
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def main(argv: list[str] | None = None) -> Corpus:

@@ -1,7 +1,7 @@
-"""Masked-language-model pretraining (BERT-style) of an encoder on the standard library's docstrings.
+"""Masked-language-model pretraining (BERT-style) of an encoder, on docstrings or your text.
 
 The corpus and tokenizer are those of examples/lm.py (stdlib docstrings, collected
-offline; byte-level BPE). Each step takes random windows of the token stream and
+offline, or any UTF-8 text file with --data; byte-level BPE). Each step takes random windows of the token stream and
 corrupts them with nn.mask_tokens: 15% of the non-special tokens are chosen, of
 those 80% become <mask>, 10% a random token, 10% stay; nn.MaskedLM (a bidirectional
 encoder with BERT's prediction head, output tied to the embedding) is trained to
@@ -15,6 +15,7 @@ filled in by the model. Writes the tokenizer, checkpoint, JSONL log and (with
 matplotlib) the loss curve into --out-dir; `--resume` continues an interrupted run.
 
     python examples/mlm.py               # ~2.5 minutes on 2 CPU cores
+    python examples/mlm.py --data my_text.txt --out-dir runs/my_mlm
     python examples/mlm.py --smoke       # a few steps of a tiny model
 
 A healthy run: for ~1000 steps the model predicts little beyond token frequencies
@@ -42,8 +43,8 @@ if __package__ in (None, ""):          # run as a script: make `examples` import
 
 import engine as eg                                                   # noqa: E402
 from engine import nn                                                 # noqa: E402
-from examples.corpus import load_corpus                               # noqa: E402
-from examples.lm import stream                                        # noqa: E402
+from examples.common import linear_warmup, report_files, run_cli      # noqa: E402
+from examples.lm import load_text, stream                             # noqa: E402
 from nn.masking import mask_tokens                                    # noqa: E402
 from nn.tokenizers import MASK_ID, BPETokenizer                       # noqa: E402
 
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate after warmup (AdamW)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--data", default=None, metavar="FILE",
+                    help="train on this UTF-8 text file instead of the docstrings")
     ap.add_argument("--out-dir", default="runs/mlm", help="tokenizer, checkpoint, log, plot")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--jit", action="store_true", help="compile the training step (eg.jit)")
@@ -110,19 +113,28 @@ def windows(ids: np.ndarray, T: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    return run_cli(_parser(), argv, train)
+
+
+def train(args: argparse.Namespace) -> dict:
     if args.smoke:
         _smoke(args)
-    os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.perf_counter()
 
-    corpus = load_corpus(max_docs=300 if args.smoke else None)
+    corpus, name = load_text(args)
+    os.makedirs(args.out_dir, exist_ok=True)
     tok = BPETokenizer.train(corpus.train, args.vocab)
-    tok.save(os.path.join(args.out_dir, "tokenizer.json"))
+    tok_path = os.path.join(args.out_dir, "tokenizer.json")
+    tok.save(tok_path)
     train_ids, val_ids = stream(tok, corpus.train), stream(tok, corpus.val)
     V, B, T = tok.vocab_size, args.batch, args.context
-    print(f"corpus: {len(corpus.train)} train / {len(corpus.val)} validation docstrings; BPE "
-          f"vocabulary {V}; {len(train_ids):,} train and {len(val_ids):,} validation tokens")
+    print(f"corpus ({name}): {len(corpus.train)} train / {len(corpus.val)} validation "
+          f"documents; BPE vocabulary {V}; {len(train_ids):,} train and {len(val_ids):,} "
+          f"validation tokens")
+    for part, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) < T + 1:
+            raise ValueError(f"--data: the {part} text is {len(ids)} tokens, fewer than one "
+                             f"window of --context {T}; use more text or a smaller --context")
 
     eg.manual_seed(args.seed)
     model = nn.MaskedLM(V, d_model=args.d_model, nhead=args.heads, num_layers=args.layers,
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Linear warmup, then constant: masked-LM training sits on a unigram plateau for the
     # first ~1000 steps here and a decaying rate would slow the climb that follows.
     warmup = max(1, args.warmup)
-    sched = nn.optim.LambdaLR(opt, lambda s: min(1.0, s / warmup))
+    sched = linear_warmup(opt, warmup)
     print(f"model: MaskedLM d_model={args.d_model} layers={args.layers} heads={args.heads}, "
           f"{n_params:,} parameters; {args.steps} steps of {B}x{T} tokens")
 
@@ -200,20 +212,23 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"validation: {int(chosen.sum()):,} chosen positions in {len(val_x)} windows; "
           f"most-frequent-token baseline ({tok.token(top)!r} every time): accuracy {baseline:.3f}")
     log = os.path.join(args.out_dir, "log.jsonl")
+    ckpt = os.path.join(args.out_dir, "checkpoint.npz")
     hist = nn.train(model, opt, batch_fn, loss_fn, steps=args.steps, scheduler=sched,
                     clip_norm=1.0, eval_fn=evaluate, eval_every=args.eval_every,
-                    checkpoint=os.path.join(args.out_dir, "checkpoint.npz"),
-                    checkpoint_every=args.eval_every, resume=args.resume, log=log,
-                    print_every=max(1, args.eval_every // 4), seed=args.seed, jit=args.jit,
-                    tokens_fn=lambda b: B * T)
+                    checkpoint=ckpt, checkpoint_every=args.eval_every, resume=args.resume,
+                    log=log, print_every=max(1, args.eval_every // 4), seed=args.seed,
+                    jit=args.jit, tokens_fn=lambda b: B * T)
     final = [r for r in nn.read_log(log) if "val_acc" in r][-1]
     print(f"masked-token accuracy {final['val_acc']:.3f} (on <mask> positions "
           f"{final['val_acc_masked']:.3f}) vs most-frequent-token baseline {baseline:.3f} "
           f"({final['val_acc'] / max(baseline, 1e-9):.1f}x); validation loss "
           f"{final['val_loss']:.3f}")
+    ok = final["val_acc_masked"] > baseline
+    print(f"ours: {'pass' if ok else 'MISS'}: at <mask> positions, where nothing can be copied, "
+          f"the model {'beats' if ok else 'does not beat'} the most-frequent token "
+          f"({final['val_acc_masked']:.3f} vs {baseline:.3f})")
     png = os.path.join(args.out_dir, "loss.png")
-    if nn.plot_losses(log, png, title="masked LM on stdlib docstrings"):
-        print(f"loss curve: {png}")
+    drawn = nn.plot_losses(log, png, title=f"masked LM on {name}")
 
     pred_flat, _ = predict(model)
     pred = np.full(val_y.shape, -1)
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
           + "".join(filled).replace("\n", " "))
     elapsed = time.perf_counter() - t_start
     print(f"total time {elapsed:.0f}s")
+    report_files({"tokenizer": tok_path, "checkpoint": ckpt, "training log": log,
+                  "loss curve": png if drawn else None})
     return {"val_acc": final["val_acc"], "val_acc_masked": final["val_acc_masked"],
             "val_loss": final["val_loss"], "baseline_acc": baseline, "history": hist,
             "seconds": elapsed}

@@ -46,7 +46,10 @@ def test_lm_smoke(tmp_path, capsys):
     assert len(res["history"]) == 6 and np.isfinite(res["val_loss"])
     assert res["samples"][0].startswith("Return the")
     text = capsys.readouterr().out
-    assert "unigram baseline" in text and "samples (top-p" in text
+    assert "unigram baseline" in text and "samples (temperature 0.8, top-k off, top-p 0.9)" in text
+    for name in ("tokenizer.json", "checkpoint.npz", "config.json", "log.jsonl"):
+        assert os.path.join(out, name) in text                  # the run says where it wrote
+    assert "loss curve" in text
     again = lm.main(["--smoke", "--out-dir", out, "--resume"])        # already finished
     assert again["history"] == []
 
@@ -123,3 +126,77 @@ def test_mlm_scores_exactly_the_chosen_positions():
     real = labels != mlm.IGNORE
     np.testing.assert_allclose(part[real], full[pos[real]], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pos[real], np.flatnonzero(y.reshape(-1) != mlm.IGNORE))
+
+
+def _own_text(path, paragraphs=60):
+    """A small text of the user's kind: varied sentences, paragraphs between blank lines."""
+    rng = np.random.default_rng(0)
+    words = "the river runs past an old mill where the miller sings of rain and bread".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(paragraphs):
+            f.write(" ".join(rng.choice(words, 40)) + ".\n\n")
+    return str(path)
+
+
+def test_lm_trains_on_a_text_file_then_samples_from_its_checkpoint(tmp_path, capsys):
+    data = _own_text(tmp_path / "mine.txt")
+    out = str(tmp_path / "run")
+    res = lm.main(["--smoke", "--data", data, "--out-dir", out, "--vocab", "280"])
+    text = capsys.readouterr().out
+    assert "corpus (mine.txt)" in text and np.isfinite(res["val_loss"])
+    ckpt = os.path.join(out, "checkpoint.npz")
+    assert f"--sample --checkpoint {ckpt}" in text
+    sampled = lm.main(["--sample", "--checkpoint", ckpt, "--prompt", "the river",
+                       "--samples", "2", "--top-k", "3", "--max-new-tokens", "6"])
+    assert len(sampled["samples"]) == 2 and all(t.startswith("the river") for t in sampled["samples"])
+    assert "top-k 3" in capsys.readouterr().out
+    beam = lm.main(["--sample", "--checkpoint", ckpt, "--prompt", "the river", "--beams", "3",
+                    "--max-new-tokens", "6"])
+    assert len(beam["samples"]) == 1 and "beam search, 3 beams" in capsys.readouterr().out
+    again = lm.main(["--sample", "--checkpoint", ckpt, "--prompt", "the river", "--beams", "3",
+                     "--max-new-tokens", "6"])
+    assert again["samples"] == beam["samples"]             # the weights came from the file
+
+
+def test_mlm_trains_on_a_text_file(tmp_path, capsys):
+    res = mlm.main(["--smoke", "--data", _own_text(tmp_path / "mine.txt"), "--vocab", "280",
+                    "--out-dir", str(tmp_path / "run")])
+    assert 0.0 <= res["val_acc"] <= 1.0 and "corpus (mine.txt)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "empty"),
+    (b"short text\n" * 10, "only 109 characters"),
+    ("caf\u00e9 ".encode("latin-1") * 600, "not UTF-8 text (byte 3, line 1"),
+])
+@pytest.mark.parametrize("script", [lm, mlm])
+def test_unusable_text_files_are_refused_with_the_reason(script, content, message, tmp_path,
+                                                         capsys):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--smoke", "--data", str(path), "--out-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--data {str(path)!r}" in err and message in err
+    assert not os.path.exists(tmp_path / "run")            # refused before writing anything
+
+
+def test_too_little_text_for_one_window_is_refused(tmp_path, capsys):
+    data = _own_text(tmp_path / "mine.txt", paragraphs=12)
+    with pytest.raises(SystemExit):
+        lm.main(["--data", data, "--vocab", "280", "--context", "400", "--out-dir", str(tmp_path)])
+    assert "smaller --context" in capsys.readouterr().err
+
+
+def test_sample_needs_a_run_written_by_lm(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lm.main(["--sample"])
+    assert "--sample needs --checkpoint" in capsys.readouterr().err
+    stray = tmp_path / "checkpoint.npz"
+    stray.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        lm.main(["--sample", "--checkpoint", str(stray)])
+    assert "no config.json beside it" in capsys.readouterr().err
