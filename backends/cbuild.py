@@ -58,9 +58,10 @@ def vector_math() -> bool:
     return _vector_math
 
 
-def build(source: str, vector: bool = False) -> Any:
+def build(source: str, vector: bool = False, global_symbols: bool = False) -> Any:
     """Compile `source` to a shared library (cached by content) and load it; `vector`
-    declares libm's functions SIMD and links libmvec."""
+    declares libm's functions SIMD and links libmvec; `global_symbols` lets libraries
+    loaded later call its functions (the thread pool, backends.cparallel)."""
     if vector:
         source = VECTOR_MATH_HEADER + source
     digest = hashlib.sha1(source.encode()).hexdigest()[:20]
@@ -74,7 +75,8 @@ def build(source: str, vector: bool = False) -> Any:
         with open(src, "w") as f:
             f.write("#include <math.h>\n#include <stdbool.h>\n" + source)
         tmp = so + f".{os.getpid()}.tmp"
-        flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+        flags = ["-O3", "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-shared", "-fPIC", "-fno-math-errno",
+                 "-pthread"]
         libs = ["-lmvec", "-lm"] if vector else ["-lm"]
         for extra in (["-march=native"], []):
             res = subprocess.run([_compiler, *flags, *extra, src, "-o", tmp, *libs],
@@ -85,7 +87,7 @@ def build(source: str, vector: bool = False) -> Any:
         if res.returncode != 0:
             raise RuntimeError(f"C compiler failed:\n{res.stderr[:2000]}")
         os.replace(tmp, so)                   # atomic: concurrent builders never see half a file
-    lib = _loaded[digest] = ctypes.CDLL(so)
+    lib = _loaded[digest] = ctypes.CDLL(so, mode=ctypes.RTLD_GLOBAL if global_symbols else ctypes.DEFAULT_MODE)
     return lib
 
 
