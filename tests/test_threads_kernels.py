@@ -1,6 +1,8 @@
 """eg.set_num_threads and the C kernels' thread pool: results identical on any number
 of threads, the size threshold honoured, BLAS sized through threadpoolctl."""
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -183,3 +185,32 @@ def test_a_forked_child_runs_parallel_kernels(pool, rng):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung in a parallel kernel")
+
+
+def test_blas_starts_at_one_thread_unless_the_user_set_a_thread_variable():
+    """OpenBLAS's workers spin: by default the engine keeps BLAS at one thread (the C
+    kernels use every core); a user's OMP_NUM_THREADS is left alone."""
+    pytest.importorskip("threadpoolctl")
+    probe = ("import engine as eg, threadpoolctl; "
+             "print(eg.get_num_threads(), sorted({p['num_threads'] for p in threadpoolctl.threadpool_info() "
+             "if p['user_api'] == 'blas'}))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    cores = len(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split(None, 1) == [str(cores), "[1]\n"]
+    env["OMP_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    kernels, blas = out.stdout.split(None, 1)
+    assert kernels == "3"
+    if os.cpu_count() > 1:
+        assert blas != "[1]\n"                  # OpenBLAS took the user's value, not ours
+
+
+def test_benchmark_thread_counts_parse_all_and_reject_junk():
+    from benchmarks.run import thread_counts
+    cores = len(os.sched_getaffinity(0))
+    assert thread_counts("1,all") == ([1, cores] if cores > 1 else [1])
+    assert thread_counts("2, 1 ,2") == [2, 1]
+    for bad in ("0", "x", "1,,2", "-1"):
+        with pytest.raises(ValueError, match="--threads"):
+            thread_counts(bad)
