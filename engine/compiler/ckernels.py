@@ -4,7 +4,9 @@ The loop body is the group's sympy expression printed by `backends.cprint` (the
 same printer the CUDA kernels use), so fused kernels on the CPU and the GPU come
 from one source. Each kernel is compiled once per source text (cached on disk
 by its hash) and called through ctypes; without a C compiler, or when building
-fails, the caller keeps its NumPy ufunc chain.
+fails, the caller keeps its NumPy ufunc chain. Every kernel is printed through
+`backends.cparallel.parallel_function`, which splits its outermost loop across the
+thread pool (eg.set_num_threads) in a way that never changes its results.
 """
 from __future__ import annotations
 
