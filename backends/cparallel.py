@@ -195,6 +195,7 @@ def set_threads(n: int) -> None:
 
 
 def threads() -> int:
+    """The threads the kernels may use."""
     return _threads
 
 
@@ -216,16 +217,14 @@ _NAME = re.compile(r"(\w+)\s*$")
 
 
 def parallel_function(name: str, params: list[str], items: str, work: str, body: list[str],
-                      shared: list[tuple[str, str]] = (), before: list[str] = (),
                       after: list[str] = ()) -> str:
     """A C function `name(params)` whose loop is split across the pool.
 
     `body`: C lines processing items [lo, hi) (they write their own loop and may use
     every parameter by name); `items`/`work`: C expressions for the item count and the
-    total elements of work (the threshold). `shared`: extra (declaration, value) pairs
-    computed once in `name` (after the lines `before`) and visible to the body; `after`:
-    lines run in `name` once every item is done (e.g. combining partial sums in order)."""
-    fields = list(params) + [decl for decl, _ in shared]
+    total elements of work (the threshold); `after`: lines run in `name` once every
+    item is done (e.g. adding up partial sums in item order)."""
+    fields = list(params)
     names = [_NAME.search(f).group(1) for f in fields]
     lines = [f"struct {name}_args {{ {' '.join(f + ';' for f in fields)} }};",
              f"static void {name}_part(void* ctx_, long long lo, long long hi) {{",
@@ -233,9 +232,7 @@ def parallel_function(name: str, params: list[str], items: str, work: str, body:
     lines += [f"  {f} = a_->{n};" for f, n in zip(fields, names)]
     lines += [f"  (void){n};" for n in names]
     lines += ["  " + b for b in body]
-    lines += ["}", f"void {name}({', '.join(params)}) {{", *["  " + b for b in before]]
-    lines += [f"  {decl} = {value};" for decl, value in shared]
-    lines += [f"  struct {name}_args a_ = {{ {', '.join(names)} }};",
+    lines += ["}", f"void {name}({', '.join(params)}) {{",f"  struct {name}_args a_ = {{ {', '.join(names)} }};",
               f"  engine_parallel_for({name}_part, &a_, {items}, {work});",
               *["  " + b for b in after], "}"]
     return "\n".join(lines) + "\n"
