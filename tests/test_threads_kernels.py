@@ -214,3 +214,13 @@ def test_benchmark_thread_counts_parse_all_and_reject_junk():
     for bad in ("0", "x", "1,,2", "-1"):
         with pytest.raises(ValueError, match="--threads"):
             thread_counts(bad)
+
+
+def test_busy_core_benchmark_child_reports_a_time():
+    from benchmarks import busy_core
+    threads = eg.get_num_threads()
+    try:
+        r = busy_core.child("small", "eager", 1, 2, 1)
+    finally:
+        eg.set_num_threads(threads)
+    assert r["ms"] > 0 and r["parallel_loops"] >= 0
