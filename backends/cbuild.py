@@ -85,14 +85,16 @@ def library_name(source: str, vector: bool = False) -> str:
     return f"k{hashlib.sha1((_TARGET + source).encode()).hexdigest()[:20]}.so"
 
 
-def build(source: str, vector: bool = False) -> Any:
+def build(source: str, vector: bool = False, global_symbols: bool = False) -> Any:
     """Compile `source` to a shared library (cached by content) and load it; `vector`
-    declares libm's functions SIMD and links libmvec."""
+    declares libm's functions SIMD and links libmvec; `global_symbols` lets libraries
+    loaded later call its functions (the thread pool, backends.cparallel)."""
     name = library_name(source, vector)
     lib = _loaded.get(name)
     if lib is None:
         text = _PRELUDE + (VECTOR_MATH_HEADER if vector else "") + source
-        lib = _loaded[name] = ctypes.CDLL(kernel_cache.library(name, lambda out: _compile(text, vector, out)))
+        path = kernel_cache.library(name, lambda out: _compile(text, vector, out))
+        lib = _loaded[name] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL if global_symbols else ctypes.DEFAULT_MODE)
     return lib
 
 
@@ -102,7 +104,8 @@ def _compile(text: str, vector: bool, out: str) -> None:
     src = out[:-len(".so")] + ".c"
     with open(src, "w") as f:
         f.write(text)
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+    flags = ["-O3", "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-shared", "-fPIC", "-fno-math-errno",
+             "-pthread"]
     libs = ["-lmvec", "-lm"] if vector else ["-lm"]
     for extra in (["-march=native"], []):
         res = subprocess.run([_compiler, *flags, *extra, src, "-o", out, *libs],

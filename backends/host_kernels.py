@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cbuild
+from . import cbuild, cparallel
 
 _ROW_SUM = """
 /* Thirty-two running sums (several vector registers, so the adds do not wait on each
@@ -83,49 +83,54 @@ static inline {T} exp_row_{S}(const {T}* restrict xr, {T}* restrict yr, long lon
   const {T} s = row_sum_{S}(yr, n);
   return s == 0 ? 1 : s;
 }}
-
-void softmax_{S}(long long rows, long long n, const {T}* restrict x, {T}* restrict y) {{
-  for (long long r = 0; r < rows; ++r) {{
-    {T} m;
-    const {T} s = exp_row_{S}(x + r * n, y + r * n, n, &m);
-    for (long long j = 0; j < n; ++j) y[r * n + j] = y[r * n + j] / s;
-  }}
-}}
-
-void log_softmax_{S}(long long rows, long long n, const {T}* restrict x, {T}* restrict y) {{
-  for (long long r = 0; r < rows; ++r) {{
-    {T} m;
-    const {T} ls = log{F}(exp_row_{S}(x + r * n, y + r * n, n, &m));
-    for (long long j = 0; j < n; ++j) y[r * n + j] = (x[r * n + j] - m) - ls;
-  }}
-}}
-
-void layer_norm_{S}(long long rows, long long n, const {T}* restrict x, const {T}* restrict w,
-                    const {T}* restrict b, double eps, {T}* restrict y) {{
-  for (long long r = 0; r < rows; ++r) {{
-    const {T}* xr = x + r * n;
-    {T}* yr = y + r * n;
-    const {T} mean = row_sum_{S}(xr, n) / ({T})n;
-    for (long long j = 0; j < n; ++j) {{ const {T} c = xr[j] - mean; yr[j] = c * c; }}
-    const {T} var = row_sum_{S}(yr, n) / ({T})n;
-    const {T} rstd = 1 / sqrt{F}(var + ({T})eps);
-    for (long long j = 0; j < n; ++j) yr[j] = ((xr[j] - mean) * rstd) * w[j] + b[j];
-  }}
-}}
 """
 
-_SCATTER = """
-/* out[idx[i], :] += values[i, :] for rows of length d; indices already checked. */
-void scatter_add_rows_{S}(long long count, long long d, long long rows, const long long* restrict idx,
-                          const {T}* restrict values, {T}* restrict out) {{
-  for (long long i = 0; i < count; ++i) {{
-    const long long r = idx[i] < 0 ? idx[i] + rows : idx[i];
-    {T}* restrict dst = out + r * d;
-    const {T}* restrict src = values + i * d;
-    for (long long j = 0; j < d; ++j) dst[j] += src[j];
-  }}
-}}
-"""
+# The kernels: (name, parameters, items, work, body over the items [lo, hi)). Threads
+# share the rows (each row is computed whole by one thread), or for the scatter the
+# columns (each column's additions stay in index order): results do not depend on
+# the thread count.
+_ROWS = ["long long rows", "long long n", "const {T}* restrict x"]
+_KERNELS = [
+    ("softmax_{S}", _ROWS + ["{T}* restrict y"], "rows", "rows * n", """
+for (long long r = lo; r < hi; ++r) {{
+  {T} m;
+  const {T} s = exp_row_{S}(x + r * n, y + r * n, n, &m);
+  for (long long j = 0; j < n; ++j) y[r * n + j] = y[r * n + j] / s;
+}}"""),
+    ("log_softmax_{S}", _ROWS + ["{T}* restrict y"], "rows", "rows * n", """
+for (long long r = lo; r < hi; ++r) {{
+  {T} m;
+  const {T} ls = log{F}(exp_row_{S}(x + r * n, y + r * n, n, &m));
+  for (long long j = 0; j < n; ++j) y[r * n + j] = (x[r * n + j] - m) - ls;
+}}"""),
+    ("layer_norm_{S}", _ROWS + ["const {T}* restrict w", "const {T}* restrict b", "double eps",
+                                "{T}* restrict y"], "rows", "rows * n", """
+for (long long r = lo; r < hi; ++r) {{
+  const {T}* xr = x + r * n;
+  {T}* yr = y + r * n;
+  const {T} mean = row_sum_{S}(xr, n) / ({T})n;
+  for (long long j = 0; j < n; ++j) {{ const {T} c = xr[j] - mean; yr[j] = c * c; }}
+  const {T} var = row_sum_{S}(yr, n) / ({T})n;
+  const {T} rstd = 1 / sqrt{F}(var + ({T})eps);
+  for (long long j = 0; j < n; ++j) yr[j] = ((xr[j] - mean) * rstd) * w[j] + b[j];
+}}"""),
+    # out[idx[i], :] += values[i, :] for rows of length d; indices already checked.
+    ("scatter_add_rows_{S}", ["long long count", "long long d", "long long rows",
+                              "const long long* restrict idx", "const {T}* restrict values",
+                              "{T}* restrict out"], "d", "count * d", """
+for (long long i = 0; i < count; ++i) {{
+  const long long r = idx[i] < 0 ? idx[i] + rows : idx[i];
+  {T}* restrict dst = out + r * d;
+  const {T}* restrict src = values + i * d;
+  for (long long j = lo; j < hi; ++j) dst[j] += src[j];
+}}"""),
+]
+
+
+def _kernels_source(**names: Any) -> str:
+    return "".join(cparallel.parallel_function(name.format(**names), [p.format(**names) for p in params],
+                                               items, work, body.format(**names).strip().splitlines())
+                   for name, params, items, work, body in _KERNELS)
 
 _TYPES = {np.dtype(np.float32): ("float", "f32", "f"), np.dtype(np.float64): ("double", "f64", "")}
 _FAST = {"f32": "-87.0f", "f64": "-708.0"}      # exp's result is still a normal number here
@@ -141,8 +146,8 @@ _tried = False
 def c_source() -> str:
     """The kernels' C source for both float types (the jit's row kernels reuse its
     static row helpers: row_shift, exp_row, row_sum)."""
-    return _HEADER + "".join((_ROW_SUM + _SCATTER).format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
-                             for t, s, f in _TYPES.values())
+    return _HEADER + "".join(_ROW_SUM.format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
+                             + _kernels_source(T=t, S=s, F=f) for t, s, f in _TYPES.values())
 
 
 def _library() -> Any:
@@ -152,7 +157,7 @@ def _library() -> Any:
         _tried = True
         if cbuild.available():
             try:
-                _lib = cbuild.build(c_source(), vector=cbuild.vector_math())
+                _lib = cparallel.build(c_source(), vector=cbuild.vector_math())
             except (RuntimeError, OSError):
                 _lib = None
     return _lib

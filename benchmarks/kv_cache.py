@@ -8,8 +8,8 @@ eos is disabled so every run produces exactly --new-tokens tokens). Without the 
 step t re-encodes all t earlier positions (O(T^2) work in total); with it, each step
 feeds one token and attends over the stored keys/values. Both runs must produce the
 same tokens; the table says so. Compare the ratios: absolute times vary with load (on a
-busy 2-core machine OpenBLAS's threads can slow everything down several times;
-OPENBLAS_NUM_THREADS=1 gives steadier figures there).
+busy machine OpenBLAS's spinning threads can slow everything down several times, which
+is why the engine starts BLAS at one thread; eg.set_num_threads(n) asks for more).
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """Eager per-op overhead against the raw array library (and PyTorch when installed) on
 small arrays.
 
-    python -m benchmarks.op_overhead [--device cpu|cuda] [--json out.json]
+    python -m benchmarks.op_overhead [--device cpu|cuda] [--json out.json] [--threads 1]
 
 Each row times the same computation in one run; the "overhead" column is the engine's
 time minus the raw library's (NumPy on the CPU, CuPy on "cuda"), i.e. what dispatch,
 shape handling and tape recording cost. On "cuda" every call is followed by a device
 synchronisation, so a row is the latency of one small launch-bound computation.
+The engine and PyTorch get the same thread count (--threads, default 1: the arrays
+are too small to split).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _synced(fns: dict[str, Callable[[], object]], syncs: dict[str, Callable[[], 
     return {k: wrap(f, syncs[k]) if k in syncs else f for k, f in fns.items()}
 
 
-def cases(device: str = "cpu") -> list[tuple[str, dict]]:
+def cases(device: str = "cpu", threads: int = 1) -> list[tuple[str, dict]]:
     """[(case, {"raw": fn, "engine": fn, "torch": fn?})] on `device`."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 64)).astype(np.float32)
@@ -73,7 +75,7 @@ def cases(device: str = "cpu") -> list[tuple[str, dict]]:
     ]
     try:
         import torch
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         tdev = "cuda" if device != "cpu" else "cpu"
         if tdev == "cuda":
             syncs["torch"] = torch.cuda.synchronize
@@ -100,12 +102,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--repeat", type=int, default=300)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="threads for the engine and PyTorch")
     args = ap.parse_args(argv)
+    eg.set_num_threads(args.threads)
     raw = "numpy" if args.device == "cpu" else "cupy"
     rows = []
     print(f"{'case':28s} {raw + ' us':>9s} {'engine us':>10s} {'overhead us':>12s} "
           f"{'engine/' + raw:>13s} {'torch us':>9s} {'engine/torch':>13s}")
-    for name, fns in cases(args.device):
+    for name, fns in cases(args.device, args.threads):
         t = {k: median_time(f, repeat=args.repeat) * 1e6 for k, f in fns.items()}
         t[raw] = t.pop("raw")
         row = dict(case=name, device=args.device, **{f"{k}_us": round(v, 2) for k, v in t.items()})

@@ -1,7 +1,7 @@
 """Side-by-side training-step benchmark on the shared workload (model_spec.md).
 
     python -m benchmarks.run [--configs small base medium] [--json results.json]
-                             [--device cpu|cuda] [--steps N]
+                             [--device cpu|cuda] [--steps N] [--threads 1,all]
 
 Each (config, implementation) runs in its own process, so memory and thread pools
 do not mix. "peak MB" is the peak RSS during training (warm-up and compilation
@@ -14,14 +14,19 @@ against PyTorch's (the spec asks ~1e-5 and ~1e-4 relative).
 
 By default the children run with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset (they
 slow a current NumPy on this machine; see the env notes); --keep-env keeps them.
-Every implementation gets the same thread budget (--threads, default 1: on a shared
-2-core machine spinning BLAS/OpenMP pools distort timings by 10x or more).
+Every implementation runs at each thread count of --threads (default "1,all": one
+thread, then every core this process may use), set in the child the way a user
+would: eg.set_num_threads(n) for the engine, torch.set_num_threads(n) for PyTorch,
+threadpoolctl for the NumPy floor. The run starts by naming the machine: CPU model,
+cores, NumPy's BLAS and PyTorch's (also in the JSON, next to the rows).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import re
 import resource
 import subprocess
 import sys
@@ -67,18 +72,31 @@ def _floor(cfg_name: str, steps: int) -> dict:
     return dict(median_s=float(np.median(times[WARMUP:])))
 
 
-def child(cfg_name: str, impl: str, steps: int, device: str) -> dict:
+def _set_threads(impl: str, threads: int) -> None:
+    """Size the implementation's thread pools as its user would (0: its defaults)."""
+    if not threads:
+        return
+    if impl == "torch":
+        import torch
+        torch.set_num_threads(threads)
+    elif impl == "floor":
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads, user_api="blas")
+    else:
+        import engine as eg
+        eg.set_num_threads(threads)
+
+
+def child(cfg_name: str, impl: str, steps: int, device: str, threads: int = 0) -> dict:
     """Run one implementation of one config and report timings, losses and memory."""
     cfg = CONFIGS[cfg_name]
+    _set_threads(impl, threads)
     if impl == "floor":
         return _floor(cfg_name, steps)
     params, batch = canonical_params(cfg), canonical_batch(cfg)
     if impl == "torch":
         import torch
         from .torch_model import build
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads:
-            torch.set_num_threads(threads)
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
         step, _ = build(cfg, params, batch, device=device)
@@ -119,16 +137,71 @@ def _gpu_pool_mb(impl: str) -> float:
     return cupy.get_default_memory_pool().total_bytes() / 2**20
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _numpy_blas() -> list[dict]:
+    from threadpoolctl import threadpool_info
+    np.ones((2, 2)) @ np.ones((2, 2))                 # BLAS loaded
+    keys = ("internal_api", "version", "architecture", "threading_layer", "num_threads")
+    return [{k: p.get(k) for k in keys} for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def _torch_config() -> dict:
+    """PyTorch's version, BLAS, CPU capability and parallel backend (from torch.__config__)."""
+    import torch
+    show = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", show)
+    capability = re.search(r"CPU capability usage: (\S+)", show)
+    backend = re.search(r"ATen parallel backend: (.+)", torch.__config__.parallel_info())
+    return dict(version=torch.__version__, blas=blas.group(1) if blas else None, mkl=torch.backends.mkl.is_available(),
+                cpu_capability=capability.group(1) if capability else None,
+                parallel_backend=backend.group(1).strip() if backend else None,
+                default_threads=torch.get_num_threads())
+
+
+def machine(with_torch: bool) -> dict:
+    """Which machine the figures come from (PyTorch's side read in a child process)."""
+    out = dict(cpu=_cpu_model(), cores=len(os.sched_getaffinity(0)), logical_cpus=os.cpu_count(),
+               system=platform.platform(), python=platform.python_version(), numpy=np.__version__,
+               numpy_blas=_numpy_blas())
+    if with_torch:
+        res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--describe-torch"],
+                             capture_output=True, text=True)
+        out["torch"] = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+    return out
+
+
+def thread_counts(spec: str) -> list[int]:
+    """"1,all" -> [1, cores]: each a positive int or "all" (the cores this process may use)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        n = len(os.sched_getaffinity(0)) if part == "all" else int(part) if part.isdigit() else 0
+        if n < 1:
+            raise ValueError(f"--threads: expected positive ints or 'all' separated by commas, got {spec!r}")
+        if n not in counts:
+            counts.append(n)
+    return counts
+
+
 def _spawn(cfg: str, impl: str, steps: int, device: str, keep_env: bool, threads: int) -> dict | None:
     env = dict(os.environ)
-    if threads > 0:               # the same thread budget for every implementation
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(threads)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(var, None)        # the child sizes its pools itself, as a user's script would
     if not keep_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     cmd = [sys.executable, "-m", "benchmarks.run", "--child", cfg, impl, "--steps", str(steps),
-           "--device", device]
+           "--device", device, "--child-threads", str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         print(f"  {cfg}/{impl} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -153,26 +226,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as the README's table")
     ap.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_* settings in children")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="BLAS/OpenMP threads for every implementation (0: libraries' defaults)")
+    ap.add_argument("--threads", default="1,all",
+                    help="thread counts to run every implementation at, e.g. 1,all or 1,2,4")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--describe-torch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.describe_torch:
+        print(json.dumps(_torch_config()))
+        return []
     if args.child:
-        out = child(args.child[0], args.child[1], args.steps or DEFAULT_STEPS[args.child[0]], args.device)
+        out = child(args.child[0], args.child[1], args.steps or DEFAULT_STEPS[args.child[0]], args.device,
+                    args.child_threads)
         print(json.dumps(out))
         return [out]
+    try:
+        counts = thread_counts(args.threads)
+    except ValueError as e:
+        ap.error(str(e))
     impls = [i for i in args.impls if i != "torch" or _has_torch()]
     if args.device != "cpu":
         impls = [i for i in impls if i != "floor"]
+    host = machine("torch" in impls)
+    print(describe(host))
     rows = []
-    header = (f"{'config':7s} {'impl':6s} {'ms/step':>9s} {'steps/s':>8s} {'GFLOP/s':>8s} "
+    header = (f"{'threads':>7s} {'config':7s} {'impl':6s} {'ms/step':>9s} {'steps/s':>8s} {'GFLOP/s':>8s} "
               f"{'peak MB':>8s} {'x torch':>8s} {'x floor':>8s} {'loss@1':>10s} {'loss@5':>10s} {'compile s':>9s}"
               + (f" {'GPU MB':>9s}" if args.device != "cpu" else ""))
     print(header)
-    for cfg_name in args.configs:
+    for threads, cfg_name in [(n, c) for n in counts for c in args.configs]:
         cfg = CONFIGS[cfg_name]
         steps = args.steps or DEFAULT_STEPS[cfg_name]
-        res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env, args.threads)
+        res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env, threads)
                for impl in impls}
         torch_s = res.get("torch", {}) and res["torch"]["median_s"]
         floor_s = res.get("floor", {}) and res["floor"]["median_s"]
@@ -181,7 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if r is None:
                 continue
             t = r["median_s"]
-            row = dict(config=cfg_name, impl=impl, device=args.device, ms=t * 1e3, steps_per_s=1 / t,
+            row = dict(config=cfg_name, impl=impl, device=args.device, threads=threads, ms=t * 1e3,
+                       steps_per_s=1 / t,
                        gflops=cfg.step_flops / t / 1e9,
                        x_torch=t / torch_s if torch_s else None, x_floor=t / floor_s if floor_s else None,
                        **{k: v for k, v in r.items() if k != "median_s"})
@@ -192,16 +278,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             def f(v: Any, fmt: str) -> str:
                 return format(v, fmt) if isinstance(v, (int, float)) else "-"
-            print(f"{cfg_name:7s} {impl:6s} {t * 1e3:9.2f} {1 / t:8.1f} {row['gflops']:8.1f} "
+            print(f"{threads:7d} {cfg_name:7s} {impl:6s} {t * 1e3:9.2f} {1 / t:8.1f} {row['gflops']:8.1f} "
                   f"{f(r.get('peak_growth_mb'), '8.1f')} {f(row['x_torch'], '8.2f')} {f(row['x_floor'], '8.2f')} "
                   f"{f(r.get('loss1'), '10.6f')} {f(r.get('loss5'), '10.6f')} {f(r.get('compile_s'), '9.2f')}"
                   + (f" {f(r.get('gpu_pool_mb'), '9.1f')}" if "gpu_pool_mb" in r else ""))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+            json.dump(dict(machine=host, rows=rows), fh, indent=2)
     if args.markdown:
+        print(describe(host))
         print(markdown(rows))
     return rows
+
+
+def describe(host: dict) -> str:
+    """The machine in one line for the table's caption."""
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
+                     for b in host["numpy_blas"]) or "none found"
+    text = f"{host['cpu']}, {host['cores']} cores; NumPy {host['numpy']} BLAS: {blas}"
+    torch = host.get("torch")
+    if torch:
+        text += (f"; PyTorch {torch['version']} BLAS: {torch['blas']} (CPU {torch['cpu_capability']}, "
+                 f"{torch['parallel_backend']})")
+    return text
 
 
 _NAMES = {"eager": "engine eager", "jit": "engine jit", "torch": "PyTorch eager", "floor": "NumPy matmul floor"}
@@ -213,12 +312,12 @@ def markdown(rows: list[dict]) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "–"
     gpu = any("gpu_pool_mb" in r for r in rows)
     memory = "GPU pool MB" if gpu else "peak MB"
-    lines = [f"| config | impl | ms/step | GFLOP/s | x PyTorch | x matmul floor | {memory} | loss@1 / loss@5 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| threads | config | impl | ms/step | GFLOP/s | x PyTorch | x matmul floor | {memory} | loss@1 / loss@5 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = (f"{r['loss1']:.6f} / {r['loss5']:.6f}" if r.get("loss1") is not None else "–")
         mem = r.get("gpu_pool_mb") if gpu else r.get("peak_growth_mb")
-        lines.append(f"| {r['config']} | {_NAMES.get(r['impl'], r['impl'])} | {r['ms']:.2f} | {r['gflops']:.1f} | "
+        lines.append(f"| {r.get('threads', '–')} | {r['config']} | {_NAMES.get(r['impl'], r['impl'])} | {r['ms']:.2f} | {r['gflops']:.1f} | "
                      f"{f(r.get('x_torch'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
                      f"{f(mem, '.1f')} | {loss} |")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from .gradcheck import gradcheck
 from .profiler import profile
 from .state import autocast, enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
 from .tensor import Tensor
+from .threads import get_num_threads, set_num_threads
 
 
 def __getattr__(name: str) -> Any:

@@ -27,13 +27,7 @@ import sys
 import time
 from typing import Any
 
-if __name__ == "__main__":
-    # The matrices here are small: one BLAS thread is as fast as several, and OpenBLAS
-    # threads on a busy machine can spin and slow a run down several times over.
-    # Must be set before NumPy loads; an explicit OPENBLAS_NUM_THREADS wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np                                             # noqa: E402
+import numpy as np
 
 if __package__ in (None, ""):          # run as a script: make `engine`/`nn` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -31,13 +31,7 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":
-    # The matrices here are small: one BLAS thread is as fast as two, and OpenBLAS threads
-    # on a busy machine spin (measured: 391 s instead of 181 s for the default lm run).
-    # Must be set before NumPy loads; an explicit OPENBLAS_NUM_THREADS wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np                                                    # noqa: E402
+import numpy as np
 
 if __package__ in (None, ""):          # run as a script: make `examples` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

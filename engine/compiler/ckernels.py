@@ -4,7 +4,9 @@ The loop body is the group's sympy expression printed by `backends.cprint` (the
 same printer the CUDA kernels use), so fused kernels on the CPU and the GPU come
 from one source. Each kernel is compiled once per source text (cached on disk
 by its hash) and called through ctypes; without a C compiler, or when building
-fails, the caller keeps its NumPy ufunc chain.
+fails, the caller keeps its NumPy ufunc chain. Every kernel is printed through
+`backends.cparallel.parallel_function`, which splits its outermost loop across the
+thread pool (eg.set_num_threads) in a way that never changes its results.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends import host_kernels
-from backends.cbuild import address, available, build as _build, vector_math
+from backends import cparallel, host_kernels
+from backends.cbuild import address, available, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
 from .ir import Value
 
 # Below this many elements the per-call cost of ctypes exceeds what fusion saves.
 MIN_ELEMENTS = 1 << 15
+# A one-dimensional loop longer than this is cut into chunks of it, so threads can share it.
+CHUNK = 1 << 14
 
 # Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
 # semantics that masking relies on).
@@ -107,13 +111,15 @@ def loop_nest(shapes: list, out_shape: tuple, keep_last: bool = False) -> tuple[
 @dataclass
 class _Nest:
     """The C scaffolding shared by the elementwise and row kernels: the signature's
-    input arguments, the outer loops, per-row offsets and the per-element loads."""
+    input arguments, the outer loops (the outermost over the items [lo, hi) of the
+    thread pool: `items` of them), per-row offsets and the per-element loads."""
     args: list
     open: list
     offsets: list
     loads: str
     close: list
     pad: str
+    items: int
 
 
 def _nest(dims: list[int], strides: list[list[int]], dtype: np.dtype, in_dtypes: list | None,
@@ -126,7 +132,8 @@ def _nest(dims: list[int], strides: list[list[int]], dtype: np.dtype, in_dtypes:
     for k in range(len(strides)):
         args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
     depth = len(dims) - 1
-    opening = [f"{'  ' * (a + 1)}for (long long d{a} = 0; d{a} < {dims[a]}LL; ++d{a}) {{" for a in range(depth)]
+    opening = [f"{'  ' * (a + 1)}for (long long d{a} = {'lo' if a == 0 else 0}; d{a} < {'hi' if a == 0 else f'{dims[a]}LL'}; ++d{a}) {{"
+               for a in range(depth)]
     pad = "  " * (depth + 1)
 
     def offset(steps: list[int]) -> str:
@@ -139,7 +146,7 @@ def _nest(dims: list[int], strides: list[list[int]], dtype: np.dtype, in_dtypes:
         index = f"b{k} + j" if st[-1] == 1 else (f"b{k}" if st[-1] == 0 else f"b{k} + j * {st[-1]}LL")
         loads.append(f"const {ct} in{k} = p{k}[{index}];")
     closing = [f"{'  ' * (a + 1)}}}" for a in reversed(range(depth))]
-    return _Nest(args, opening, offsets, " ".join(loads), closing, pad)
+    return _Nest(args, opening, offsets, " ".join(loads), closing, pad, dims[0] if depth else 1)
 
 
 def kernel_source(name: str, expr: Any, symbols: tuple, dims: list[int], strides: list[list[int]],
@@ -150,12 +157,18 @@ def kernel_source(name: str, expr: Any, symbols: tuple, dims: list[int], strides
     and vectorises; no index arithmetic beyond one multiply-add per outer axis."""
     ct = storage_ctype(dtype, "c")
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
+    total, bound = int(np.prod(dims)), f"{dims[-1]}LL"
+    if len(dims) == 1 and dims[0] > CHUNK:        # one long loop: chunks the threads can share
+        chunks = -(-dims[0] // CHUNK)
+        dims, strides = [chunks, CHUNK], [[st[0] * CHUNK, st[0]] for st in strides]
+        bound = f"(d0 == {chunks - 1}LL ? {total - (chunks - 1) * CHUNK}LL : {CHUNK}LL)"
     nest = _nest(dims, strides, dtype, in_dtypes, "const long long bo = {}")
     pad = nest.pad
-    lines = [f"void {name}({', '.join(nest.args + [f'{ct}* restrict out'])}) {{", *nest.open, *nest.offsets,
-             f"{pad}for (long long j = 0; j < {dims[-1]}LL; ++j) {{",
-             f"{pad}  {nest.loads}", f"{pad}  out[bo + j] = {body};", f"{pad}}}", *nest.close, "}"]
-    return "\n".join(lines) + "\n"
+    lines = [*nest.open, *nest.offsets, f"{pad}const long long jn = {bound};",
+             f"{pad}for (long long j = 0; j < jn; ++j) {{",
+             f"{pad}  {nest.loads}", f"{pad}  out[bo + j] = {body};", f"{pad}}}", *nest.close]
+    return cparallel.parallel_function(name, nest.args + [f"{ct}* restrict out"], f"{nest.items}LL",
+                                       f"{total}LL", lines)
 
 
 def _loads(modes: list[str], cts: list[str], ct: str) -> list[str]:
@@ -169,7 +182,9 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
                      layout: str, in_dtypes: list | None = None) -> str:
     """A C function `name(outer, inner, in0, n0, ..., out)` summing `expr` over each row
     ("rows": out[o] = sum_j f(o*inner + j), thirty-two partial sums folded pairwise, so it
-    vectorises without reassociating and the adds do not wait on each other) or down each column ("cols": out[j] = sum_o f(o*inner + j))."""
+    vectorises without reassociating and the adds do not wait on each other) or down each
+    column ("cols": out[j] = sum_o f(o*inner + j)). Threads share the rows, or the
+    columns: each sum is added up in one order by one thread, whatever the thread count."""
     ct = storage_ctype(dtype, "c")
     cts = _input_ctypes(in_dtypes, dtype, len(modes))
     args = ["long long outer", "long long inner"]
@@ -180,7 +195,7 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
     loads = " ".join(_loads(modes, cts, ct))
     if layout == "rows":
         loop = [
-            "  for (long long o = 0; o < outer; ++o) {",
+            "  for (long long o = lo; o < hi; ++o) {",
             f"    {ct} acc[32] = {{0}};",
             "    long long j = 0;",
             "    for (; j + 32 <= inner; j += 32) {",
@@ -194,11 +209,12 @@ def reduction_source(name: str, expr: Any, symbols: tuple, modes: list[str], dty
             "  }"]
     else:
         loop = [
-            "  for (long long j = 0; j < inner; ++j) out[j] = 0;",
+            "  for (long long j = lo; j < hi; ++j) out[j] = 0;",
             "  for (long long o = 0; o < outer; ++o) {",
-            f"    for (long long j = 0; j < inner; ++j) {{ const long long c = j, i = o * inner + c; {loads} out[j] += {body}; }}",
+            f"    for (long long j = lo; j < hi; ++j) {{ const long long c = j, i = o * inner + c; {loads} out[j] += {body}; }}",
             "  }"]
-    return f"void {name}({', '.join(args)}) {{\n" + "\n".join(loop) + "\n}\n"
+    return cparallel.parallel_function(name, args, "outer" if layout == "rows" else "inner",
+                                       "outer * inner", loop)
 
 
 MAX_ROW = 1 << 14         # a row kernel keeps one row on the stack
@@ -216,8 +232,7 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     n = dims[-1]
     nest = _nest(dims, strides, dtype, in_dtypes, ct + "* restrict y = out + {}")
     pad = nest.pad
-    lines = [f"void {name}({', '.join(nest.args + [f'{ct}* restrict out'])}) {{", f"  {ct} row[{n}];",
-             *nest.open, *nest.offsets,
+    lines = [f"  {ct} row[{n}];", *nest.open, *nest.offsets,
              f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {nest.loads} row[j] = {body}; }}",
              f"{pad}{ct} m;", f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);"]
     if op.row_op == "softmax":
@@ -225,16 +240,22 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     else:
         lines.append(f"{pad}const {ct} ls = log{'f' if ct == 'float' else ''}(s);")
         lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = (row[j] - m) - ls;")
-    return "\n".join(lines + nest.close + ["}"]) + "\n"
+    return cparallel.parallel_function(name, nest.args + [f"{ct}* restrict out"], f"{nest.items}LL",
+                                       f"{int(np.prod(dims))}LL", lines + nest.close)
 
 
 def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
     """A C function running a row group (engine/compiler/rows.py) row by row: per row,
     each step in order on the row (full rows in stack arrays, or straight in their
     output buffer when stored; per-row scalars in locals; row sums with 32 running
-    sums; column sums accumulated in their output row by row, in row order, as the C
-    column reductions do); stored values are written once. Arguments: the inputs,
-    then the stored values in order."""
+    sums; column sums accumulated row by row, in row order); stored values are written
+    once. Arguments: the inputs, the stored values in order, then (`row_group_scratch`
+    elements, when not 0) scratch for column sums.
+
+    Threads share the rows. With column sums they share blocks of rows whose size is
+    fixed here (never by the thread count): each block sums its rows into a partial row
+    of the scratch, and the partials are added up in block order once all are done, so
+    the result is the same on any number of threads."""
     from .rows import value_kind
     ct = storage_ctype(dtype, "c")
     space = group.space
@@ -248,14 +269,19 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
         args += [f"const {cts[k]}* restrict p{k}", f"long long n{k}"]
     args += [f"{ct}* restrict out{q}" for q in range(len(group.stored))]
     local = {s.out: m for m, s in enumerate(group.steps)}
-    lines = [f"void {name}({', '.join(args)}) {{"]
-    lines += [f"  {ct} f{m}[{n}];" for m, st in enumerate(group.steps)
-              if value_kind(st.out.shape, space) == "full" and st.out not in stored]
-    for m, st in enumerate(group.steps):          # column sums: one running row each
-        if st.kind == "colsum":
-            lines += [f"  {ct}* restrict c{m} = out{stored[st.out]};",
-                      f"  for (long long j = 0; j < {n}LL; ++j) c{m}[j] = 0;"]
-    lines.append(f"  for (long long r = 0; r < {rows}LL; ++r) {{")
+    colsums = [m for m, st in enumerate(group.steps) if st.kind == "colsum"]
+    block, blocks = _row_blocks(group)
+    if blocks > 1 and colsums:
+        args.append(f"{ct}* restrict scratch")
+    lines = [f"  {ct} f{m}[{n}];" for m, st in enumerate(group.steps)
+             if value_kind(st.out.shape, space) == "full" and st.out not in stored]
+    lines.append("  for (long long b = lo; b < hi; ++b) {")
+    for q, m in enumerate(colsums):          # column sums: one running row each per block
+        target = f"scratch + (b * {len(colsums)}LL + {q}LL) * {n}LL" if blocks > 1 else f"out{stored[group.steps[m].out]}"
+        lines += [f"  {ct}* restrict c{m} = {target};",
+                  f"  for (long long j = 0; j < {n}LL; ++j) c{m}[j] = 0;"]
+    end = f"(b + 1) * {block}LL < {rows}LL ? (b + 1) * {block}LL : {rows}LL"
+    lines.append(f"  for (long long r = b * {block}LL; r < ({end}); ++r) {{")
     lines.append(f"    const long long base = r * {n}LL;")
     for m, st in enumerate(group.steps):
         if value_kind(st.out.shape, space) == "full" and st.out in stored:
@@ -299,8 +325,31 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
             lines.append(f"    const {ct} s{m} = {c_expression(expr, names, dtype)};")
         if st.out in stored and value_kind(st.out.shape, space) != "full":
             lines.append(f"    out{stored[st.out]}[r] = s{m};")
-    lines += ["  }", "}"]
-    return "\n".join(lines) + "\n"
+    lines += ["  }", "  }"]
+    after = []
+    if blocks > 1:
+        for q, m in enumerate(colsums):       # the blocks' partial sums, in block order
+            out = f"out{stored[group.steps[m].out]}"
+            after += [f"for (long long j = 0; j < {n}LL; ++j) {out}[j] = 0;",
+                      f"for (long long b = 0; b < {blocks}LL; ++b)",
+                      f"  for (long long j = 0; j < {n}LL; ++j) {out}[j] += scratch[(b * {len(colsums)}LL + {q}LL) * {n}LL + j];"]
+    return cparallel.parallel_function(name, args, f"{blocks}LL", f"{rows * n}LL", lines, after=after)
+
+
+def _row_blocks(group: Any) -> tuple[int, int]:
+    """(rows per block, blocks) of a row group's split across threads: single rows, or,
+    with column sums, blocks of about CHUNK elements (a size that never depends on the
+    thread count: it decides the order in which column sums are added)."""
+    n, rows = group.space[-1], int(np.prod(group.space[:-1]))
+    block = max(1, CHUNK // n) if any(st.kind == "colsum" for st in group.steps) else 1
+    return block, -(-rows // block)
+
+
+def row_group_scratch(group: Any) -> int:
+    """Elements of scratch a row group's kernel needs for its blocks' partial column sums."""
+    block, blocks = _row_blocks(group)
+    colsums = sum(st.kind == "colsum" for st in group.steps)
+    return blocks * colsums * group.space[-1] if blocks > 1 else 0
 
 
 def plan_row_group(group: Any) -> Planned | None:
@@ -317,7 +366,7 @@ def plan_row_group(group: Any) -> Planned | None:
     out = group.stored[0] if group.stored else group.steps[-1].out
     return Planned(src, name, (), ["same"] * len(group.inputs),
                    [int(np.prod(v.shape)) for v in group.inputs], group.space, out.shape, dtype,
-                   n_out=len(group.stored))
+                   n_out=len(group.stored), scratch=row_group_scratch(group))
 
 
 @dataclass
@@ -333,6 +382,7 @@ class Planned:
     dtype: np.dtype
     rows: bool = False         # needs the row helpers of backends/host_kernels.py
     n_out: int | None = None   # a row group: called as run(*inputs, *outputs)
+    scratch: int = 0           # a row group: elements of scratch for its column sums
 
     def runner(self, cfn: Any) -> Callable[..., Any]:
         if self.n_out is not None:
@@ -369,8 +419,9 @@ class Planned:
         """run(*inputs, *outputs): every output preallocated and C-contiguous."""
         cfn.restype = None
         n_in = len(self.modes)
-        cfn.argtypes = [ctypes.c_void_p, ctypes.c_longlong] * n_in + [ctypes.c_void_p] * self.n_out
-        sizes = self.sizes
+        cfn.argtypes = ([ctypes.c_void_p, ctypes.c_longlong] * n_in
+                        + [ctypes.c_void_p] * (self.n_out + (self.scratch > 0)))
+        sizes, scratch, dtype = self.sizes, self.scratch, self.dtype
 
         def run(*arrays: Any) -> None:
             outs = arrays[n_in:]
@@ -388,6 +439,9 @@ class Planned:
                     keep.append(a)                   # alive until the call returns
                 args += (address(a), n)
             args += [address(o) for o in outs]
+            if scratch:                              # per call: calls never share it
+                keep.append(np.empty(scratch, dtype))
+                args.append(keep[-1].ctypes.data)
             cfn(*args)
         return run
 
@@ -411,8 +465,12 @@ def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int, extra_call
 
 
 def _named(source: str, placeholder: str, prefix: str) -> tuple[str, str]:
+    """The source with its function (and the thread pool's helpers for it) renamed by its hash."""
     name = f"{prefix}_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
-    return source.replace(f"void {placeholder}(", f"void {name}("), name
+    for a, b in ((f"void {placeholder}(", f"void {name}("), (f"{placeholder}_part", f"{name}_part"),
+                 (f"struct {placeholder}_args", f"struct {name}_args")):
+        source = source.replace(a, b)
+    return source, name
 
 
 def plan_group(group: Any, inputs: tuple, out: Value) -> Planned | None:
@@ -477,7 +535,7 @@ def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
     unique = {p.name: p.source for p in planned}
     helpers = host_kernels.c_source() if any(p.rows for p in planned) else ""
     try:
-        lib = _build(helpers + "\n".join(unique.values()), vector=vector_math())
+        lib = cparallel.build(helpers + "\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):
         return None
     return [p.runner(getattr(lib, p.name)) for p in planned]
