@@ -158,15 +158,10 @@ class NumpyBackend(Backend):
             return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
         return np.matmul(a, b)
 
-    # -- fused ops (optional kernels; None: the op runs its primitive decomposition) ------
-    def softmax(self, x: Any, axis: int) -> Any:
-        return host_kernels.softmax(x, axis)
-
-    def log_softmax(self, x: Any, axis: int) -> Any:
-        return host_kernels.softmax(x, axis, log=True)
-
-    def layer_norm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
-        return host_kernels.layer_norm(x, w, b, eps)
+    # -- row programs (optional; None: the program runs step by step on this backend) ----
+    def run_rows(self, program: Any, arrays: tuple, params: dict) -> Any:
+        """A row program (ops/rows.py) as its printed C kernel."""
+        return host_kernels.run_rows(program, arrays, params)
 
     def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""

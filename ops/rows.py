@@ -65,6 +65,7 @@ class RowProgram:
     params: tuple = ()
     axis: str | None = None
     _maps: dict = field(default_factory=dict, repr=False)
+    _impls: dict = field(default_factory=dict, repr=False)     # backends' compiled kernels
 
     def __post_init__(self) -> None:
         known = set(self.rows) | set(self.cols) | set(self.params)

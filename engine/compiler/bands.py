@@ -137,7 +137,7 @@ def _zero_band(n: Node, masks: dict, zeros: dict) -> Band | None:
         if isinstance(op, FusedRowOp):
             # softmax of -inf is exactly 0 while each row keeps an unmasked entry, which an
             # upper band with off >= 0 guarantees (column 0); an emptied row would be NaN
-            if op.row_op == "softmax" and expr == -sympy.oo and band[0] == "U" and band[1] >= 0:
+            if op.row_op.zero_at_neg_inf and expr == -sympy.oo and band[0] == "U" and band[1] >= 0:
                 return band
         elif expr == 0:
             return band

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends import host_kernels
+from backends import rowprint
 from backends.cbuild import address, available, build as _build, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
@@ -206,11 +206,10 @@ MAX_ROW = 1 << 14         # a row kernel keeps one row on the stack
 
 def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dtype: np.dtype,
                in_dtypes: list) -> str:
-    """A C function computing softmax / log_softmax of a fused group's rows: each row of
-    the group's value goes to a scratch row on the stack, then the row helpers of
-    backends/host_kernels.py (max shift, exp, sum) normalise it into the output."""
+    """A C function running a row op (its row program, printed by backends/rowprint.py)
+    on each row of a fused group's value: the row goes to a scratch row on the stack,
+    then the program's per-row function writes the output row."""
     ct = storage_ctype(dtype, "c")
-    sfx = {"float": "f32", "double": "f64"}[ct]
     expr, symbols = op.group.expression()
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
     n = dims[-1]
@@ -219,12 +218,7 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     lines = [f"void {name}({', '.join(nest.args + [f'{ct}* restrict out'])}) {{", f"  {ct} row[{n}];",
              *nest.open, *nest.offsets,
              f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {nest.loads} row[j] = {body}; }}",
-             f"{pad}{ct} m;", f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);"]
-    if op.row_op == "softmax":
-        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = y[j] / s;")
-    else:
-        lines.append(f"{pad}const {ct} ls = log{'f' if ct == 'float' else ''}(s);")
-        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = (row[j] - m) - ls;")
+             f"{pad}{rowprint.row_call(op.row_op.rows, dtype, 'row', 'y', f'{n}LL')}"]
     return "\n".join(lines + nest.close + ["}"]) + "\n"
 
 
@@ -331,7 +325,7 @@ class Planned:
     full_shape: tuple          # the shape inputs broadcast to
     out_shape: tuple
     dtype: np.dtype
-    rows: bool = False         # needs the row helpers of backends/host_kernels.py
+    helpers: str = ""          # static C functions it calls (a row program's per-row function)
     n_out: int | None = None   # a row group: called as run(*inputs, *outputs)
 
     def runner(self, cfn: Any) -> Callable[..., Any]:
@@ -465,8 +459,9 @@ def plan_row(op: Any, inputs: tuple, out: Value) -> Planned | None:
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "row")
+    helpers = rowprint.c_helpers(out.dtype) + rowprint.c_row_function(op.row_op.rows, out.dtype)
     return Planned(src, name, (), ["same"] * len(inputs), [int(np.prod(v.shape)) for v in inputs],
-                   out.shape, out.shape, out.dtype, rows=True)
+                   out.shape, out.shape, out.dtype, helpers=helpers)
 
 
 def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
@@ -475,9 +470,9 @@ def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
     if not planned:
         return []
     unique = {p.name: p.source for p in planned}
-    helpers = host_kernels.c_source() if any(p.rows for p in planned) else ""
+    helpers = "".join(dict.fromkeys(p.helpers for p in planned if p.helpers))
     try:
-        lib = _build(helpers + "\n".join(unique.values()), vector=vector_math())
+        lib = _build(rowprint.C_HEADER + helpers + "\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):
         return None
     return [p.runner(getattr(lib, p.name)) for p in planned]
