@@ -312,11 +312,11 @@ class _FakeRawKernel:
 
     def __init__(self, fake, code, name, **kw):
         self.fake = fake
-        matches = [(k, dt) for k in cb.FUSED_KERNELS.values() for dt in cb.FUSED_DTYPES
+        matches = [(k, dt) for k in codegen.ROW_KERNELS.values() for dt in cb.FUSED_DTYPES
                    if k.kernel_name(dt) == name]
-        assert len(matches) == 1, f"unknown fused kernel {name}"
+        assert len(matches) == 1, f"unknown row kernel {name}"
         self.kernel, self.dtype = matches[0]
-        assert code == cb.fused_source(self.kernel, self.dtype)
+        assert code == cb.row_kernel_source(self.kernel.program, self.dtype)
 
     def __call__(self, grid, block, args, **kw):
         assert len(grid) == 1 and len(block) == 1 and 1 <= grid[0] < 2 ** 31
@@ -355,7 +355,7 @@ def fake_cupy(tmp_path_factory):
         pytest.skip("the emulated CUDA device needs a C and a C++ compiler (gcc/g++)")
     d = tmp_path_factory.mktemp("fake_cupy")
     parts = [codegen.EMU_PRELUDE, cb.FUSED_HELPERS]
-    for k in cb.FUSED_KERNELS.values():
+    for k in codegen.ROW_KERNELS.values():
         for dt in codegen.FLOATS:
             parts += [k.source(dt), codegen._emu_wrapper(k, dt)]
     src = d / "emu.cpp"
