@@ -29,17 +29,6 @@ INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda1
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _I64, _U64 = np.dtype(np.int64), np.dtype(np.uint64)
 
-# CuPy ufuncs by op name: used only where a spec has no C form for a dtype
-# (an integer power, complex numbers).
-_CUPY_UFUNCS = {
-    "add": "add", "sub": "subtract", "mul": "multiply", "div": "true_divide", "neg": "negative",
-    "pow": "power", "exp": "exp", "log": "log", "sqrt": "sqrt", "abs": "absolute",
-    "tanh": "tanh", "sign": "sign", "maximum": "maximum", "minimum": "minimum",
-    "eq": "equal", "ne": "not_equal", "lt": "less", "le": "less_equal", "gt": "greater",
-    "ge": "greater_equal", "logical_and": "logical_and", "logical_or": "logical_or",
-    "logical_not": "logical_not",
-}
-
 # Accumulation dtype of cupy.add.at per value dtype (its atomics cover only
 # these); int64 adds as uint64, which wraps identically in two's complement.
 _SCATTER_DTYPES = {_F16: _F32, _F32: _F32, _F64: _F64, np.dtype(np.int32): np.dtype(np.int32),
@@ -246,7 +235,10 @@ class CupyBackend(Backend):
             try:
                 in_params, out_params, body = cprint.elementwise_kernel_source(spec, dtype)
             except cprint.CPrintError as e:
-                ufunc = getattr(self.cp, _CUPY_UFUNCS.get(spec.name, ""), None)
+                # no C form for this dtype (an integer power): CuPy's ufunc of the same
+                # name as the spec's NumPy ufunc, if it declares one
+                native = spec.numpy
+                ufunc = getattr(self.cp, native.__name__, None) if isinstance(native, np.ufunc) else None
                 if ufunc is None:
                     raise TypeError(f"{spec.name}: no CUDA kernel for dtype {dtype}: {e}") from None
                 kern = ufunc

@@ -445,9 +445,10 @@ def test_composites_on_cuda(cuda, name, rng):
 def test_elementwise_low_precision_on_cuda(cuda, name, dtype, rng):
     """float32 and float16 kernels agree with the CPU computing in float32."""
     op = ops.REGISTRY[name]
-    xs = [_draw(op.domain, rng, (5, 7), i).astype(dtype) for i in range(op.nin)]
+    xs = [x if x.dtype == bool else x.astype(dtype)            # a select's condition stays bool
+          for x in (_draw(op.domain, rng, (5, 7), i) for i in range(op.nin))]
     got = op(*[eg.tensor(x, device=cuda) for x in xs])
-    want = op(*[eg.tensor(x.astype(np.float32)) for x in xs]).numpy()
+    want = op(*[eg.tensor(x if x.dtype == bool else x.astype(np.float32)) for x in xs]).numpy()
     expected_dtype = np.dtype(bool) if op.result == "bool" else np.dtype(dtype)
     assert got.dtype == expected_dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-3, atol=1e-3)

@@ -80,7 +80,7 @@ def _group_of(n: Node) -> tuple[FusedElementwise, tuple, tuple] | None:
         return op.group, tuple(n.inputs), op.in_shape
     if isinstance(op, FusedRowOp):
         return (op.group, tuple(n.inputs), n.out.shape) if op.axis in (-1, len(n.out.shape) - 1) else None
-    if isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where":
+    if isinstance(op, ElementwiseOp):
         group, inputs = single_group(n)
         return group, inputs, n.out.shape
     return None

@@ -24,16 +24,12 @@ from .ir import Value
 # Below this many elements the per-call cost of ctypes exceeds what fusion saves.
 MIN_ELEMENTS = 1 << 15
 
-# Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
-# semantics that masking relies on).
-C_FRIENDLY = {"add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "maximum", "minimum",
-              "relu", "heaviside", "sign", "lerp", "ema_sq", "adam_param", "where"}
-# Ops calling libm's transcendentals: C-friendly only with libmvec (see backends.cbuild).
-VECTOR_MATH_OPS = {"exp", "log", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh"}
-
-
-def friendly(op_name: str) -> bool:
-    return op_name in C_FRIENDLY or (op_name in VECTOR_MATH_OPS and vector_math())
+def friendly(op: Any) -> bool:
+    """Does a C loop over the op vectorise without -ffast-math (which would break the
+    inf/NaN semantics masking relies on)? Read from the op's `c_math` trait (derived
+    from its expression): plain arithmetic always, libm's transcendentals with libmvec."""
+    how = getattr(op, "c_math", None)
+    return how == "plain" or (how == "vector" and vector_math())
 
 
 def _mode(shape: tuple, out_shape: tuple, split: int) -> str | None:
@@ -301,7 +297,7 @@ def plan_row_group(group: Any) -> Planned | None:
     """A row group as one C kernel, or None when it cannot be printed."""
     dtype = group.steps[0].out.dtype
     if not available() or dtype not in (np.dtype(np.float32), np.dtype(np.float64)) \
-            or not all(friendly(op.name) for st in group.steps for op, _ in st.group.steps):
+            or not all(friendly(op) for st in group.steps for op, _ in st.group.steps):
         return None
     try:
         src = row_group_source("k", group, dtype)
@@ -386,10 +382,8 @@ class Planned:
         return run
 
 
-# What a step costs NumPy in whole-array calls (1 unless listed): a kernel replacing
-# at least MIN_CALLS of them pays for its ctypes call at any size.
-_NUMPY_CALLS = {"lerp": 3, "ema_sq": 4, "adam_param": 7, "rsqrt": 2, "sigmoid": 4, "gelu": 5,
-                "gelu_tanh": 7, "heaviside": 3}
+# A kernel replacing at least MIN_CALLS whole-array NumPy calls (each op's `cost`)
+# pays for its ctypes call at any size.
 MIN_CALLS = 3
 
 
@@ -397,9 +391,9 @@ _REDUCTION_CALLS = 3        # np.sum over an axis tuple costs about three ufunc 
 
 
 def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int, extra_calls: int = 0) -> bool:
-    calls = sum(_NUMPY_CALLS.get(op.name, 1) for op, _ in steps) + extra_calls
+    calls = sum(getattr(op, "cost", 1) for op, _ in steps) + extra_calls
     return (available() and (size >= MIN_ELEMENTS or calls >= MIN_CALLS)
-            and all(friendly(op.name) for op, _ in steps)
+            and all(friendly(op) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
             and all(isinstance(v, Value) and v.dtype in (dtype, np.dtype(bool)) for v in inputs))
 

@@ -196,11 +196,7 @@ class FusedElementwise:
         for op, args in self.steps:
             operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
                         else sympy.sympify(a) for a in args]
-            if op.name == "where":                    # the one non-arithmetic step: a select
-                c, x, y = operands
-                vals.append(sympy.Piecewise((x, sympy.Ne(c, 0)), (y, True)))
-            else:
-                vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
+            vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
         return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
     def forward(self, backend: Any, *inputs: Any) -> Any:
@@ -214,8 +210,7 @@ class FusedElementwise:
 
 def _fusable(n: Node) -> bool:
     """Elementwise with a float result; `where` too (its condition joins as an input)."""
-    return (isinstance(n.op, ElementwiseOp) or getattr(n.op, "name", "") == "where") \
-        and n.out.dtype.kind == "f"
+    return isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f"
 
 
 def fuse_elementwise(program: Program) -> Program:
