@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import DTypeError, ShapeError
 from . import elementwise as _elementwise
-from .shapes import broadcast_shapes, prod, shape_of
+from .shapes import broadcast_shapes, prod
 from .spec import Op, register
 
 
