@@ -163,14 +163,18 @@ _threads = default_threads()
 _grain = DEFAULT_GRAIN
 
 
+def pool_source() -> str:
+    """The C source of the thread pool library (the first library the engine loads)."""
+    return _POOL_SOURCE.replace("__GRAIN__", f"{DEFAULT_GRAIN}LL").replace("__MAX__", str(MAX_THREADS))
+
+
 def _library() -> Any:
     """The pool, loaded once with global symbols; a serial stand-in where threads fail to build."""
     global _pool
     with _lock:
         if _pool is None:
-            source = _POOL_SOURCE.replace("__GRAIN__", f"{DEFAULT_GRAIN}LL").replace("__MAX__", str(MAX_THREADS))
             try:
-                _pool = cbuild.build(source, global_symbols=True)
+                _pool = cbuild.build(pool_source(), global_symbols=True)
             except (RuntimeError, OSError):
                 _pool = cbuild.build(_SERIAL_SOURCE, global_symbols=True)
             _pool.engine_set_grain.argtypes = [ctypes.c_longlong]

@@ -163,6 +163,8 @@ class _KernelPrinter(C99CodePrinter):
 
     def _print_Add(self, expr: sympy.Add, order: Any = None) -> str:
         terms = self._as_ordered_terms(expr, order=order)
+        # added terms first, then the subtracted ones: x - m - log(s) runs as (x - m) - log(s)
+        terms = sorted(terms, key=lambda t: (not t.is_number and t.could_extract_minus_sign()))
         symbolic = [t for t in terms if not t.is_number]
         const = sympy.Add(*[t for t in terms if t.is_number])
         if const != 0:

@@ -4,9 +4,9 @@ Elementwise ops run as `cupy.ElementwiseKernel`s whose bodies `backends.cprint`
 prints from each spec's sympy expression (one kernel per op and compute dtype,
 built on first use). Reductions, matmul (cuBLAS), movement and indexing use CuPy
 directly; index_add uses `cupy.add.at`; random numbers come from a device
-generator that `seed()` resets. The hot composites (softmax, log_softmax,
-layer_norm) have hand-written fused kernels, kept here as source templates so CI
-can compile them with `nvcc` on machines without a GPU.
+generator that `seed()` resets. Row programs (softmax, log_softmax, layer_norm,
+...) run as CUDA kernels printed from their declarations by `backends.rowprint`
+(one block per row), so CI can compile them with `nvcc` on machines without a GPU.
 
 CuPy is imported only by `create_backend`, which the registry calls the first
 time someone asks for "cuda": without CuPy or without a GPU it raises
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import functools
 import numbers
-import string
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import cprint
+from . import cprint, rowprint
 from .base import Backend
 
 INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda13]` for CUDA 13) '
@@ -30,17 +28,6 @@ INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda1
 
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _I64, _U64 = np.dtype(np.int64), np.dtype(np.uint64)
-
-# CuPy ufuncs by op name: used only where a spec has no C form for a dtype
-# (an integer power, complex numbers).
-_CUPY_UFUNCS = {
-    "add": "add", "sub": "subtract", "mul": "multiply", "div": "true_divide", "neg": "negative",
-    "pow": "power", "exp": "exp", "log": "log", "sqrt": "sqrt", "abs": "absolute",
-    "tanh": "tanh", "sign": "sign", "maximum": "maximum", "minimum": "minimum",
-    "eq": "equal", "ne": "not_equal", "lt": "less", "le": "less_equal", "gt": "greater",
-    "ge": "greater_equal", "logical_and": "logical_and", "logical_or": "logical_or",
-    "logical_not": "logical_not",
-}
 
 # Accumulation dtype of cupy.add.at per value dtype (its atomics cover only
 # these); int64 adds as uint64, which wraps identically in two's complement.
@@ -108,114 +95,9 @@ template <typename A> __device__ __forceinline__ A engine_block_max(A v, A* buf)
 #endif
 """ % {"block": FUSED_BLOCK}
 
-# Parameter roles -> C declarations ($T storage type, $A accumulation type).
-_ROLE_DECL = {"in": "const $T* __restrict__", "out": "$T* __restrict__", "i64": "long long",
-              "acc": "$A", "i32": "int"}
-
-
-@dataclass(frozen=True)
-class FusedKernel:
-    """A hand-written row-wise CUDA kernel, a template over the storage dtype.
-
-    One block handles one row (grid-stride over rows); `params` are (role, name)
-    pairs, roles as in _ROLE_DECL; `body` is the kernel body with $-placeholders
-    ($T, $A, $load, $store, $exp, $log, $sqrt, $neg_inf).
-    """
-    name: str
-    params: tuple[tuple[str, str], ...]
-    body: str
-
-    def kernel_name(self, dtype: Any) -> str:
-        return f"engine_{self.name}_{np.dtype(dtype).name}"
-
-    def source(self, dtype: Any) -> str:
-        """The kernel alone (it needs FUSED_PRELUDE, or an emulation's, and FUSED_HELPERS)."""
-        dt = np.dtype(dtype)
-        if dt not in FUSED_DTYPES:
-            raise TypeError(f"fused {self.name}: no kernel for dtype {dt}")
-        acc = "double" if dt == _F64 else "float"
-        subs = {
-            "T": {_F16: "engine_half_t", _F32: "float", _F64: "double"}[dt], "A": acc,
-            "load": "engine_h2f" if dt == _F16 else f"({acc})",
-            "store": "engine_f2h" if dt == _F16 else f"({acc})",
-            "exp": "expf" if acc == "float" else "exp",
-            "log": "logf" if acc == "float" else "log",
-            "sqrt": "sqrtf" if acc == "float" else "sqrt",
-            "neg_inf": f"engine_neg_inf_{acc}()",
-        }
-        decl = ", ".join(f"{_ROLE_DECL[role]} {name}" for role, name in self.params)
-        text = (f'extern "C" __global__ void {self.kernel_name(dt)}({decl}) {{\n'
-                f"  __shared__ $A buf[ENGINE_BLOCK];\n{self.body}}}\n")
-        return string.Template(text).substitute(subs)
-
-
-_ROW_LOOP = """\
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-    const $T* xr = x + r * cols;
-    $T* yr = y + r * cols;
-"""
-
-_MAX_SHIFT = """\
-    $A m = $neg_inf;
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) m = engine_max_nan(m, $load(xr[j]));
-    m = engine_block_max(m, buf);
-    if (m == $neg_inf) m = 0;           // a row of all -inf: exp(x - 0) = 0, never NaN
-    $A s = 0;
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) s += $exp($load(xr[j]) - m);
-    s = engine_block_sum(s, buf);
-    if (s == 0) s = 1;                  // ... and its outputs are 0 (softmax) or -inf (log)
-"""
-
-SOFTMAX = FusedKernel(
-    "softmax", (("in", "x"), ("out", "y"), ("i64", "rows"), ("i64", "cols")),
-    _ROW_LOOP + _MAX_SHIFT + """\
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = $store($exp($load(xr[j]) - m) / s);
-  }
-""")
-
-LOG_SOFTMAX = FusedKernel(
-    "log_softmax", (("in", "x"), ("out", "y"), ("i64", "rows"), ("i64", "cols")),
-    _ROW_LOOP + _MAX_SHIFT + """\
-    const $A ls = $log(s);
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = $store(($load(xr[j]) - m) - ls);
-  }
-""")
-
-LAYER_NORM = FusedKernel(
-    "layer_norm", (("in", "x"), ("in", "w"), ("in", "b"), ("out", "y"), ("i64", "rows"),
-                   ("i64", "cols"), ("acc", "eps"), ("i32", "has_w"), ("i32", "has_b")),
-    _ROW_LOOP + """\
-    $A s = 0;
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) s += $load(xr[j]);
-    const $A mean = engine_block_sum(s, buf) / ($A)cols;
-    $A q = 0;
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) {
-      const $A d = $load(xr[j]) - mean;
-      q += d * d;
-    }
-    const $A var = engine_block_sum(q, buf) / ($A)cols;     // biased, as the composite
-    const $A rstd = ($A)1 / $sqrt(var + eps);
-    for (long long j = threadIdx.x; j < cols; j += blockDim.x) {
-      $A v = ($load(xr[j]) - mean) * rstd;
-      if (has_w) v = v * $load(w[j]);
-      if (has_b) v = v + $load(b[j]);
-      yr[j] = $store(v);
-    }
-  }
-""")
-
-FUSED_KERNELS: dict[str, FusedKernel] = {k.name: k for k in (SOFTMAX, LOG_SOFTMAX, LAYER_NORM)}
-
-
-def fused_source(kernel: FusedKernel, dtype: Any) -> str:
-    """The complete CUDA source of one fused kernel (what RawKernel compiles)."""
-    return FUSED_PRELUDE + FUSED_HELPERS + kernel.source(dtype)
-
-
-def fused_translation_unit(dtypes: Sequence[Any] = FUSED_DTYPES) -> str:
-    """Every fused kernel in every dtype as one `.cu` file (for `nvcc -c` in CI)."""
-    return FUSED_PRELUDE + FUSED_HELPERS + "\n".join(
-        k.source(dt) for k in FUSED_KERNELS.values() for dt in dtypes)
+def row_kernel_source(program: Any, dtype: Any) -> str:
+    """The complete CUDA source of a row program's printed kernel (what RawKernel compiles)."""
+    return rowprint.cuda_rows_source(program, dtype, FUSED_PRELUDE + FUSED_HELPERS)
 
 
 def launch_config(rows: int, cols: int) -> tuple[int, int]:
@@ -264,8 +146,8 @@ class CupyBackend(Backend):
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
                        "reshape", "transpose", "broadcast_to", "concatenate", "pad", "where",
                        "getitem", "index_add", "setitem", "seed", "random_normal",
-                       "random_uniform", "bernoulli", "from_dlpack", "softmax", "log_softmax",
-                       "layer_norm", "to_numpy", "matmul_out")
+                       "random_uniform", "bernoulli", "from_dlpack", "run_rows", "to_numpy",
+                       "matmul_out")
 
     def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
         self.cp = cupy_module
@@ -273,7 +155,6 @@ class CupyBackend(Backend):
         index = int(device.split(":", 1)[1]) if ":" in device else None
         self._device = cupy_module.cuda.Device(index) if index is not None else None
         self._kernels: dict[tuple, Callable[..., Any]] = {}
-        self._fused: dict[tuple[str, np.dtype], Any] = {}
         if self._device is not None:
             for name in self._DEVICE_METHODS:
                 setattr(self, name, self._on_device(getattr(self, name)))
@@ -354,7 +235,10 @@ class CupyBackend(Backend):
             try:
                 in_params, out_params, body = cprint.elementwise_kernel_source(spec, dtype)
             except cprint.CPrintError as e:
-                ufunc = getattr(self.cp, _CUPY_UFUNCS.get(spec.name, ""), None)
+                # no C form for this dtype (an integer power): CuPy's ufunc of the same
+                # name as the spec's NumPy ufunc, if it declares one
+                native = spec.numpy
+                ufunc = getattr(self.cp, native.__name__, None) if isinstance(native, np.ufunc) else None
                 if ufunc is None:
                     raise TypeError(f"{spec.name}: no CUDA kernel for dtype {dtype}: {e}") from None
                 kern = ufunc
@@ -471,70 +355,40 @@ class CupyBackend(Backend):
     def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
         return (self.rng.random(shape, dtype=_F32) < p).astype(dtype)
 
-    # -- fused kernels (optional Backend methods used by ops.fused) ----------------
-    def _raw_kernel(self, kernel: FusedKernel, dtype: np.dtype) -> Any:
-        key = (kernel.name, dtype)
-        raw = self._fused.get(key)
-        if raw is None:
-            raw = self._fused[key] = self.cp.RawKernel(fused_source(kernel, dtype),
-                                                       kernel.kernel_name(dtype))
-        return raw
-
-    def _float(self, x: Any) -> Any:
-        return x if x.dtype in FUSED_DTYPES else x.astype(_F32)
-
-    def _rowwise(self, kernel: FusedKernel, x: Any, axis: int) -> Any:
-        """Run a row kernel along `axis` (moved last and made contiguous if needed)."""
+    # -- row programs (optional Backend method used by ops.rows) -------------------
+    def run_rows(self, program: Any, arrays: tuple, params: dict) -> Any:
+        """A row program (ops/rows.py) as its printed CUDA kernel, one block per row; the
+        row axis is moved last (and made contiguous) when it is not."""
         cp = self.cp
-        x = self._float(x)
+        x = arrays[0]
+        axis = params[program.axis] if program.axis else x.ndim - 1
+        dt = np.result_type(*(a.dtype for a in arrays))
+        if x.ndim == 0 or dt not in FUSED_DTYPES:
+            dt = _F32
+        n_rows = len(program.rows)
         last = axis == x.ndim - 1
-        xt = cp.ascontiguousarray(x if last else cp.moveaxis(x, axis, -1))
-        y = cp.empty(xt.shape, dtype=xt.dtype)
-        if xt.size:
-            cols = xt.shape[-1]
-            rows = xt.size // cols
-            grid, block = launch_config(rows, cols)
-            self._raw_kernel(kernel, xt.dtype)((grid,), (block,),
-                                               (xt, y, np.int64(rows), np.int64(cols)))
+        moved = [cp.ascontiguousarray(a.astype(dt, copy=False) if last else cp.moveaxis(a.astype(dt), axis, -1))
+                 for a in arrays[:n_rows]]
+        cols = [cp.ascontiguousarray(c.astype(dt, copy=False)) for c in arrays[n_rows:]]
+        y = cp.empty(moved[0].shape, dtype=dt)
+        if y.size:
+            n = y.shape[-1]
+            rows = y.size // n
+            grid, block = launch_config(rows, n)
+            acc = np.float64 if dt == _F64 else np.float32
+            self._row_kernel(program, dt)(
+                (grid,), (block,),
+                (*moved, *cols, y, np.int64(rows), np.int64(n), *(acc(params[str(p)]) for p in program.params)))
         return y if last else cp.moveaxis(y, -1, axis)
 
-    def softmax(self, x: Any, axis: int) -> Any:
-        """exp(x - max) / sum(exp(x - max)) along `axis` in one kernel; all -inf rows give 0."""
-        return self._rowwise(SOFTMAX, x, axis)
-
-    def log_softmax(self, x: Any, axis: int) -> Any:
-        """(x - max) - log(sum(exp(x - max))) along `axis`; all -inf rows give -inf."""
-        return self._rowwise(LOG_SOFTMAX, x, axis)
-
-    def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float) -> Any:
-        """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased
-        variance), in one kernel; weight and bias may be None."""
-        cp = self.cp
-        params = [p for p in (weight, bias) if p is not None]
-        dt = np.result_type(x.dtype, *(p.dtype for p in params))
-        if dt not in FUSED_DTYPES:
-            dt = _F32
-        x = cp.ascontiguousarray(x.astype(dt, copy=False))
-        cols = x.shape[-1] if x.ndim else 1
-        prepared = []
-        for name, p in (("weight", weight), ("bias", bias)):
-            if p is None:
-                prepared.append(x)          # never read (its has_ flag is 0)
-                continue
-            if p.size != cols:
-                raise ValueError(f"layer_norm: {name} of shape {tuple(p.shape)} does not match "
-                                 f"the last axis ({cols}) of x with shape {tuple(x.shape)}")
-            prepared.append(cp.ascontiguousarray(p.astype(dt, copy=False).reshape(cols)))
-        y = cp.empty(x.shape, dtype=dt)
-        if x.size:
-            rows = x.size // cols
-            grid, block = launch_config(rows, cols)
-            acc = np.float64(eps) if dt == _F64 else np.float32(eps)
-            self._raw_kernel(LAYER_NORM, dt)(
-                (grid,), (block,),
-                (x, prepared[0], prepared[1], y, np.int64(rows), np.int64(cols), acc,
-                 np.int32(weight is not None), np.int32(bias is not None)))
-        return y
+    def _row_kernel(self, program: Any, dtype: np.dtype) -> Any:
+        """The RawKernel of `program` in `dtype`, compiled once (cached on the program)."""
+        key = ("cuda", self.name, dtype)
+        raw = program._impls.get(key)
+        if raw is None:
+            raw = program._impls[key] = self.cp.RawKernel(
+                row_kernel_source(program, dtype), rowprint.CudaRowKernel(program).kernel_name(dtype))
+        return raw
 
 
 def create_backend(device: str = "cuda") -> CupyBackend:
@@ -567,6 +421,5 @@ def create_backend(device: str = "cuda") -> CupyBackend:
     return CupyBackend(cupy, device)
 
 
-__all__ = ["CupyBackend", "create_backend", "FusedKernel", "FUSED_KERNELS", "FUSED_PRELUDE",
-           "FUSED_HELPERS", "FUSED_DTYPES", "FUSED_BLOCK", "SOFTMAX", "LOG_SOFTMAX", "LAYER_NORM",
-           "fused_source", "fused_translation_unit", "launch_config", "INSTALL_HINT"]
+__all__ = ["CupyBackend", "create_backend", "FUSED_PRELUDE", "FUSED_HELPERS", "FUSED_DTYPES",
+           "FUSED_BLOCK", "row_kernel_source", "launch_config", "INSTALL_HINT"]

@@ -1,14 +1,14 @@
-"""The fused ops' forwards (softmax, log_softmax, layer_norm) as C loops for the CPU,
-and the scatter-add of whole rows (an embedding's backward).
+"""C kernels for the CPU: row programs (softmax, log_softmax, layer_norm, ... as
+printed by `backends.rowprint` from their declarations in ops) and the scatter-add of
+whole rows (an embedding's backward).
 
-Each is one pass per row statistic instead of NumPy's five to eight whole-array
-calls (each allocating a temporary): ~5-10x faster on small tensors, where per-call
-overhead dominates, and ~2-3x on large ones, where memory traffic does. They
-compute exactly the primitive decomposition in ops/fused.py (the same row shift,
-the same all -inf row rule, the same operation order per element); only sums are
-accumulated in another order (eight partial sums), so results agree with NumPy's
-to rounding. Used for the last axis of C-contiguous float32/float64 arrays when a
-C compiler is present; otherwise the callers keep their NumPy path.
+A row kernel is one pass per row statistic instead of NumPy's five to eight
+whole-array calls (each allocating a temporary): ~5-10x faster on small tensors,
+where per-call overhead dominates, and ~2-3x on large ones, where memory traffic
+does. It computes the program's steps in their order per element; only sums are
+accumulated in another order (32 partial sums), so results agree with NumPy's to
+rounding. Used for the last axis of C-contiguous float32/float64 arrays when a C
+compiler is present; otherwise the program runs on NumPy.
 """
 from __future__ import annotations
 
@@ -17,137 +17,32 @@ from typing import Any
 
 import numpy as np
 
-from . import cbuild, cparallel
+from . import cbuild, cparallel, rowprint
+from .cprint import CPrintError
 
-_ROW_SUM = """
-/* Thirty-two running sums (several vector registers, so the adds do not wait on each
-   other), folded pairwise: vectorises without reassociating. */
-static inline {T} row_sum_{S}(const {T}* restrict v, long long n) {{
-  {T} acc[32] = {{0}};
-  long long j = 0;
-  for (; j + 32 <= n; j += 32)
-    for (int l = 0; l < 32; ++l) acc[l] += v[j + l];
-  for (int w = 16; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  {T} tail = 0;
-  for (; j < n; ++j) tail += v[j];
-  return acc[0] + tail;
-}}
-
-/* The row maximum, 0 for a row of all -inf (so x - m stays -inf). NaNs are skipped
-   here and still reach every output through the row sum, as with NumPy's NaN-propagating
-   max. With AVX, `max(v, acc)` is one instruction on a whole register (GCC will not
-   vectorise this reduction without -ffast-math). */
-static inline {T} row_shift_{S}(const {T}* restrict v, long long n) {{
-  {T} m = -INFINITY;
-  long long j = 0;
-#if defined(__AVX__)
-  {VEC} acc = {SET1}(-INFINITY);
-  for (; j + {LANES} <= n; j += {LANES}) acc = {MAX}({LOADU}(v + j), acc);
-  {T} lanes[{LANES}];
-  {STOREU}(lanes, acc);
-  for (int l = 0; l < {LANES}; ++l) m = lanes[l] > m ? lanes[l] : m;
-#endif
-  for (; j < n; ++j) m = v[j] > m ? v[j] : m;
-  return m == -INFINITY ? 0 : m;
-}}
-
-/* y = exp(x - m). libmvec's SIMD exp leaves its fast path for special inputs (-inf:
-   masked entries) and tiny results (~2.5x slower), so the vector loop sees arguments
-   clamped to {FAST} and exact values are patched in afterwards: 0 for -inf, a scalar exp
-   for the rare finite argument below {FAST}. */
-static inline void exp_shifted_{S}(const {T}* restrict x, {T} m, {T}* restrict y, long long n) {{
-  int masked = 0, tiny = 0;
-  for (long long j = 0; j < n; ++j) {{
-    const {T} t = x[j] - m;
-    y[j] = t < {FAST} ? {FAST} : t;
-    masked |= t == -INFINITY;
-    tiny |= t < {FAST} && t != -INFINITY;
-  }}
-  /* A loop of its own: fused with the clamp, GCC hoists exp({FAST}) and calls the masked
-     SIMD exp on the raw arguments, -inf included. */
-  for (long long j = 0; j < n; ++j) y[j] = exp{F}(y[j]);
-  if (masked)
-    for (long long j = 0; j < n; ++j) y[j] = x[j] - m == -INFINITY ? 0 : y[j];
-  if (tiny)
-    for (long long j = 0; j < n; ++j) {{
-      const {T} t = x[j] - m;
-      if (t < {FAST} && t != -INFINITY) y[j] = exp{F}(t);
-    }}
-}}
-
-/* One row's exp(x - max) into y; returns the row sum (1 for a row with nothing to sum). */
-static inline {T} exp_row_{S}(const {T}* restrict xr, {T}* restrict yr, long long n, {T}* m) {{
-  *m = row_shift_{S}(xr, n);
-  exp_shifted_{S}(xr, *m, yr, n);
-  const {T} s = row_sum_{S}(yr, n);
-  return s == 0 ? 1 : s;
-}}
-"""
-
-# The kernels: (name, parameters, items, work, body over the items [lo, hi)). Threads
-# share the rows (each row is computed whole by one thread), or for the scatter the
-# columns (each column's additions stay in index order): results do not depend on
-# the thread count.
-_ROWS = ["long long rows", "long long n", "const {T}* restrict x"]
-_KERNELS = [
-    ("softmax_{S}", _ROWS + ["{T}* restrict y"], "rows", "rows * n", """
-for (long long r = lo; r < hi; ++r) {{
-  {T} m;
-  const {T} s = exp_row_{S}(x + r * n, y + r * n, n, &m);
-  for (long long j = 0; j < n; ++j) y[r * n + j] = y[r * n + j] / s;
-}}"""),
-    ("log_softmax_{S}", _ROWS + ["{T}* restrict y"], "rows", "rows * n", """
-for (long long r = lo; r < hi; ++r) {{
-  {T} m;
-  const {T} ls = log{F}(exp_row_{S}(x + r * n, y + r * n, n, &m));
-  for (long long j = 0; j < n; ++j) y[r * n + j] = (x[r * n + j] - m) - ls;
-}}"""),
-    ("layer_norm_{S}", _ROWS + ["const {T}* restrict w", "const {T}* restrict b", "double eps",
-                                "{T}* restrict y"], "rows", "rows * n", """
-for (long long r = lo; r < hi; ++r) {{
-  const {T}* xr = x + r * n;
-  {T}* yr = y + r * n;
-  const {T} mean = row_sum_{S}(xr, n) / ({T})n;
-  for (long long j = 0; j < n; ++j) {{ const {T} c = xr[j] - mean; yr[j] = c * c; }}
-  const {T} var = row_sum_{S}(yr, n) / ({T})n;
-  const {T} rstd = 1 / sqrt{F}(var + ({T})eps);
-  for (long long j = 0; j < n; ++j) yr[j] = ((xr[j] - mean) * rstd) * w[j] + b[j];
-}}"""),
-    # out[idx[i], :] += values[i, :] for rows of length d; indices already checked.
-    ("scatter_add_rows_{S}", ["long long count", "long long d", "long long rows",
-                              "const long long* restrict idx", "const {T}* restrict values",
-                              "{T}* restrict out"], "d", "count * d", """
+# out[idx[i], :] += values[i, :] for rows of length d; indices already checked. Threads
+# share the columns, so each column's additions stay in index order: the result does
+# not depend on the thread count.
+_SCATTER_PARAMS = ["long long count", "long long d", "long long rows", "const long long* restrict idx",
+                   "const {T}* restrict values", "{T}* restrict out"]
+_SCATTER_BODY = """
 for (long long i = 0; i < count; ++i) {{
   const long long r = idx[i] < 0 ? idx[i] + rows : idx[i];
   {T}* restrict dst = out + r * d;
   const {T}* restrict src = values + i * d;
   for (long long j = lo; j < hi; ++j) dst[j] += src[j];
-}}"""),
-]
+}}"""
 
-
-def _kernels_source(**names: Any) -> str:
-    return "".join(cparallel.parallel_function(name.format(**names), [p.format(**names) for p in params],
-                                               items, work, body.format(**names).strip().splitlines())
-                   for name, params, items, work, body in _KERNELS)
-
-_TYPES = {np.dtype(np.float32): ("float", "f32", "f"), np.dtype(np.float64): ("double", "f64", "")}
-_FAST = {"f32": "-87.0f", "f64": "-708.0"}      # exp's result is still a normal number here
-_AVX = {"f32": dict(VEC="__m256", SET1="_mm256_set1_ps", MAX="_mm256_max_ps", LOADU="_mm256_loadu_ps",
-                    STOREU="_mm256_storeu_ps", LANES=8),
-        "f64": dict(VEC="__m256d", SET1="_mm256_set1_pd", MAX="_mm256_max_pd", LOADU="_mm256_loadu_pd",
-                    STOREU="_mm256_storeu_pd", LANES=4)}
-_HEADER = "#if defined(__AVX__)\n#include <immintrin.h>\n#endif\n"
+_TYPES = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
 _lib: Any = None
 _tried = False
 
 
 def c_source() -> str:
-    """The kernels' C source for both float types (the jit's row kernels reuse its
-    static row helpers: row_shift, exp_row, row_sum)."""
-    return _HEADER + "".join(_ROW_SUM.format(T=t, S=s, F=f, FAST=_FAST[s], **_AVX[s])
-                             + _kernels_source(T=t, S=s, F=f) for t, s, f in _TYPES.values())
+    """The scatter kernels' C source for both float types."""
+    return "".join(cparallel.parallel_function(f"scatter_add_rows_{s}", [p.format(T=t) for p in _SCATTER_PARAMS],
+                                               "d", "count * d", _SCATTER_BODY.format(T=t).strip().splitlines())
+                   for t, s in _TYPES.values())
 
 
 def _library() -> Any:
@@ -163,16 +58,6 @@ def _library() -> Any:
     return _lib
 
 
-def _rows(x: Any, axis: int) -> tuple[Any, str] | None:
-    """(library, type suffix) when `x` can take the C path: the last axis of a
-    C-contiguous float32/float64 array with at least one element."""
-    kind = _TYPES.get(x.dtype)
-    if kind is None or axis != x.ndim - 1 or not x.flags.c_contiguous or x.size == 0:
-        return None
-    lib = _library()
-    return None if lib is None else (lib, kind[1])
-
-
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(cbuild.address(a))
 
@@ -182,28 +67,43 @@ def _new(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
 
-def softmax(x: np.ndarray, axis: int, log: bool = False) -> np.ndarray | None:
-    found = _rows(x, axis)
-    if found is None:
-        return None
-    lib, suffix = found
-    y = np.empty_like(x)
-    n = x.shape[-1]
-    fn = getattr(lib, f"{'log_softmax' if log else 'softmax'}_{suffix}")
-    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), _ptr(x), _new(y))
-    return y
+def _rows_library(program: Any, dtype: np.dtype) -> Any:
+    """The compiled kernel of `program` in `dtype` (built once; cached on the program),
+    or None without a C compiler or when the program has no C form."""
+    cache = program._impls
+    key = ("c", dtype)
+    if key not in cache:
+        cache[key] = None
+        if cbuild.available():
+            try:
+                source = rowprint.C_HEADER + rowprint.c_rows_source(program, dtype)
+                cache[key] = getattr(cparallel.build(source, vector=cbuild.vector_math()),
+                                     rowprint.rows_function_name(program, dtype))
+            except (CPrintError, RuntimeError, OSError):
+                cache[key] = None
+    return cache[key]
 
 
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray | None:
-    found = _rows(x, x.ndim - 1) if x.ndim else None
-    if found is None or w.dtype != x.dtype or b.dtype != x.dtype:
+def run_rows(program: Any, arrays: tuple, params: dict) -> np.ndarray | None:
+    """`program` over the rows of its inputs as one C call, or None where the kernel
+    does not apply: rows along the last axis of C-contiguous float32/float64 arrays
+    of one dtype, with at least one element."""
+    x = arrays[0]
+    axis = params[program.axis] if program.axis else x.ndim - 1
+    if (x.dtype not in _TYPES or x.ndim == 0 or axis != x.ndim - 1 or x.size == 0
+            or any(type(a) is not np.ndarray or a.dtype != x.dtype for a in arrays)):
         return None
-    lib, suffix = found
-    w, b = np.ascontiguousarray(w), np.ascontiguousarray(b)
+    n_rows = len(program.rows)
+    if not all(a.flags.c_contiguous and a.shape == x.shape for a in arrays[:n_rows]):
+        return None
+    fn = _rows_library(program, x.dtype)
+    if fn is None:
+        return None
+    cols = [np.ascontiguousarray(c) for c in arrays[n_rows:]]
     y = np.empty_like(x)
     n = x.shape[-1]
-    getattr(lib, f"layer_norm_{suffix}")(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n),
-                                         _ptr(x), _ptr(w), _ptr(b), ctypes.c_double(eps), _new(y))
+    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), *(_ptr(a) for a in arrays[:n_rows]),
+       *(_ptr(c) for c in cols), *(ctypes.c_double(params[str(p)]) for p in program.params), _new(y))
     return y
 
 

@@ -1,84 +1,16 @@
 """The reference backend: NumPy arrays on the CPU."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import sympy
 
+from ops import numpy_impls
+
 from . import host_kernels
 from .base import Backend
 from .host_memory import keep_freed_memory
-
-_erf_object = np.frompyfunc(math.erf, 1, 1)
-
-
-def _erf(x: Any) -> Any:
-    """erf with full float64 accuracy (NumPy has none; SciPy is not a dependency)."""
-    x = np.asarray(x)
-    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
-    return np.asarray(_erf_object(x), dtype=object).astype(dtype)
-
-
-def _heaviside(x: Any, h: Any) -> Any:
-    """np.heaviside, ~40x faster: NumPy's ufunc has no SIMD loop, comparisons do.
-    (Same values, NaN included; relu's gradient mask runs through this.)"""
-    x = np.asarray(x)
-    if not isinstance(h, (int, float)) or x.dtype.kind != "f":
-        return np.heaviside(x, h)
-    out = np.array(x > 0, dtype=x.dtype)
-    if h != 0:
-        out[x == 0] = h
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = np.nan
-    return out
-
-
-def _relu(x: Any, out: Any = None) -> Any:
-    """max(x, 0) with NaN propagated, as the spec says (sympy's lambdified form is
-    ~1.4x slower: it promotes through a Python reduce)."""
-    return np.maximum(x, 0, out=out)
-
-
-def _lerp(start: Any, end: Any, weight: Any, out: Any = None) -> Any:
-    """start + weight * (end - start) in the spec's order; the last step writes `out`."""
-    return np.add(start, weight * np.subtract(end, start), out=out)
-
-
-def _ema_sq(avg: Any, value: Any, beta: Any, out: Any = None) -> Any:
-    """avg * beta + value**2 * (1 - beta)."""
-    return np.add(avg * beta, value * value * (1 - beta), out=out)
-
-
-def _adam_param(param: Any, m: Any, v: Any, step_size: Any, bc2_sqrt: Any, decay: Any, eps: Any,
-                out: Any = None) -> Any:
-    """decay * param - m * step_size / (eps + sqrt(v) / bc2_sqrt)."""
-    return np.subtract(decay * param, m * step_size / (eps + np.sqrt(v) / bc2_sqrt), out=out)
-
-
-# The optimizer's update ops, with out= so the jit writes state in place.
-for _fn in (_relu, _lerp, _ema_sq, _adam_param):
-    _fn.writes_out = True
-
-
-# Ops whose NumPy ufunc computes exactly the spec's expression. Every other
-# elementwise spec is lambdified from its sympy expression; the test suite checks
-# that both routes agree for every registered op.
-_NATIVE: dict[str, Callable[..., Any]] = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true_divide,
-    "neg": np.negative, "pow": np.power, "exp": np.exp, "log": np.log,
-    "sqrt": np.sqrt, "abs": np.abs, "tanh": np.tanh, "sign": np.sign,
-    "maximum": np.maximum, "minimum": np.minimum, "erf": _erf,
-    "heaviside": _heaviside, "relu": _relu,
-    "lerp": _lerp, "ema_sq": _ema_sq, "adam_param": _adam_param,
-    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
-    "gt": np.greater, "ge": np.greater_equal,
-    "logical_and": np.logical_and, "logical_or": np.logical_or,
-    "logical_not": np.logical_not,
-}
-
 
 def _weak_result_dtype(args: Sequence[Any]) -> np.dtype:
     """NumPy's promotion with Python scalars weak (NEP 50), as the ufuncs do."""
@@ -93,7 +25,7 @@ def lambdify_numpy(spec: Any) -> Callable[..., Any]:
     upcast float32 arrays.
     """
     expr = spec.impl_expr.evalf()
-    fn = sympy.lambdify(spec.symbols, expr, modules=[{"erf": _erf}, "numpy"])
+    fn = sympy.lambdify(spec.symbols, expr, modules=[{"erf": numpy_impls.erf}, "numpy"])
     is_float = spec.float_result
 
     def run(*args: Any) -> Any:
@@ -135,10 +67,9 @@ class NumpyBackend(Backend):
 
     # -- elementwise -------------------------------------------------------------
     def elementwise_fn(self, spec: Any) -> Callable[..., Any]:
-        native = _NATIVE.get(spec.name)
-        if native is not None:
-            return native
-        return lambdify_numpy(spec)
+        """The spec's own NumPy function where it declares one (the registry tests check
+        that it computes the expression), else its lambdified expression."""
+        return spec.numpy if spec.numpy is not None else lambdify_numpy(spec)
 
     # -- reductions and linear algebra -------------------------------------------
     def sum(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
@@ -158,15 +89,10 @@ class NumpyBackend(Backend):
             return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
         return np.matmul(a, b)
 
-    # -- fused ops (optional kernels; None: the op runs its primitive decomposition) ------
-    def softmax(self, x: Any, axis: int) -> Any:
-        return host_kernels.softmax(x, axis)
-
-    def log_softmax(self, x: Any, axis: int) -> Any:
-        return host_kernels.softmax(x, axis, log=True)
-
-    def layer_norm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
-        return host_kernels.layer_norm(x, w, b, eps)
+    # -- row programs (optional; None: the program runs step by step on this backend) ----
+    def run_rows(self, program: Any, arrays: tuple, params: dict) -> Any:
+        """A row program (ops/rows.py) as its printed C kernel."""
+        return host_kernels.run_rows(program, arrays, params)
 
     def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""

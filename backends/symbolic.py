@@ -309,7 +309,10 @@ class SymbolicBackend(Backend):
         logical = spec.domain == "bool"
 
         def arg(a: Any) -> np.ndarray:
-            if not logical or (isinstance(a, SymArray) and a.dtype.kind == "b"):
+            is_bool = isinstance(a, SymArray) and a.dtype.kind == "b"
+            if not logical and is_bool:                 # a condition in arithmetic: 0 or 1
+                return _as_object(_to_number_u(a.data))
+            if not logical or is_bool:
                 return _unwrap(a)
             if isinstance(a, SymArray):                 # NumPy: nonzero numbers are True
                 return _as_object(_nonzero_u(a.data))

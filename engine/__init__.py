@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import ops
+
 from . import autograd, dispatch  # noqa: F401  (dispatch installs the interpreter)
 from .autograd import grad as autograd_grad
 from .autograd import grad_fn as grad
@@ -26,7 +28,7 @@ from .compiler import jit
 from .gradcheck import gradcheck
 from .profiler import profile
 from .state import autocast, enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
-from .tensor import Tensor
+from .tensor import Tensor, _operand
 from .threads import get_num_threads, set_num_threads
 
 
@@ -37,4 +39,16 @@ def __getattr__(name: str) -> Any:
     if name in ("symbolic", "verify_gradients"):   # on first use: keeps `python -m engine.symbolic` clean
         symbolic = importlib.import_module("engine.symbolic")
         return symbolic if name == "symbolic" else symbolic.verify_gradients
+    op = ops.REGISTRY.get(name)
+    if op is not None:                # any other registered op: eg.<name>(tensors..., **params)
+        return _registered(op)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+def _registered(op: Any) -> Any:
+    """A function calling op `op` with Python numbers and arrays taken as tensors."""
+    def call(*args: Any, **params: Any) -> Any:
+        return op(*(_operand(a) for a in args), **params)
+    call.__name__ = call.__qualname__ = op.name
+    call.__doc__ = op.doc
+    return call

@@ -20,7 +20,8 @@ from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, neg, rsq
 from .errors import DTypeError, ShapeError
 from .fused import softmax as fused_softmax
 from .linalg import matmul
-from .movement import cast, concatenate, getitem, reshape, stop_gradient, transpose, where
+from .elementwise import where
+from .movement import cast, concatenate, getitem, reshape, stop_gradient, transpose
 from .random import arange, bernoulli
 from .reduce import max as max_op, sum as sum_op
 from .shapes import normalize_axis, prod, reduced_shape

@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import sympy
 
-from . import sympy_ops
+from . import numpy_impls, sympy_ops
 from . import movement as _movement, reduce as _reduce
+from .errors import DTypeError
 from .shapes import broadcast_shapes, shape_of
 from .spec import Op, register
 
@@ -38,9 +39,11 @@ class ElementwiseOp(Op):
                  grads: Sequence[sympy.Expr] | None = None, differentiable: bool = True,
                  float_result: bool = False, result: str = "same",
                  impl_expr: sympy.Expr | None = None, domain: str = "real",
-                 doc: str = "") -> None:
+                 numpy: Callable | None = None, cost: int | None = None,
+                 condition: int | None = None, vjp: Callable | None = None, doc: str = "") -> None:
         super().__init__(name, kind="elementwise", forward=self._forward, infer=self._infer,
-                         vjp=self._vjp if differentiable else None, doc=doc)
+                         vjp=(vjp or self._vjp) if differentiable else None, doc=doc)
+        self.condition = condition                 # the input that must be bool (a select's)
         self.expr = expr
         self.symbols = tuple(symbols)
         self.nin = len(symbols)
@@ -48,6 +51,13 @@ class ElementwiseOp(Op):
         self.result = result                       # "same" or "bool"
         self.impl_expr = impl_expr if impl_expr is not None else expr
         self.domain = domain
+        # The NumPy function computing exactly `expr` (a ufunc, or one with out=), if any:
+        # backends use it instead of a lambdified expression (CuPy: the ufunc of that name).
+        self.numpy = numpy
+        # Whole-array NumPy calls its forward costs: a fused kernel replacing a few pays.
+        self.cost = cost if cost is not None else (
+            1 if isinstance(numpy, np.ufunc) else max(1, int(sympy.count_ops(self.impl_expr))))
+        self.c_math = _c_math(self.impl_expr)
         self.derived_grads = tuple(sympy.diff(expr, s) for s in self.symbols)
         self.grads = tuple(grads) if grads is not None else self.derived_grads
         used = set().union(*(g.free_symbols for g in self.grads)) if self.grads else set()
@@ -66,6 +76,8 @@ class ElementwiseOp(Op):
         return fn
 
     def _forward(self, backend: Any, *args: Any) -> Any:
+        if self.condition is not None:
+            self._infer(*args)          # NumPy would silently accept a non-bool condition
         if self.float_result:
             args = tuple(a if _is_scalar(a) or a.dtype.kind in "fc" else backend.astype(a, _FLOAT32)
                          for a in args)
@@ -75,6 +87,9 @@ class ElementwiseOp(Op):
     def _infer(self, *args: Any) -> tuple[tuple, Any]:
         if len(args) != self.nin:
             raise TypeError(f"{self.name}: expected {self.nin} inputs, got {len(args)}")
+        if self.condition is not None and np.dtype(args[self.condition].dtype) != np.dtype(bool):
+            raise DTypeError(f"{self.name}: condition must be bool, got {args[self.condition].dtype} "
+                             f"(compare it first, e.g. mask > 0)")
         shape = broadcast_shapes(self.name, *(shape_of(a) for a in args))
         return shape, self.result_dtype(*(a if _is_scalar(a) else a.dtype for a in args))
 
@@ -118,6 +133,27 @@ class ElementwiseOp(Op):
                 continue
             grads.append(sum_to(sympy_ops.call("mul", g, d), x.shape))
         return tuple(grads)
+
+
+# Functions whose C form vectorises only through glibc's vector math library (libmvec).
+_VECTOR_MATH = (sympy.exp, sympy.log, sympy.tanh, sympy.erf)
+# Functions the kernel printer writes as plain vectorisable C (compares, selects, fabs).
+_PLAIN = (sympy.Abs, sympy.sign, sympy.Heaviside, sympy.Max, sympy.Min, sympy.Piecewise)
+
+
+def _c_math(expr: sympy.Expr) -> str | None:
+    """How a C loop over `expr` vectorises: "plain" (arithmetic, sqrt, selects), "vector"
+    (needs libmvec's exp/log/tanh/erf), or None (a call GCC will not vectorise without
+    -ffast-math, such as pow with a variable exponent)."""
+    needs = "plain"
+    for f in sympy.preorder_traversal(expr):
+        if isinstance(f, _VECTOR_MATH):
+            needs = "vector"
+        elif isinstance(f, sympy.Function) and not isinstance(f, _PLAIN):
+            return None
+        elif isinstance(f, sympy.Pow) and not (f.exp.is_Integer or f.exp in (sympy.S.Half, -sympy.S.Half)):
+            return None
+    return needs
 
 
 def sum_to(g: Any, shape: tuple) -> Any:
@@ -199,24 +235,24 @@ def elementwise(name: str, fn: Callable[..., sympy.Expr], *, grads: Callable | N
                                   impl_expr=impl(*symbols) if impl else None, **kw))
 
 
-add = elementwise("add", lambda a, b: a + b)
-sub = elementwise("sub", lambda a, b: a - b)
-mul = elementwise("mul", lambda a, b: a * b)
+add = elementwise("add", lambda a, b: a + b, numpy=np.add)
+sub = elementwise("sub", lambda a, b: a - b, numpy=np.subtract)
+mul = elementwise("mul", lambda a, b: a * b, numpy=np.multiply)
 div = elementwise("div", lambda a, b: a / b, grads=lambda a, b, out: (1 / b, -out / b),
-                  float_result=True, domain="positive")
-neg = elementwise("neg", lambda x: -x)
+                  float_result=True, domain="positive", numpy=np.true_divide)
+neg = elementwise("neg", lambda x: -x, numpy=np.negative)
 pow = elementwise("pow", lambda a, b: a ** b,
                   grads=lambda a, b, out: (b * a ** (b - 1), out * sympy.log(a)),
-                  domain="positive")
-exp = elementwise("exp", lambda x: sympy.exp(x), grads=lambda x, out: (out,), float_result=True)
-log = elementwise("log", lambda x: sympy.log(x), float_result=True, domain="positive")
+                  domain="positive", numpy=np.power)
+exp = elementwise("exp", lambda x: sympy.exp(x), grads=lambda x, out: (out,), float_result=True, numpy=np.exp)
+log = elementwise("log", lambda x: sympy.log(x), float_result=True, domain="positive", numpy=np.log)
 sqrt = elementwise("sqrt", lambda x: sympy.sqrt(x), grads=lambda x, out: (1 / (2 * out),),
-                   float_result=True, domain="positive")
-rsqrt = elementwise("rsqrt", lambda x: 1 / sympy.sqrt(x), grads=lambda x, out: (-out ** 3 / 2,),
+                   float_result=True, domain="positive", numpy=np.sqrt)
+rsqrt = elementwise("rsqrt", lambda x: 1 / sympy.sqrt(x), grads=lambda x, out: (-out ** 3 / 2,), cost=2,
                     float_result=True, domain="positive")
-abs = elementwise("abs", lambda x: sympy.Abs(x), domain="nonzero")
+abs = elementwise("abs", lambda x: sympy.Abs(x), domain="nonzero", numpy=np.abs)
 tanh = elementwise("tanh", lambda x: sympy.tanh(x), grads=lambda x, out: (1 - out ** 2,),
-                   float_result=True)
+                   float_result=True, numpy=np.tanh)
 sigmoid = elementwise("sigmoid", lambda x: 1 / (1 + sympy.exp(-x)),
                       grads=lambda x, out: (out * (1 - out),),
                       impl=lambda x: (1 + sympy.tanh(x / 2)) / 2,    # never overflows
@@ -225,49 +261,63 @@ sigmoid = elementwise("sigmoid", lambda x: 1 / (1 + sympy.exp(-x)),
 # next layer's matmul keeps anyway, so backward holds no copy of the input.
 relu = elementwise("relu", lambda x: sympy.Max(x, 0),
                    grads=lambda x, out: (sympy.Heaviside(out, 0),),
-                   domain="nonzero")
+                   domain="nonzero", numpy=numpy_impls.relu)
 gelu = elementwise("gelu", lambda x: x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2,
                    float_result=True)
 gelu_tanh = elementwise(
     "gelu_tanh",
     lambda x: x * (1 + sympy.tanh(sympy.sqrt(2 / sympy.pi) * (x + sympy.Rational(44715, 10**6) * x ** 3))) / 2,
     float_result=True)
-erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True)
+erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True, numpy=numpy_impls.erf)
 maximum = elementwise("maximum", lambda a, b: sympy.Max(a, b),       # ties share the gradient
                       grads=lambda a, b, out: (sympy.Heaviside(a - b, sympy.S.Half),
                                                sympy.Heaviside(b - a, sympy.S.Half)),
-                      domain="separated")
+                      domain="separated", numpy=np.maximum)
 minimum = elementwise("minimum", lambda a, b: sympy.Min(a, b),
                       grads=lambda a, b, out: (sympy.Heaviside(b - a, sympy.S.Half),
                                                sympy.Heaviside(a - b, sympy.S.Half)),
-                      domain="separated")
+                      domain="separated", numpy=np.minimum)
 
 # Not differentiable (their outputs never require grad).
-sign = elementwise("sign", lambda x: sympy.sign(x), differentiable=False)
-heaviside = elementwise("heaviside", lambda x, h: sympy.Heaviside(x, h), differentiable=False)
-eq = elementwise("eq", lambda a, b: sympy.Eq(a, b), differentiable=False, result="bool")
-ne = elementwise("ne", lambda a, b: sympy.Ne(a, b), differentiable=False, result="bool")
-lt = elementwise("lt", lambda a, b: a < b, differentiable=False, result="bool")
-le = elementwise("le", lambda a, b: a <= b, differentiable=False, result="bool")
-gt = elementwise("gt", lambda a, b: a > b, differentiable=False, result="bool")
-ge = elementwise("ge", lambda a, b: a >= b, differentiable=False, result="bool")
+sign = elementwise("sign", lambda x: sympy.sign(x), differentiable=False, numpy=np.sign)
+heaviside = elementwise("heaviside", lambda x, h: sympy.Heaviside(x, h), differentiable=False, numpy=numpy_impls.heaviside, cost=3)
+eq = elementwise("eq", lambda a, b: sympy.Eq(a, b), differentiable=False, result="bool", numpy=np.equal)
+ne = elementwise("ne", lambda a, b: sympy.Ne(a, b), differentiable=False, result="bool", numpy=np.not_equal)
+lt = elementwise("lt", lambda a, b: a < b, differentiable=False, result="bool", numpy=np.less)
+le = elementwise("le", lambda a, b: a <= b, differentiable=False, result="bool", numpy=np.less_equal)
+gt = elementwise("gt", lambda a, b: a > b, differentiable=False, result="bool", numpy=np.greater)
+ge = elementwise("ge", lambda a, b: a >= b, differentiable=False, result="bool", numpy=np.greater_equal)
 logical_and = elementwise("logical_and", lambda a, b: sympy.And(a, b), differentiable=False,
-                          result="bool", logical=True, domain="bool")
+                          result="bool", logical=True, domain="bool", numpy=np.logical_and)
 logical_or = elementwise("logical_or", lambda a, b: sympy.Or(a, b), differentiable=False,
-                         result="bool", logical=True, domain="bool")
+                         result="bool", logical=True, domain="bool", numpy=np.logical_or)
 logical_not = elementwise("logical_not", lambda a: sympy.Not(a), differentiable=False,
-                          result="bool", logical=True, domain="bool")
+                          result="bool", logical=True, domain="bool", numpy=np.logical_not)
 
 # Optimizer updates: each a single op per parameter instead of a dozen, so an Adam
 # step costs three dispatches per parameter (and one fused kernel each on a GPU).
 lerp = elementwise("lerp", lambda start, end, weight: start + weight * (end - start),
-                   domain=("real", "real", "positive"))
+                   domain=("real", "real", "positive"), numpy=numpy_impls.lerp)
 ema_sq = elementwise("ema_sq", lambda avg, value, beta: beta * avg + (1 - beta) * value * value,
-                     domain=("positive", "real", "positive"))
+                     domain=("positive", "real", "positive"), numpy=numpy_impls.ema_sq)
 adam_param = elementwise(
     "adam_param",
     lambda param, m, v, step_size, bc2_sqrt, decay, eps:
         param * decay - step_size * m / (sympy.sqrt(v) / bc2_sqrt + eps),
     domain=("real", "real", "positive", "positive", "positive", "positive", "positive"),
     float_result=True,
-    doc="decoupled-decay Adam update: p*decay - step_size*m/(sqrt(v)/sqrt(1-b2^t) + eps)")
+    doc="decoupled-decay Adam update: p*decay - step_size*m/(sqrt(v)/sqrt(1-b2^t) + eps)", numpy=numpy_impls.adam_param)
+
+
+def _where_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
+    """The gradient selected like the values (no multiply by a 0/1 mask)."""
+    c, a, b = inputs
+    ga = sum_to(where(c, g, 0.0), tuple(a.shape)) if needs[1] else None
+    gb = sum_to(where(c, 0.0, g), tuple(b.shape)) if needs[2] else None
+    return None, ga, gb
+
+
+# A select: its condition (bool, read as 0/1) joins fused kernels like any input.
+where = elementwise("where", lambda cond, a, b: sympy.Piecewise((a, sympy.Ne(cond, 0)), (b, True)),
+                    domain=("bool", "real", "real"), condition=0, vjp=_where_vjp, numpy=np.where,
+                    doc="a where cond else b (cond must be bool)")

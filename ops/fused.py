@@ -1,63 +1,54 @@
-"""Fused ops: softmax, log_softmax and layer_norm as single primitives.
+"""Fused ops: softmax, log_softmax and layer_norm as single primitives, each declared
+as a row program (ops/rows.py).
 
 Their decompositions into primitives (ops.composite) waste memory traffic and
-Python dispatch: each intermediate is a full array and a tape node. As fused ops
-they are one node each, with a forward a backend may implement as one kernel
-(`backend.softmax(x, axis)` etc., optional; a kernel may return None for inputs it
-does not handle) and a short VJP written in ops, so
-higher-order gradients, tracing and symbolic execution still work. The composite
-versions remain the reference: the tests check forward and gradients against them.
+Python dispatch: each intermediate is a full array and a tape node. As row-program
+ops they are one node each, whose forward is the printed kernel of its program where
+a backend offers one (C on the CPU, CUDA on the GPU), and the program run step by
+step elsewhere (the symbolic backend included, so the proofs cover the program the
+kernels are printed from). Their VJPs are short expressions in ops, so higher-order
+gradients, tracing and symbolic execution still work. The composite versions remain
+the reference: the tests check forward and gradients against them.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import sympy
 
-from .elementwise import add, div, eq, exp, log, mul, rsqrt, sub, sum_to
-from .errors import DTypeError, ShapeError
+from .elementwise import add, div, exp, mul, rsqrt, sub, sum_to
 from .reduce import sum as sum_op
-from .spec import Op, register
+from .rows import RowProgram, Step, finite_or, infer_axis, infer_last_axis, nonzero_or, rows_op, symbols
 
 NEG_INF = float("-inf")
 
+_x, _m0, _m, _e, _s0, _s, _out = symbols("x m0 m e s0 s out")
 
-def _fn(op: Any, be: Any) -> Any:
-    return op.impl(be)
+# exp(x - max) and its row sum; a row of all -inf has its max taken as 0 and its sum as 1.
+_SHIFTED_EXP = (
+    Step(_m0, "max", _x),
+    Step(_m, "map", finite_or(_m0, 0)),
+    Step(_e, "map", sympy.exp(_x - _m)),
+    Step(_s0, "sum", _e),
+    Step(_s, "map", nonzero_or(_s0, 1)))
 
+# softmax: a row of all -inf gives 0.
+SOFTMAX = RowProgram("softmax", rows=(_x,), axis="axis",
+                     steps=_SHIFTED_EXP + (Step(_out, "map", _e / _s),))
 
-def _row_shift(be: Any, x: Any, axis: int) -> Any:
-    """Row max, with 0 where a row is all -inf (so exp(x - m) is 0, not NaN)."""
-    m = be.max(x, (axis,), True)
-    return be.where(_fn(eq, be)(m, NEG_INF), 0.0, m)
+# log_softmax: a row of all -inf gives -inf.
+LOG_SOFTMAX = RowProgram("log_softmax", rows=(_x,), axis="axis",
+                         steps=_SHIFTED_EXP + (Step(_out, "map", (_x - _m) - sympy.log(_s)),))
 
+_w, _b, _eps, _mu, _var, _rstd = symbols("w b eps mu var rstd")
 
-def _softmax_forward(be: Any, x: Any, axis: int) -> Any:
-    kernel = getattr(be, "softmax", None)
-    out = None if kernel is None else kernel(x, axis)
-    if out is not None:
-        return out
-    e = _fn(exp, be)(_fn(sub, be)(x, _row_shift(be, x, axis)))
-    s = be.sum(e, (axis,), True)
-    return _fn(div, be)(e, be.where(_fn(eq, be)(s, 0.0), 1.0, s))
-
-
-def _log_softmax_forward(be: Any, x: Any, axis: int) -> Any:
-    kernel = getattr(be, "log_softmax", None)
-    out = None if kernel is None else kernel(x, axis)
-    if out is not None:
-        return out
-    shifted = _fn(sub, be)(x, _row_shift(be, x, axis))
-    s = be.sum(_fn(exp, be)(shifted), (axis,), True)
-    return _fn(sub, be)(shifted, _fn(log, be)(be.where(_fn(eq, be)(s, 0.0), 1.0, s)))
-
-
-def _infer_axis_op(name: str, x: Any, axis: int) -> tuple:
-    if not 0 <= axis < x.ndim:
-        raise ShapeError(f"{name}: axis {axis} out of range for shape {tuple(x.shape)}")
-    if np.dtype(x.dtype).kind != "f":
-        raise DTypeError(f"{name}: needs a floating tensor, got {x.dtype}")
-    return tuple(x.shape), np.dtype(x.dtype)
+# layer_norm over the last axis, biased variance.
+LAYER_NORM = RowProgram("layer_norm", rows=(_x,), cols=(_w, _b), params=(_eps,), steps=(
+    Step(_mu, "mean", _x),
+    Step(_var, "mean", (_x - _mu) ** 2),
+    Step(_rstd, "map", 1 / sympy.sqrt(_var + _eps)),
+    Step(_out, "map", (_x - _mu) * _rstd * _w + _b)))
 
 
 def _softmax_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: int) -> tuple:
@@ -83,36 +74,21 @@ def _np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-softmax = register(Op(
-    "softmax", kind="fused", saves=(-1,),
-    forward=_softmax_forward,
-    infer=lambda x, axis: _infer_axis_op("softmax", x, axis),
+softmax = rows_op(
+    "softmax", SOFTMAX, saves=(-1,),
+    infer=lambda x, axis: infer_axis("softmax", x, axis),
     vjp=_softmax_vjp, sample=_axis_samples, reference=_np_softmax,
-    doc="exp(x - max) / sum(exp(x - max)); a row of all -inf gives 0"))
+    doc="exp(x - max) / sum(exp(x - max)); a row of all -inf gives 0")
 
-log_softmax = register(Op(
-    "log_softmax", kind="fused", saves=(-1,),
-    forward=_log_softmax_forward,
-    infer=lambda x, axis: _infer_axis_op("log_softmax", x, axis),
+log_softmax = rows_op(
+    "log_softmax", LOG_SOFTMAX, saves=(-1,),
+    infer=lambda x, axis: infer_axis("log_softmax", x, axis),
     vjp=_log_softmax_vjp, sample=_axis_samples,
     reference=lambda x, axis: np.log(_np_softmax(x, axis)),
-    doc="x - logsumexp(x); a row of all -inf gives -inf"))
+    doc="x - logsumexp(x); a row of all -inf gives -inf")
 
 
 # -- layer norm -----------------------------------------------------------------------------
-
-def _layer_norm_forward(be: Any, x: Any, w: Any, b: Any, eps: float) -> Any:
-    kernel = getattr(be, "layer_norm", None)
-    out = None if kernel is None else kernel(x, w, b, eps)
-    if out is not None:
-        return out
-    n = float(x.shape[-1])
-    axis = (x.ndim - 1,)
-    xc = _fn(sub, be)(x, _fn(div, be)(be.sum(x, axis, True), n))
-    var = _fn(div, be)(be.sum(_fn(mul, be)(xc, xc), axis, True), n)
-    y = _fn(mul, be)(xc, _fn(rsqrt, be)(_fn(add, be)(var, eps)))
-    return _fn(add, be)(_fn(mul, be)(y, w), b)
-
 
 def _normalized(x: Any, eps: float) -> tuple:
     """(x - mean) * rstd and rstd over the last axis, recomputed in ops for the VJP."""
@@ -142,25 +118,17 @@ def _layer_norm_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, eps: float) -
     return gx, gw, gb
 
 
-def _infer_layer_norm(x: Any, w: Any, b: Any, eps: float) -> tuple:
-    d = x.shape[-1] if x.ndim else None
-    for name, p in (("weight", w), ("bias", b)):
-        if tuple(p.shape) != (d,):
-            raise ShapeError(f"layer_norm: {name} of shape {tuple(p.shape)} does not match the "
-                             f"last axis of x with shape {tuple(x.shape)} (expected ({d},))")
-    return tuple(x.shape), np.result_type(np.dtype(x.dtype), np.dtype(w.dtype), np.dtype(b.dtype))
-
-
 def _np_layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
 
 
-layer_norm = register(Op(
-    "layer_norm", kind="fused", saves=(0, 1),
-    forward=_layer_norm_forward, infer=_infer_layer_norm, vjp=_layer_norm_vjp,
+layer_norm = rows_op(
+    "layer_norm", LAYER_NORM, saves=(0, 1),
+    infer=lambda x, w, b, eps: infer_last_axis("layer_norm", x, weight=w, bias=b),
+    vjp=_layer_norm_vjp,
     sample=lambda rng: [([rng.standard_normal((3, 5)), rng.standard_normal(5), rng.standard_normal(5)],
                          dict(eps=1e-5)),
                         ([rng.standard_normal((2, 3, 4)) * 10, rng.standard_normal(4),
                           rng.standard_normal(4)], dict(eps=1e-3))],
     reference=_np_layer_norm,
-    doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)"))
+    doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)")

@@ -1,5 +1,5 @@
 """Movement and selection ops: reshape, transpose, broadcast, concatenate, pad,
-indexing, where, cast, stop_gradient. Each VJP is written with other ops."""
+indexing, cast, stop_gradient. Each VJP is written with other ops."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import DTypeError, ShapeError
 from . import elementwise as _elementwise
-from .shapes import broadcast_shapes, prod, shape_of
+from .shapes import broadcast_shapes, prod
 from .spec import Op, register
 
 
@@ -239,42 +239,7 @@ index_add = register(Op(
     doc="zeros(shape) with v added at index; repeated indices accumulate (scatter-add)"))
 
 
-# -- where / cast / stop_gradient ------------------------------------------------------------
-
-def _check_condition(c: Any) -> None:
-    if np.dtype(c.dtype) != np.dtype(bool):
-        raise DTypeError(f"where: condition must be bool, got {c.dtype} (compare it first, "
-                         f"e.g. mask > 0)")
-
-
-def _where_forward(be: Any, c: Any, a: Any, b: Any) -> Any:
-    _check_condition(c)           # NumPy would silently accept a non-bool condition
-    return be.where(c, a, b)
-
-
-def _infer_where(c: Any, a: Any, b: Any) -> tuple:
-    _check_condition(c)
-    shape = broadcast_shapes("where", tuple(c.shape), shape_of(a), shape_of(b))
-    vals = [v if isinstance(v, (int, float, bool)) else np.empty(0, v.dtype) for v in (a, b)]
-    return shape, np.result_type(*vals)
-
-
-def _where_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
-    sum_to = _elementwise.sum_to
-    c, a, b = inputs
-    ga = sum_to(where(c, g, 0.0), tuple(a.shape)) if needs[1] else None
-    gb = sum_to(where(c, 0.0, g), tuple(b.shape)) if needs[2] else None
-    return None, ga, gb
-
-
-where = register(Op(
-    "where", kind="select", saves=(0,),
-    forward=_where_forward,
-    infer=_infer_where, vjp=_where_vjp,
-    sample=lambda rng: [([rng.random((3, 4)) < 0.5, rng.standard_normal((3, 4)), rng.standard_normal((4,))], {}),
-                        ([rng.random((3, 1)) < 0.5, rng.standard_normal((1, 4)), 2.5], {})],
-    reference=lambda c, a, b: np.where(c, a, b)))
-
+# -- cast / stop_gradient ------------------------------------------------------------
 
 def _cast_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, dtype: Any) -> tuple:
     x = inputs[0]

@@ -312,11 +312,11 @@ class _FakeRawKernel:
 
     def __init__(self, fake, code, name, **kw):
         self.fake = fake
-        matches = [(k, dt) for k in cb.FUSED_KERNELS.values() for dt in cb.FUSED_DTYPES
+        matches = [(k, dt) for k in codegen.ROW_KERNELS.values() for dt in cb.FUSED_DTYPES
                    if k.kernel_name(dt) == name]
-        assert len(matches) == 1, f"unknown fused kernel {name}"
+        assert len(matches) == 1, f"unknown row kernel {name}"
         self.kernel, self.dtype = matches[0]
-        assert code == cb.fused_source(self.kernel, self.dtype)
+        assert code == cb.row_kernel_source(self.kernel.program, self.dtype)
 
     def __call__(self, grid, block, args, **kw):
         assert len(grid) == 1 and len(block) == 1 and 1 <= grid[0] < 2 ** 31
@@ -355,7 +355,7 @@ def fake_cupy(tmp_path_factory):
         pytest.skip("the emulated CUDA device needs a C and a C++ compiler (gcc/g++)")
     d = tmp_path_factory.mktemp("fake_cupy")
     parts = [codegen.EMU_PRELUDE, cb.FUSED_HELPERS]
-    for k in cb.FUSED_KERNELS.values():
+    for k in codegen.ROW_KERNELS.values():
         for dt in codegen.FLOATS:
             parts += [k.source(dt), codegen._emu_wrapper(k, dt)]
     src = d / "emu.cpp"
@@ -445,9 +445,10 @@ def test_composites_on_cuda(cuda, name, rng):
 def test_elementwise_low_precision_on_cuda(cuda, name, dtype, rng):
     """float32 and float16 kernels agree with the CPU computing in float32."""
     op = ops.REGISTRY[name]
-    xs = [_draw(op.domain, rng, (5, 7), i).astype(dtype) for i in range(op.nin)]
+    xs = [x if x.dtype == bool else x.astype(dtype)            # a select's condition stays bool
+          for x in (_draw(op.domain, rng, (5, 7), i) for i in range(op.nin))]
     got = op(*[eg.tensor(x, device=cuda) for x in xs])
-    want = op(*[eg.tensor(x.astype(np.float32)) for x in xs]).numpy()
+    want = op(*[eg.tensor(x if x.dtype == bool else x.astype(np.float32)) for x in xs]).numpy()
     expected_dtype = np.dtype(bool) if op.result == "bool" else np.dtype(dtype)
     assert got.dtype == expected_dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-3, atol=1e-3)

@@ -1,15 +1,15 @@
 """Generated CUDA / C source, checked on machines without a GPU.
 
-- Every elementwise op of the registry (forward and derivatives) and every fused
-  kernel is compiled with `nvcc -arch=sm_90` (skipped, with the reason, when nvcc
+- Every elementwise op of the registry (forward and derivatives) and every row
+  program's printed kernel is compiled with `nvcc -arch=sm_90` (skipped, with the reason, when nvcc
   is absent); float16/float32 code must contain no double-precision instruction.
 - The printer's properties: f-suffixed float32 literals, no M_PI / 1.0/2.0,
   expanded small powers, legal infinities.
 - Semantics without a GPU: the very kernel bodies the CuPy backend runs are
   compiled with the system C compiler and compared with the NumPy backend, and
-  the fused kernels run on a CPU emulation of CUDA's thread model (one pthread
-  per CUDA thread, __syncthreads as a barrier) and are compared with the
-  primitive decompositions of ops.composite.
+  the printed row kernels run on a CPU emulation of CUDA's thread model (one
+  pthread per CUDA thread, __syncthreads as a barrier) and are compared with
+  their row programs run step by step on NumPy.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import sympy
 
-import engine as eg
 import ops
-from backends import cprint
+from backends import cprint, get_backend
 from backends import cupy_backend as cb
-from backends.numpy_backend import NumpyBackend, _erf
-from ops import composite
+from backends.rowprint import CudaRowKernel
+from backends.numpy_backend import NumpyBackend
+from ops.numpy_impls import erf as _erf
 from ops.elementwise import OUT, X, Y, ElementwiseOp, _draw
+from ops.rows import RowOp, evaluate
 
 NVCC = shutil.which("nvcc")
 CC = shutil.which("gcc") or shutil.which("cc")
@@ -41,6 +42,8 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on
 
 ELEMENTWISE = sorted(n for n, op in ops.REGISTRY.items() if isinstance(op, ElementwiseOp))
 FLOATS = ["float16", "float32", "float64"]
+# Every row program's printed CUDA kernel, by op name.
+ROW_KERNELS = {n: CudaRowKernel(op.rows) for n, op in sorted(ops.REGISTRY.items()) if isinstance(op, RowOp)}
 # Integer/bool code exists for every op that does not promise a float result, except
 # pow (C has no integer power: the backend uses cupy.power there).
 INTEGER_PRINTABLE = [n for n in ELEMENTWISE if not ops.REGISTRY[n].float_result and n != "pow"]
@@ -115,14 +118,13 @@ def test_nvcc_compiles_single_op_translation_unit(tmp_path):
 
 
 @needs_nvcc
-def test_nvcc_compiles_every_fused_kernel(tmp_path):
-    """Each RawKernel source exactly as the backend compiles it (their include
+def test_nvcc_compiles_every_row_kernel(tmp_path):
+    """Each printed row kernel's source exactly as the backend compiles it (include
     guards let them share one file); float16/float32 ones without doubles."""
-    low = [cb.fused_source(k, dt) for k in cb.FUSED_KERNELS.values() for dt in ("float16", "float32")]
-    high = [cb.fused_source(k, "float64") for k in cb.FUSED_KERNELS.values()]
-    _nvcc(tmp_path, "fused_low", "\n".join(low), no_double=True)
-    _nvcc(tmp_path, "fused_f64", "\n".join(high), no_double=False)
-    _nvcc(tmp_path, "fused_all", cb.fused_translation_unit(), no_double=False)
+    low = [cb.row_kernel_source(k.program, dt) for k in ROW_KERNELS.values() for dt in ("float16", "float32")]
+    high = [cb.row_kernel_source(k.program, "float64") for k in ROW_KERNELS.values()]
+    _nvcc(tmp_path, "rows_low", "\n".join(low), no_double=True)
+    _nvcc(tmp_path, "rows_f64", "\n".join(high), no_double=False)
 
 
 @needs_nvcc
@@ -383,7 +385,7 @@ _EMU_CTYPES = {"float16": ("engine_half_t", "float"), "float32": ("float", "floa
                "float64": ("double", "double")}
 
 
-def _emu_wrapper(kernel: cb.FusedKernel, dtype: str) -> str:
+def _emu_wrapper(kernel: CudaRowKernel, dtype: str) -> str:
     """A C entry point `emu_<kernel>(grid, block, params...)` launching the kernel."""
     t, a = _EMU_CTYPES[dtype]
     decl = {"in": f"const {t}*", "out": f"{t}*", "i64": "long long", "acc": a, "i32": "int"}
@@ -404,7 +406,7 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler (g++/c++) on PATH")
     d = tmp_path_factory.mktemp("emu")
     parts = [EMU_PRELUDE, cb.FUSED_HELPERS]
-    for k in cb.FUSED_KERNELS.values():
+    for k in ROW_KERNELS.values():
         for dt in FLOATS:
             parts += [k.source(dt), _emu_wrapper(k, dt)]
     src = d / "fused_emu.cpp"
@@ -415,7 +417,7 @@ def emu(tmp_path_factory):
     return ctypes.CDLL(str(so))
 
 
-def _launch(lib, kernel: cb.FusedKernel, dtype: str, grid: int, block: int, args: list) -> None:
+def _launch(lib, kernel: CudaRowKernel, dtype: str, grid: int, block: int, args: list) -> None:
     acc = ctypes.c_double if dtype == "float64" else ctypes.c_float
     conv = {"in": lambda v: v.ctypes.data_as(ctypes.c_void_p),
             "out": lambda v: v.ctypes.data_as(ctypes.c_void_p),
@@ -434,10 +436,6 @@ def _rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return x
 
 
-def _composite(fn, x64: np.ndarray, *args) -> np.ndarray:
-    return fn(eg.tensor(x64, dtype=np.float64), *args).numpy()
-
-
 # (grid, block): fewer blocks than rows and fewer threads than columns exercise
 # both strides; the backend's own launch_config is the last case.
 _CONFIGS = [(2, 4), (5, 32), None]
@@ -446,41 +444,28 @@ _CONFIGS = [(2, 4), (5, 32), None]
 @needs_cxx
 @pytest.mark.parametrize("config", _CONFIGS, ids=["stride", "wide", "backend"])
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("which", ["softmax", "log_softmax"])
-def test_fused_softmax_kernels_match_composite(emu, which, dtype, config, rng):
-    kernel = cb.FUSED_KERNELS[which]
-    x = _rows(rng, 5, 11).astype(dtype)
+@pytest.mark.parametrize("name", sorted(ROW_KERNELS))
+def test_printed_row_kernels_match_the_program(emu, name, dtype, config, rng):
+    """Every row program's printed CUDA kernel, run on the emulation, equals the same
+    program run step by step on NumPy in float64 (masked, partly masked and overflowing
+    rows included)."""
+    kernel = ROW_KERNELS[name]
+    prog = kernel.program
+    x = _rows(rng, 5, 11).astype(dtype) if prog.axis else (rng.standard_normal((6, 10)) * 5 + 3).astype(dtype)
+    cols = [rng.standard_normal(x.shape[-1]).astype(dtype) for _ in prog.cols]
+    params = {str(p): 1e-3 for p in prog.params}
     grid, block = config or cb.launch_config(*x.shape)
     y = np.full_like(x, 7)
-    _launch(emu, kernel, dtype, grid, block, [x, y, *x.shape])
+    _launch(emu, kernel, dtype, grid, block, [x, *cols, y, *x.shape, *params.values()])
     with np.errstate(all="ignore"):
-        want = _composite(getattr(composite, which), x.astype(np.float64), -1)
-    if which == "softmax":
+        want = evaluate(prog, get_backend("cpu"), [a.astype(np.float64) for a in [x] + cols],
+                        dict(params, **({prog.axis: 1} if prog.axis else {})))
+    if name == "softmax":
         assert np.all(y[1] == 0)                        # all -inf row: zeros, no NaN
-    else:
+    elif name == "log_softmax":
         assert np.all(y[1] == -np.inf)
     assert not np.isnan(y.astype(np.float64)).any()
-    tol = {"float16": dict(rtol=2e-3, atol=2e-3), "float32": dict(rtol=2e-5, atol=1e-6),
-           "float64": dict(rtol=1e-12, atol=1e-14)}[dtype]
-    np.testing.assert_allclose(y.astype(np.float64), want, **tol)
-
-
-@needs_cxx
-@pytest.mark.parametrize("config", _CONFIGS, ids=["stride", "wide", "backend"])
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("affine", [True, False])
-def test_fused_layer_norm_kernel_matches_composite(emu, affine, dtype, config, rng):
-    x = (rng.standard_normal((6, 10)) * 5 + 3).astype(dtype)
-    w = rng.standard_normal(10).astype(dtype)
-    b = rng.standard_normal(10).astype(dtype)
-    eps = 1e-3
-    grid, block = config or cb.launch_config(*x.shape)
-    y = np.full_like(x, 7)
-    _launch(emu, cb.LAYER_NORM, dtype, grid, block,
-            [x, w if affine else x, b if affine else x, y, *x.shape, eps, int(affine), int(affine)])
-    t = lambda a: eg.tensor(a.astype(np.float64))
-    want = composite.layer_norm(t(x), t(w) if affine else None, t(b) if affine else None, eps).numpy()
-    tol = {"float16": dict(rtol=5e-3, atol=5e-3), "float32": dict(rtol=1e-5, atol=1e-5),
+    tol = {"float16": dict(rtol=5e-3, atol=5e-3), "float32": dict(rtol=2e-5, atol=1e-5),
            "float64": dict(rtol=1e-12, atol=1e-12)}[dtype]
     np.testing.assert_allclose(y.astype(np.float64), want, **tol)
 
@@ -490,4 +475,4 @@ def test_launch_config_covers_rows():
     assert cb.launch_config(3, 100) == (3, 128)
     assert cb.launch_config(10 ** 6, 4096) == (65536, cb.FUSED_BLOCK)
     with pytest.raises(TypeError, match="no kernel"):
-        cb.SOFTMAX.source("int32")
+        ROW_KERNELS["softmax"].source("int32")

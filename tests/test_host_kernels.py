@@ -1,10 +1,15 @@
-"""The NumPy backend's C kernels for the fused ops equal their primitive decompositions."""
+"""The NumPy backend's C kernels: every row program's printed kernel equals the program
+run step by step on NumPy (and its NumPy reference); the row scatter-add equals add.at."""
 import numpy as np
 import pytest
 
-from backends import cbuild, host_kernels
+import ops
+from backends import cbuild, get_backend, host_kernels
+from ops.rows import RowOp, evaluate
 
 pytestmark = pytest.mark.skipif(not cbuild.available(), reason="no C compiler: NumPy paths only")
+
+ROW_OPS = sorted(name for name, op in ops.REGISTRY.items() if isinstance(op, RowOp))
 
 
 def _softmax_reference(x, log=False):
@@ -23,16 +28,48 @@ def _rows(dtype, rng):
     x[2, :] = -np.inf                     # a fully masked row: softmax 0, log_softmax -inf
     x[3, 7] = np.nan                      # NaN spreads over its row only
     x[4, 0] = 80.0                        # a large logit: no overflow after the shift
+    x[5, 1] = -200.0                      # exp(x - max) below the fast path: patched exactly
     return x
+
+
+def _case(op, dtype, rng, masked=True):
+    """Inputs and params for `op` over rows of 37 (and 70: the 32-wide sum loop runs twice)."""
+    prog = op.rows
+    x = _rows(dtype, rng) if masked else (rng.standard_normal((3, 4, 70)) * 4 + 1).astype(dtype)
+    cols = [rng.standard_normal(x.shape[-1]).astype(dtype) for _ in prog.cols]
+    params = {str(p): 1e-5 for p in prog.params}
+    if prog.axis:
+        params[prog.axis] = x.ndim - 1
+    return [x] + cols, params
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("name", ROW_OPS)
+def test_printed_row_kernels_equal_the_program_on_numpy(name, masked, dtype, rng):
+    """The C kernel printed from each row program equals the same program run step by step
+    on NumPy and the op's NumPy reference: -inf rows, NaN and tiny exponentials included."""
+    op = ops.REGISTRY[name]
+    arrays, params = _case(op, dtype, rng, masked)
+    got = host_kernels.run_rows(op.rows, tuple(arrays), params)
+    assert got is not None and got.dtype == dtype and got.shape == arrays[0].shape
+    with np.errstate(all="ignore"):
+        want = evaluate(op.rows, get_backend("cpu"), arrays, params)
+        ref = np.asarray(op.reference(*[a.astype(np.float64) for a in arrays], **params))
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, **tol)
+    finite = np.isfinite(want) & np.isfinite(ref)
+    np.testing.assert_allclose(got[finite], ref[finite], **tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("log", [False, True])
-def test_softmax_kernels_match_the_decomposition(dtype, log, rng):
+def test_softmax_kernels_keep_the_masking_conventions(dtype, log, rng):
+    op = ops.REGISTRY["log_softmax" if log else "softmax"]
     x = _rows(dtype, rng)
-    got = host_kernels.softmax(x, 1, log=log)
+    got = host_kernels.run_rows(op.rows, (x,), dict(axis=1))
     want = _softmax_reference(x, log)
-    assert got is not None and got.dtype == x.dtype
     tol = dict(rtol=2e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-14)
     with np.errstate(invalid="ignore"):
         np.testing.assert_allclose(got, want, **tol)
@@ -40,28 +77,19 @@ def test_softmax_kernels_match_the_decomposition(dtype, log, rng):
     if not log:
         np.testing.assert_array_equal(got[2], 0.0)
         np.testing.assert_allclose(np.delete(got, 3, axis=0).sum(-1)[[0, 1, 3, 4]], 1.0, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layer_norm_kernel_matches_the_decomposition(dtype, rng):
-    x = (rng.standard_normal((3, 4, 33)) * 10 + 3).astype(dtype)
-    w, b = rng.standard_normal(33).astype(dtype), rng.standard_normal(33).astype(dtype)
-    got = host_kernels.layer_norm(x, w, b, 1e-5)
-    xc = x - x.sum(-1, keepdims=True) / dtype(33)
-    want = xc * (1 / np.sqrt((xc * xc).sum(-1, keepdims=True) / dtype(33) + dtype(1e-5))) * w + b
-    assert got is not None and got.dtype == x.dtype
-    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
-                               atol=1e-5 if dtype == np.float32 else 1e-12)
+    else:
+        assert np.all(got[2] == -np.inf)
 
 
 def test_kernels_decline_what_they_do_not_handle(rng):
     x = rng.standard_normal((4, 5))
-    assert host_kernels.softmax(x, 0) is None                      # not the last axis
-    assert host_kernels.softmax(x.T, 1) is None                    # not C-contiguous
-    assert host_kernels.softmax(x.astype(np.float16), 1) is None   # no half kernels
-    assert host_kernels.softmax(np.zeros((3, 0)), 1) is None       # empty rows
+    soft, ln = ops.REGISTRY["softmax"].rows, ops.REGISTRY["layer_norm"].rows
+    assert host_kernels.run_rows(soft, (x,), dict(axis=0)) is None                     # not the last axis
+    assert host_kernels.run_rows(soft, (x.T,), dict(axis=1)) is None                   # not C-contiguous
+    assert host_kernels.run_rows(soft, (x.astype(np.float16),), dict(axis=1)) is None  # no half kernels
+    assert host_kernels.run_rows(soft, (np.zeros((3, 0)),), dict(axis=1)) is None      # empty rows
     w = np.ones(5, np.float32)
-    assert host_kernels.layer_norm(x, w, w, 1e-5) is None          # mixed dtypes
+    assert host_kernels.run_rows(ln, (x, w, w), dict(eps=1e-5)) is None                # mixed dtypes
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -22,7 +22,7 @@ import pytest
 import engine as eg
 import nn
 import ops
-from backends import cbuild, host_kernels
+from backends import cbuild, cparallel, host_kernels, rowprint
 from engine.compiler.codegen import _comment, literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,11 +65,15 @@ def _run_engine(env_extra: dict) -> dict:
 
 
 def _expected_names() -> list[str]:
-    """Names of libraries the engine builds first: the libmvec probe, then the row
-    kernels (with or without libmvec, whichever the probe decides)."""
-    return [cbuild.library_name(cbuild.PROBE_SOURCE, vector=True),
-            cbuild.library_name(host_kernels.c_source(), vector=True),
-            cbuild.library_name(host_kernels.c_source(), vector=False)]
+    """Names of libraries the engine builds first: the thread pool, the libmvec probe,
+    then the host kernels (with or without libmvec, whichever the probe decides)."""
+    from ops.fused import SOFTMAX
+    kernels = cparallel.DECLARATION + host_kernels.c_source()
+    softmax = cparallel.DECLARATION + rowprint.C_HEADER + rowprint.c_rows_source(SOFTMAX, np.float32)
+    return [cbuild.library_name(softmax, vector=True), cbuild.library_name(softmax, vector=False),
+            cbuild.library_name(cparallel.pool_source()), cbuild.library_name(cparallel._SERIAL_SOURCE),
+            cbuild.library_name(cbuild.PROBE_SOURCE, vector=True),
+            cbuild.library_name(kernels, vector=True), cbuild.library_name(kernels, vector=False)]
 
 
 def _planted_library(directory: str, marker: str) -> str:

@@ -23,10 +23,13 @@ from ops.elementwise import OUT
 ROOT = Path(__file__).resolve().parents[1]
 R = ops.REGISTRY
 
+# A select's condition is bool, not a symbol to differentiate: `where` is proved on its samples.
+_SELECT = {name for name, op in R.items() if getattr(op, "condition", None) is not None}
 ELEMENTWISE = sorted(name for name, op in R.items()
-                     if op.kind == "elementwise" and op.differentiable)
+                     if op.kind == "elementwise" and op.differentiable and name not in _SELECT)
 PRIMITIVES = sorted(name for name, op in R.items()
-                    if op.kind != "elementwise" and op.differentiable and op.sample is not None)
+                    if (op.kind != "elementwise" or name in _SELECT) and op.differentiable
+                    and op.sample is not None)
 FORWARD_OPS = sorted(name for name, op in R.items()
                      if op.sample is not None and op.reference is not None and not op.random)
 

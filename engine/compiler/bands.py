@@ -80,7 +80,7 @@ def _group_of(n: Node) -> tuple[FusedElementwise, tuple, tuple] | None:
         return op.group, tuple(n.inputs), op.in_shape
     if isinstance(op, FusedRowOp):
         return (op.group, tuple(n.inputs), n.out.shape) if op.axis in (-1, len(n.out.shape) - 1) else None
-    if isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where":
+    if isinstance(op, ElementwiseOp):
         group, inputs = single_group(n)
         return group, inputs, n.out.shape
     return None
@@ -137,7 +137,7 @@ def _zero_band(n: Node, masks: dict, zeros: dict) -> Band | None:
         if isinstance(op, FusedRowOp):
             # softmax of -inf is exactly 0 while each row keeps an unmasked entry, which an
             # upper band with off >= 0 guarantees (column 0); an emptied row would be NaN
-            if op.row_op == "softmax" and expr == -sympy.oo and band[0] == "U" and band[1] >= 0:
+            if op.row_op.zero_at_neg_inf and expr == -sympy.oo and band[0] == "U" and band[1] >= 0:
                 return band
         elif expr == 0:
             return band

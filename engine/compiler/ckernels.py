@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends import cparallel, host_kernels
+from backends import cparallel, rowprint
 from backends.cbuild import address, available, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
@@ -28,16 +28,12 @@ MIN_ELEMENTS = 1 << 15
 # A one-dimensional loop longer than this is cut into chunks of it, so threads can share it.
 CHUNK = 1 << 14
 
-# Ops the C compiler vectorises without -ffast-math (which would break inf/NaN
-# semantics that masking relies on).
-C_FRIENDLY = {"add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "abs", "maximum", "minimum",
-              "relu", "heaviside", "sign", "lerp", "ema_sq", "adam_param", "where"}
-# Ops calling libm's transcendentals: C-friendly only with libmvec (see backends.cbuild).
-VECTOR_MATH_OPS = {"exp", "log", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh"}
-
-
-def friendly(op_name: str) -> bool:
-    return op_name in C_FRIENDLY or (op_name in VECTOR_MATH_OPS and vector_math())
+def friendly(op: Any) -> bool:
+    """Does a C loop over the op vectorise without -ffast-math (which would break the
+    inf/NaN semantics masking relies on)? Read from the op's `c_math` trait (derived
+    from its expression): plain arithmetic always, libm's transcendentals with libmvec."""
+    how = getattr(op, "c_math", None)
+    return how == "plain" or (how == "vector" and vector_math())
 
 
 def _mode(shape: tuple, out_shape: tuple, split: int) -> str | None:
@@ -222,11 +218,10 @@ MAX_ROW = 1 << 14         # a row kernel keeps one row on the stack
 
 def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dtype: np.dtype,
                in_dtypes: list) -> str:
-    """A C function computing softmax / log_softmax of a fused group's rows: each row of
-    the group's value goes to a scratch row on the stack, then the row helpers of
-    backends/host_kernels.py (max shift, exp, sum) normalise it into the output."""
+    """A C function running a row op (its row program, printed by backends/rowprint.py)
+    on each row of a fused group's value: the row goes to a scratch row on the stack,
+    then the program's per-row function writes the output row."""
     ct = storage_ctype(dtype, "c")
-    sfx = {"float": "f32", "double": "f64"}[ct]
     expr, symbols = op.group.expression()
     body = c_expression(expr, {s: f"in{k}" for k, s in enumerate(symbols)}, dtype)
     n = dims[-1]
@@ -234,12 +229,7 @@ def row_source(name: str, op: Any, dims: list[int], strides: list[list[int]], dt
     pad = nest.pad
     lines = [f"  {ct} row[{n}];", *nest.open, *nest.offsets,
              f"{pad}for (long long j = 0; j < {n}LL; ++j) {{ {nest.loads} row[j] = {body}; }}",
-             f"{pad}{ct} m;", f"{pad}const {ct} s = exp_row_{sfx}(row, y, {n}LL, &m);"]
-    if op.row_op == "softmax":
-        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = y[j] / s;")
-    else:
-        lines.append(f"{pad}const {ct} ls = log{'f' if ct == 'float' else ''}(s);")
-        lines.append(f"{pad}for (long long j = 0; j < {n}LL; ++j) y[j] = (row[j] - m) - ls;")
+             f"{pad}{rowprint.row_call(op.row_op.rows, dtype, 'row', 'y', f'{n}LL')}"]
     return cparallel.parallel_function(name, nest.args + [f"{ct}* restrict out"], f"{nest.items}LL",
                                        f"{int(np.prod(dims))}LL", lines + nest.close)
 
@@ -356,7 +346,7 @@ def plan_row_group(group: Any) -> Planned | None:
     """A row group as one C kernel, or None when it cannot be printed."""
     dtype = group.steps[0].out.dtype
     if not available() or dtype not in (np.dtype(np.float32), np.dtype(np.float64)) \
-            or not all(friendly(op.name) for st in group.steps for op, _ in st.group.steps):
+            or not all(friendly(op) for st in group.steps for op, _ in st.group.steps):
         return None
     try:
         src = row_group_source("k", group, dtype)
@@ -380,7 +370,7 @@ class Planned:
     full_shape: tuple          # the shape inputs broadcast to
     out_shape: tuple
     dtype: np.dtype
-    rows: bool = False         # needs the row helpers of backends/host_kernels.py
+    helpers: str = ""          # static C functions it calls (a row program's per-row function)
     n_out: int | None = None   # a row group: called as run(*inputs, *outputs)
     scratch: int = 0           # a row group: elements of scratch for its column sums
 
@@ -446,10 +436,8 @@ class Planned:
         return run
 
 
-# What a step costs NumPy in whole-array calls (1 unless listed): a kernel replacing
-# at least MIN_CALLS of them pays for its ctypes call at any size.
-_NUMPY_CALLS = {"lerp": 3, "ema_sq": 4, "adam_param": 7, "rsqrt": 2, "sigmoid": 4, "gelu": 5,
-                "gelu_tanh": 7, "heaviside": 3}
+# A kernel replacing at least MIN_CALLS whole-array NumPy calls (each op's `cost`)
+# pays for its ctypes call at any size.
 MIN_CALLS = 3
 
 
@@ -457,9 +445,9 @@ _REDUCTION_CALLS = 3        # np.sum over an axis tuple costs about three ufunc 
 
 
 def _eligible(steps: list, inputs: tuple, dtype: np.dtype, size: int, extra_calls: int = 0) -> bool:
-    calls = sum(_NUMPY_CALLS.get(op.name, 1) for op, _ in steps) + extra_calls
+    calls = sum(getattr(op, "cost", 1) for op, _ in steps) + extra_calls
     return (available() and (size >= MIN_ELEMENTS or calls >= MIN_CALLS)
-            and all(friendly(op.name) for op, _ in steps)
+            and all(friendly(op) for op, _ in steps)
             and dtype in (np.dtype(np.float32), np.dtype(np.float64))
             and all(isinstance(v, Value) and v.dtype in (dtype, np.dtype(bool)) for v in inputs))
 
@@ -523,8 +511,9 @@ def plan_row(op: Any, inputs: tuple, out: Value) -> Planned | None:
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "row")
+    helpers = rowprint.c_helpers(out.dtype) + rowprint.c_row_function(op.row_op.rows, out.dtype)
     return Planned(src, name, (), ["same"] * len(inputs), [int(np.prod(v.shape)) for v in inputs],
-                   out.shape, out.shape, out.dtype, rows=True)
+                   out.shape, out.shape, out.dtype, helpers=helpers)
 
 
 def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
@@ -533,9 +522,9 @@ def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
     if not planned:
         return []
     unique = {p.name: p.source for p in planned}
-    helpers = host_kernels.c_source() if any(p.rows for p in planned) else ""
+    helpers = "".join(dict.fromkeys(p.helpers for p in planned if p.helpers))
     try:
-        lib = cparallel.build(helpers + "\n".join(unique.values()), vector=vector_math())
+        lib = cparallel.build(rowprint.C_HEADER + helpers + "\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):
         return None
     return [p.runner(getattr(lib, p.name)) for p in planned]

@@ -395,7 +395,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_reduction(n.op, n.inputs, n.out)
             elif isinstance(n.op, FusedRowOp):
                 k = ckernels.plan_row(n.op, n.inputs, n.out)
-            elif (isinstance(n.op, ElementwiseOp) or n.op.name == "where") and n.out.dtype.kind == "f":
+            elif isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f":
                 k = ckernels.plan_group(*single_group(n), n.out)
             elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
                 # A plain sum as a reduction of the empty group (vectorised C loop).
@@ -447,7 +447,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
     members_ = {s.out for g in row_groups.values() for s in g.steps}
     read_until = {v: last for last, g in row_groups.items() for v in g.inputs}
     elementwise = {n.out for n in program.nodes if capable.get(n.out, ("",))[0] in ("ufunc", "group", "ckernel")
-                   and (isinstance(n.op, (FusedElementwise, ElementwiseOp)) or n.op.name == "where")
+                   and (isinstance(n.op, (FusedElementwise, ElementwiseOp)))
                    and n.out not in members_}
     slots, mem = plan_memory(program, set(capable) - locals_, elementwise, read_until, roots) if plan else \
         ({}, dict(buffers=0, views=[], slot_bytes=[]))

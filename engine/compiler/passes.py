@@ -196,11 +196,7 @@ class FusedElementwise:
         for op, args in self.steps:
             operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
                         else sympy.sympify(a, strict=True) for a in args]
-            if op.name == "where":                    # the one non-arithmetic step: a select
-                c, x, y = operands
-                vals.append(sympy.Piecewise((x, sympy.Ne(c, 0)), (y, True)))
-            else:
-                vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
+            vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
         return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
     def forward(self, backend: Any, *inputs: Any) -> Any:
@@ -214,8 +210,7 @@ class FusedElementwise:
 
 def _fusable(n: Node) -> bool:
     """Elementwise with a float result; `where` too (its condition joins as an input)."""
-    return (isinstance(n.op, ElementwiseOp) or getattr(n.op, "name", "") == "where") \
-        and n.out.dtype.kind == "f"
+    return isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f"
 
 
 def fuse_elementwise(program: Program) -> Program:
@@ -350,38 +345,42 @@ def _absorb_producer(program: Program, accepts: Callable, make: Callable) -> Pro
 
 # -- row-op prologues -----------------------------------------------------------------------------------
 
-ROW_OPS = ("softmax", "log_softmax")
+def prologue_row_op(op: Any) -> bool:
+    """A row-program op of one input over an `axis` parameter (softmax, log_softmax):
+    it can run on the rows of a group computed on the fly."""
+    prog = getattr(op, "rows", None)
+    return prog is not None and len(prog.rows) == 1 and not prog.cols and not prog.params \
+        and prog.axis == "axis"
 
 
 class FusedRowOp:
-    """softmax / log_softmax over the last axis of an elementwise group's value, as one
-    kernel: each row of the group is computed into a scratch row and normalised at
-    once, never stored (attention's scale and mask feed its softmax this way)."""
+    """A one-input row op (softmax, log_softmax) over the last axis of an elementwise
+    group's value, as one kernel: each row of the group is computed into a scratch row
+    and normalised at once, never stored (attention's scale and mask feed its softmax
+    this way). `row_op` is the op itself: its row program is what the kernel prints."""
 
     kind = "fused_row"
     random = False
     view = False
 
-    def __init__(self, row_op: str, group: FusedElementwise, axis: int) -> None:
+    def __init__(self, row_op: Any, group: FusedElementwise, axis: int) -> None:
         self.row_op = row_op
         self.group = group
         self.axis = axis
-        self.name = f"{row_op}<{group.name}>"
+        self.name = f"{row_op.name}<{group.name}>"
 
     def forward(self, backend: Any, *inputs: Any) -> Any:
-        import ops
-        return ops.REGISTRY[self.row_op].forward(backend, self.group.forward(backend, *inputs),
-                                                 axis=self.axis)
+        return self.row_op.forward(backend, self.group.forward(backend, *inputs), axis=self.axis)
 
 
 def fuse_row_prologues(program: Program) -> Program:
     """Merge a last-axis softmax / log_softmax with the elementwise group (or single
     elementwise op) producing its input, when that value has no other use."""
     def last_axis_row_op(n: Node) -> bool:
-        return (getattr(n.op, "name", "") in ROW_OPS and n.params["axis"] == len(n.out.shape) - 1
+        return (prologue_row_op(n.op) and n.params["axis"] == len(n.out.shape) - 1
                 and tuple(n.inputs[0].shape) == tuple(n.out.shape))
     return _absorb_producer(program, last_axis_row_op,
-                            lambda n, group, p: FusedRowOp(n.op.name, group, n.params["axis"]))
+                            lambda n, group, p: FusedRowOp(n.op, group, n.params["axis"]))
 
 
 def single_group(p: Node) -> tuple[FusedElementwise, tuple]:

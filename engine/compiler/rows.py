@@ -71,7 +71,7 @@ def _step(n: Any) -> RowStep | None:
         return None
     if isinstance(op, FusedElementwise):
         return RowStep("map", op, tuple(n.inputs), n.out)
-    if isinstance(op, ElementwiseOp) or getattr(op, "name", "") == "where":
+    if isinstance(op, ElementwiseOp):
         group, inputs = single_group(n)
         return RowStep("map", group, inputs, n.out)
     if isinstance(op, FusedReduction):
