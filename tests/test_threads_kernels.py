@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+from ops.fused import LAYER_NORM, LOG_SOFTMAX, SOFTMAX
 import pytest
 
 import engine as eg
@@ -93,8 +94,10 @@ def test_host_row_kernels_and_scatter_are_bit_identical_across_thread_counts(poo
     values = rng.standard_normal((3000, 96)).astype(np.float32)
 
     def run():
-        return (host_kernels.softmax(x, 1), host_kernels.softmax(x, 1, log=True),
-                host_kernels.layer_norm(x, w, b, 1e-5), host_kernels.scatter_add_rows((50, 96), idx, values))
+        return (host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1}),
+                host_kernels.run_rows(LOG_SOFTMAX, (x,), {"axis": 1}),
+                host_kernels.run_rows(LAYER_NORM, (x, w, b), {"axis": 1, "eps": 1e-5}),
+                host_kernels.scatter_add_rows((50, 96), idx, values))
     results, parallel = _at_threads(run)
     assert parallel[0] == 0 and all(p == 4 for p in parallel[1:])
     _assert_bit_identical(results)
@@ -111,10 +114,10 @@ def test_kernels_below_the_threshold_stay_serial(rng):
         eg.set_num_threads(2)
         grain = cparallel.set_grain(x.size)                      # two threads need 2 * grain
         before = cparallel.parallel_loops()
-        host_kernels.softmax(x, 1)
+        host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1})
         assert cparallel.parallel_loops() == before
         cparallel.set_grain(x.size // 2)
-        host_kernels.softmax(x, 1)
+        host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1})
         assert cparallel.parallel_loops() == before + 1
     finally:
         cparallel.set_grain(grain)
@@ -148,7 +151,7 @@ def test_python_threads_calling_kernels_at_once_get_right_results(pool, rng):
     serially, neither waits on the other's work or sees its numbers."""
     eg.set_num_threads(2)
     xs = [rng.standard_normal((128, 256)).astype(np.float32) for _ in range(2)]
-    wants = [host_kernels.softmax(x, 1) for x in xs]
+    wants = [host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1}) for x in xs]
     errors = []
 
     def work(k):
@@ -169,11 +172,12 @@ def test_a_forked_child_runs_parallel_kernels(pool, rng):
     waiting forever on threads that are not there."""
     eg.set_num_threads(2)
     x = rng.standard_normal((128, 256)).astype(np.float32)
-    want = host_kernels.softmax(x, 1)                          # workers started in the parent
+    want = host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1})      # workers started in the parent
     pid = os.fork()
     if pid == 0:
         before = cparallel.parallel_loops()
-        ok = np.array_equal(host_kernels.softmax(x, 1), want) and cparallel.parallel_loops() == before + 1
+        got = host_kernels.run_rows(SOFTMAX, (x,), {"axis": 1})
+        ok = np.array_equal(got, want) and cparallel.parallel_loops() == before + 1
         os._exit(0 if ok else 1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
