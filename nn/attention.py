@@ -17,6 +17,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import DTypeError, ShapeError
+from ops import composite as C
 
 from . import functional as F
 from .layers import Linear
@@ -37,7 +38,7 @@ class KVCache:
 
     def __init__(self, static: bool = False) -> None:
         self.static = bool(static)
-        self.k_t: Tensor | None = None                 # (B, h, dh, S): K^T, as attend() takes it
+        self.k_t: Tensor | None = None                 # (B, h, dh, S): K^T, as ops.composite.attention takes it
         self.v: Tensor | None = None                   # (B, h, S, dh)
         self.key_padding_mask: Tensor | None = None    # (B, S) bool, True = pad; None = no pad
 
@@ -187,7 +188,9 @@ class MultiheadAttention(Module):
             k_t, v, key_padding_mask = cache.update(k_t, v, key_padding_mask)
             s = k_t.shape[-1]
         mask = self._mask(attn_mask, key_padding_mask, is_causal, b, t, s, query.device)
-        out, weights = F.attend(q, k_t, v, mask, None, self.dropout, self.training)
+        if mask is not None and np.dtype(mask.dtype) == np.dtype(bool):
+            mask = ~mask                         # torch's True = blocked -> True = may attend
+        out, weights = C.attention(q, k_t, v, mask, None, self.dropout, self.training)
         out = self.o(out.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
         if not need_weights:
             return out, None

@@ -8,14 +8,14 @@ jit. Conventions that differ from PyTorch are stated where they occur:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError, TraceError
+from ops import composite as C
+from engine.errors import ShapeError, TraceError
 
 _REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
@@ -90,13 +90,11 @@ def _host_values(t: Tensor) -> np.ndarray | None:
         return None
 
 
-def _reduce(loss: Tensor, reduction: str, count: Tensor | None = None) -> Tensor:
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / count if count is not None else total / float(max(loss.size, 1))
+    return total if reduction == "sum" else total / float(max(loss.size, 1))
 
 
 def _check_reduction(name: str, reduction: str) -> None:
@@ -104,62 +102,39 @@ def _check_reduction(name: str, reduction: str) -> None:
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_targets(name: str, scores: Tensor, target: Tensor, ignore_index: int) -> None:
+    """A target outside [0, C) that is not ignore_index is an error, checked where the
+    values are known (eagerly; while tracing they are not, and the check is skipped)."""
+    if scores.ndim < 1 or np.dtype(target.dtype).kind not in "iu":
+        return                                  # the op names the dtype or shape error
+    classes = scores.shape[-1]
+    values = _host_values(target)
+    if values is None:
+        return
+    bad = (values != ignore_index) & ((values < 0) | (values >= classes))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ShapeError(f"{name}: target value {int(values[where])} at position {where} is "
+                         f"outside [0, {classes}) (the {classes} classes on the last axis of "
+                         f"shape {tuple(scores.shape)}) and is not ignore_index={ignore_index}")
+
+
 def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
              reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """Negative log-likelihood of integer targets given log-probabilities (..., C).
-
-    With label smoothing e the target distribution is (1-e)*onehot + e/C (as in
-    torch). Positions whose target equals `ignore_index` contribute 0 and get zero
-    gradient; "mean" divides by the number of other positions, and a batch in which
-    every target is ignored gives a loss of 0 with gradient 0 (torch gives NaN).
-    A target outside [0, C) that is not ignore_index raises ShapeError.
-    """
-    _check_reduction("nll_loss", reduction)
-    if np.dtype(log_probs.dtype).kind != "f":
-        raise DTypeError(f"nll_loss: log-probabilities must be floating, got {log_probs.dtype}")
-    if np.dtype(target.dtype).kind not in "iu":
-        raise DTypeError(f"nll_loss: targets must be integer class indices, got {target.dtype} "
-                         f"(shape {tuple(target.shape)})")
-    if log_probs.ndim < 1 or tuple(target.shape) != tuple(log_probs.shape[:-1]):
-        raise ShapeError(f"nll_loss: logits of shape {tuple(log_probs.shape)} (classes on the last "
-                         f"axis) need targets of shape {tuple(log_probs.shape[:-1])}, got "
-                         f"{tuple(target.shape)}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"nll_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
-    classes = log_probs.shape[-1]
-    values = _host_values(target)
-    if values is not None:
-        bad = (values != ignore_index) & ((values < 0) | (values >= classes))
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ShapeError(f"nll_loss: target value {int(values[where])} at position {where} is "
-                             f"outside [0, {classes}) (the {classes} classes on the last axis of "
-                             f"shape {tuple(log_probs.shape)}) and is not ignore_index={ignore_index}")
-    weights = eg.one_hot(target, classes, dtype=log_probs.dtype)
-    if label_smoothing:
-        weights = weights * (1.0 - label_smoothing) + label_smoothing / classes
-    loss = -(weights * log_probs).sum(axis=-1)
-    valid = target != ignore_index
-    if label_smoothing or 0 <= ignore_index < classes:
-        loss = eg.where(valid, loss, 0.0)      # an out-of-range ignore_index has a zero one-hot row
-    count = None
-    if reduction == "mean":
-        count = eg.maximum(valid.to(dtype=log_probs.dtype).sum(), 1.0)
-    return _reduce(loss, reduction, count)
+    """Negative log-likelihood of integer targets given log-probabilities (..., C):
+    `ops.composite.nll_loss` (ignore_index, label smoothing, reductions, the
+    all-ignored batch) after checking the target values."""
+    _check_targets("nll_loss", log_probs, target, ignore_index)
+    return C.nll_loss(log_probs, target, ignore_index, reduction, label_smoothing)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of integer targets (...) against unnormalised logits (..., C).
-
-    Computed as nll_loss(log_softmax(logits)), which is stable for any finite
-    logits (the softmax is max-shifted). See nll_loss for ignore_index, label
-    smoothing, reductions and the all-ignored batch (loss 0, gradient 0).
-    """
-    if logits.ndim < 1 or np.dtype(logits.dtype).kind != "f":
-        raise DTypeError(f"cross_entropy: logits must be a floating tensor with a class axis, got "
-                         f"dtype {logits.dtype} shape {tuple(logits.shape)}")
-    return nll_loss(eg.log_softmax(logits, -1), target, ignore_index, reduction, label_smoothing)
+    """Cross-entropy of integer targets (...) against unnormalised logits (..., C):
+    `ops.composite.cross_entropy` (stable for any logits; an ignored row's values
+    never reach the loss or a gradient) after checking the target values."""
+    _check_targets("cross_entropy", logits, target, ignore_index)
+    return C.cross_entropy(logits, target, ignore_index, label_smoothing, reduction)
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -174,39 +149,22 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 # -- attention -------------------------------------------------------------------------------------
 
-def attend(q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None,
-           dropout_p: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
-    """softmax(q @ k_t * scale + mask) @ v over the last two axes -> (out, weights).
-
-    `k_t` is K already transposed (..., d, S), so the matmul needs no transposed view.
-    `mask` is bool (True = blocked, set to -inf) or additive float, broadcast to the
-    scores (..., T, S). A row with every key blocked gives weights 0 and output 0
-    (never NaN, also in backward). Dropout acts on the weights, as in the paper.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k_t) * scale
-    if mask is not None:
-        if np.dtype(mask.dtype) == np.dtype(bool):
-            scores = eg.where(mask, NEG_INF, scores)
-        else:
-            scores = scores + mask
-    weights = eg.softmax(scores, -1)
-    used = eg.dropout(weights, dropout_p, training) if dropout_p and training else weights
-    return used @ v, used
-
-
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, training: bool = True) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention: a bool attn_mask is True where
-    a query MAY attend (the opposite of MultiheadAttention's masks), a float one is added."""
-    mask = None
-    if attn_mask is not None:
-        mask = ~attn_mask if np.dtype(attn_mask.dtype) == np.dtype(bool) else attn_mask
+    a query MAY attend (the convention of `ops.composite.attention`, which this calls),
+    a float one is added; `is_causal` blocks the keys after each query."""
+    mask = attn_mask
     if is_causal:
-        c = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        mask = c if mask is None else merge_masks(mask, c)
-    return attend(q, k.swapaxes(-1, -2), v, mask, scale, dropout_p, training)[0]
+        allowed = ~causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        if mask is None:
+            mask = allowed
+        elif np.dtype(mask.dtype) == np.dtype(bool):
+            mask = mask & allowed
+        else:
+            mask = mask + eg.where(allowed, 0.0, NEG_INF).to(dtype=mask.dtype)
+    return C.attention(q, k.swapaxes(-1, -2), v, mask, scale, dropout_p, training)[0]
 
 
 def merge_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:

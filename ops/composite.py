@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, neg, rsqrt, sub
+from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, ne, neg, rsqrt, sub
 from .errors import DTypeError, ShapeError
-from .fused import softmax as fused_softmax
+from .fused import log_softmax as fused_log_softmax, softmax as fused_softmax
 from .linalg import matmul
 from .elementwise import where
 from .movement import cast, concatenate, getitem, reshape, stop_gradient, transpose
@@ -222,51 +222,109 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
     return y
 
 
-def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
-                                 scale: float | None = None, return_weights: bool = False) -> Any:
-    """softmax(Q K^T * scale + mask) V over the last two axes.
+def attention(q: Any, k_t: Any, v: Any, mask: Any = None, scale: float | None = None,
+              dropout_p: float = 0.0, training: bool = False) -> tuple:
+    """softmax(q @ k_t * scale, masked) @ v over the last two axes -> (out, weights).
 
-    `mask` is either bool (True = may attend) or additive float (0 / -inf or a large
-    negative), broadcast against the scores (..., Tq, Tk). Rows with no allowed key
-    give zeros, never NaN.
+    The one attention of the engine: nn.MultiheadAttention and both
+    scaled_dot_product_attention functions call it. `k_t` is K already transposed
+    (..., d, S), so the matmul needs no transposed view (a KV cache keeps K^T).
+    `mask` is bool (True = may attend) or additive float (0 / -inf or a large
+    negative), broadcast against the scores (..., T, S); PyTorch's MultiheadAttention
+    convention (True = blocked) is converted by nn, at its API. A query with no
+    allowed key gets weights 0 and output 0, never NaN (forward and backward).
+    Dropout, when training, acts on the weights (as in the paper).
     """
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = mul(matmul(q, swapaxes(k, -1, -2)), scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = mul(matmul(q, k_t), scale)
     if mask is not None:
         if np.dtype(mask.dtype) == np.dtype(bool):
             scores = where(mask, scores, NEG_INF)
         else:
             scores = add(scores, mask)
     weights = fused_softmax(scores, axis=scores.ndim - 1)
-    out = matmul(weights, v)
+    if dropout_p and training:
+        weights = dropout(weights, dropout_p, training)
+    return matmul(weights, v), weights
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
+                                 scale: float | None = None, return_weights: bool = False) -> Any:
+    """softmax(Q K^T * scale, masked) V over the last two axes; `mask` as in `attention`
+    (bool True = may attend, or additive float)."""
+    out, weights = attention(q, swapaxes(k, -1, -2), v, mask, scale)
     return (out, weights) if return_weights else out
 
 
 # -- losses ----------------------------------------------------------------------------------------
 
-def cross_entropy(logits: Any, targets: Any, label_smoothing: float = 0.0) -> Any:
-    """Mean over rows of -log softmax(logits)[target], classes on the last axis.
+LOSS_REDUCTIONS = ("mean", "sum", "none")
 
-    `targets` holds integer class indices, shaped like `logits` without its last axis.
-    With label smoothing s (PyTorch's definition) the target distribution is
-    (1 - s) * onehot + s / C, i.e. the loss adds s * mean_c(-log p_c). The gradient
-    with respect to the logits is (softmax - target distribution) / rows.
-    """
-    from .fused import log_softmax as fused_log_softmax
+
+def _check_loss_args(name: str, arg: str, scores: Any, targets: Any, reduction: str,
+                     label_smoothing: float) -> None:
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    if scores.ndim < 1 or np.dtype(scores.dtype).kind != "f":
+        raise DTypeError(f"{name}: {arg} must be a floating tensor with a class axis, got "
+                         f"dtype {scores.dtype} shape {tuple(scores.shape)}")
     if np.dtype(targets.dtype).kind not in "iu":
-        raise DTypeError(f"cross_entropy: targets must be integer class indices, got {targets.dtype}")
-    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ShapeError(f"cross_entropy: targets of shape {tuple(targets.shape)} must have the "
-                         f"shape of logits {tuple(logits.shape)} without its class axis")
+        raise DTypeError(f"{name}: targets must be integer class indices, got {targets.dtype} "
+                         f"(shape {tuple(targets.shape)})")
+    if tuple(targets.shape) != tuple(scores.shape[:-1]):
+        raise ShapeError(f"{name}: {arg} of shape {tuple(scores.shape)} (classes on the last "
+                         f"axis) need targets of shape {tuple(scores.shape[:-1])}, got "
+                         f"{tuple(targets.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    logp = fused_log_softmax(_float(logits), axis=logits.ndim - 1)
-    picked = take_along_axis(logp, expand_dims(targets, -1), -1)
-    loss = neg(mean(picked))
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def nll_loss(log_probs: Any, targets: Any, ignore_index: int = -100, reduction: str = "mean",
+             label_smoothing: float = 0.0) -> Any:
+    """Negative log-likelihood of integer targets (...) given log-probabilities (..., C).
+
+    PyTorch's semantics, classes on the last axis: with label smoothing s the target
+    distribution is (1 - s) onehot + s / C; a row whose target is `ignore_index`
+    contributes 0, and "mean" divides by the number of the other rows (a batch with
+    every row ignored gives 0 with gradient 0, where PyTorch gives NaN).
+    The target's log-probability is picked by index, never multiplied by a one-hot
+    row, so the loss is finite whenever the target's log-probability is: a -inf at
+    another class (a masked class) gives no 0 * -inf. With smoothing such a class
+    is left out of the uniform part, where PyTorch's loss is +inf.
+    """
+    _check_loss_args("nll_loss", "log_probs", log_probs, targets, reduction, label_smoothing)
+    classes = log_probs.shape[-1]
+    valid = ne(targets, ignore_index)
+    index = expand_dims(where(valid, targets, 0), -1)            # in range even where ignored
+    picked = reshape(take_along_axis(log_probs, index, -1), shape=tuple(targets.shape))
+    loss = neg(picked)
     if label_smoothing:
-        loss = add(mul(loss, 1.0 - label_smoothing), mul(neg(mean(logp)), label_smoothing))
-    return loss
+        finite = where(eq(log_probs, NEG_INF), 0.0, log_probs)
+        uniform = sum_op(finite, axis=(log_probs.ndim - 1,), keepdims=False)
+        loss = sub(mul(loss, 1.0 - label_smoothing), mul(uniform, label_smoothing / classes))
+    loss = where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    total = sum_op(loss, axis=None, keepdims=False)
+    if reduction == "sum":
+        return total
+    count = sum_op(cast(valid, dtype=np.dtype(loss.dtype)), axis=None, keepdims=False)
+    return div(total, maximum(count, 1.0))
+
+
+def cross_entropy(logits: Any, targets: Any, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, reduction: str = "mean") -> Any:
+    """nll_loss(log_softmax(logits)) with classes on the last axis (see nll_loss).
+
+    An ignored row's logits are replaced by 0 before the softmax, so whatever they
+    hold (NaN, inf) changes neither the loss nor any gradient. The gradient with
+    respect to the logits is (softmax - target distribution) / rows.
+    """
+    _check_loss_args("cross_entropy", "logits", logits, targets, reduction, label_smoothing)
+    valid = ne(targets, ignore_index)
+    x = where(expand_dims(valid, -1), logits, 0.0)
+    return nll_loss(fused_log_softmax(x, axis=x.ndim - 1), targets, ignore_index, reduction,
+                    label_smoothing)
 
 
 # -- the composite registry (the test plan for composites) --------------------------------------
@@ -297,11 +355,31 @@ def _np_attention(q: Any, k: Any, v: Any, mask: Any = None) -> np.ndarray:
     return _np_softmax(s, -1) @ v
 
 
-def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray,
-                      label_smoothing: float = 0.0) -> np.ndarray:
-    logp = np.log(_np_softmax(logits, -1))
-    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return np.mean((1 - label_smoothing) * nll - label_smoothing * logp.mean(-1))
+def _np_nll(logp: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
+            reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
+    valid = targets != ignore_index
+    safe = np.where(valid, targets, 0)
+    nll = -np.take_along_axis(logp, safe[..., None], -1)[..., 0]
+    loss = np.where(valid, (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1), 0.0)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / max(valid.sum(), 1)
+
+
+def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
+                      label_smoothing: float = 0.0, reduction: str = "mean") -> np.ndarray:
+    return _np_nll(np.log(_np_softmax(logits, -1)), targets, ignore_index, reduction,
+                   label_smoothing)
+
+
+def _sample_losses(rng: np.random.Generator) -> list:
+    return [([rng.standard_normal((4, 5)), rng.integers(0, 5, (4,))], {}),
+            ([rng.standard_normal((2, 3, 4)) * 3, rng.integers(0, 4, (2, 3))],
+             dict(label_smoothing=0.1)),
+            ([rng.standard_normal((5, 3)), np.array([0, 2, -100, 1, -100])],
+             dict(label_smoothing=0.2, reduction="sum")),
+            ([rng.standard_normal((2, 4)), np.array([[3, 1], [1, 0]])[0]],
+             dict(ignore_index=1, reduction="none"))]
 
 
 def _sample_attention(rng: np.random.Generator) -> list:
@@ -361,9 +439,11 @@ COMPOSITES: dict[str, Composite] = {c.name: c for c in [
               np.sqrt(x.var(-1, keepdims=True) + eps) * (1 if w is None else w) + (0 if b is None else b)),
     Composite("scaled_dot_product_attention", scaled_dot_product_attention, _sample_attention,
               _np_attention),
-    Composite("cross_entropy", cross_entropy,
-              lambda r: [([r.standard_normal((4, 5)), r.integers(0, 5, (4,))], {}),
-                         ([r.standard_normal((2, 3, 4)) * 3, r.integers(0, 4, (2, 3))],
-                          dict(label_smoothing=0.1))],
+    Composite("attention", lambda q, k_t, v, *m, **kw: attention(q, k_t, v, *m, **kw)[0],
+              lambda r: [([q, np.swapaxes(k, -1, -2), v, *m], p) for (q, k, v, *m), p
+                         in _sample_attention(r)],
+              lambda q, k_t, v, mask=None: _np_attention(q, np.swapaxes(k_t, -1, -2), v, mask)),
+    Composite("cross_entropy", cross_entropy, _sample_losses, _np_cross_entropy),
+    Composite("nll_loss", lambda x, t, **kw: nll_loss(log_softmax(x, -1), t, **kw), _sample_losses,
               _np_cross_entropy),
 ]}

@@ -185,7 +185,7 @@ def test_derivation_case(key):
     (J^T v for softmax, softmax - onehot for cross-entropy, dV = P^T dO ... for attention)."""
     report = S.case_report(key)
     assert report.ok, str(report)
-    case = S._cases()[key]
+    case = S.cases()[key]
     n = sum(int(np.prod(s)) for s in case.shapes)
     assert sum(c.against == "sympy.diff" for c in report.checks) == n
     assert sum(c.against == "closed form" for c in report.checks) == \
@@ -203,7 +203,7 @@ def test_softmax_is_checked_against_the_jacobian_and_the_shift_cancels():
 
 def test_attention_masks_are_really_applied():
     """The masked cases see zero weight on the masked keys: dV of a masked key is 0."""
-    fns = S._engine_fns()
+    fns = S.engine_fns()
     q, k, v = (S.symbolic_tensor(S.symbols(n, (3, 2))) for n in "QKV")
     dv = eg.autograd_grad(fns["attention_padding"](q, k, v).sum(), [v])[0]
     assert all(e == 0 for e in dv._data.data[2])                # the padding key gets nothing
@@ -216,7 +216,7 @@ def test_nn_cross_entropy_gradient_is_softmax_minus_onehot():
     F = pytest.importorskip("nn.functional")
     targets = np.array([0, 2, 1])
     for smoothing in (0.0, 0.1):
-        closed = S._cross_entropy_closed(targets, sympy.Rational(smoothing).limit_denominator(10))
+        closed = S.closed_forms.cross_entropy_closed(targets, sympy.Rational(smoothing).limit_denominator(10))
         report = S.verify_gradients(
             lambda x: F.cross_entropy(x, S.constant(targets), label_smoothing=smoothing),
             (3, 3), names=["x"], cotangent=None, closed_form=closed, name="F.cross_entropy")
@@ -237,7 +237,7 @@ def test_a_wrong_vjp_is_caught_naming_the_op_and_the_element(monkeypatch):
         return ga, (None if gb is None else R["mul"](gb, 2.0))    # dB twice too large
 
     monkeypatch.setattr(matmul, "vjp", wrong)
-    fn = S._engine_fns()["attention"]
+    fn = S.engine_fns()["attention"]
     with pytest.raises(S.GradientMismatch) as info:
         S.verify_gradients(fn, (3, 2), (3, 2), (3, 2), names=["Q", "K", "V"], cotangent="dO")
     report = info.value.report

@@ -35,7 +35,7 @@ MAX_WORK = 0.85       # rewrite only when at most this fraction of the full prod
 
 def band_matmuls(program: Program) -> Program:
     """Rewrite the matmuls that have an operand with a known-zero triangle."""
-    masks = {v: b for v, arr in program.constants.items() if (b := causal_band(arr)) is not None}
+    masks = {v: bands for v, arr in program.constants.items() if (bands := _mask_bands(arr))}
     zeros: dict[Value, Band] = {}
     for n in program.nodes:
         band = _zero_band(n, masks, zeros)
@@ -64,6 +64,15 @@ def causal_band(arr: Any) -> Band | None:
     return None
 
 
+def _mask_bands(arr: Any) -> list[tuple[Band, int]]:
+    """(band, the mask's value there) for each triangle on which a constant bool mask is
+    constant: True on it (a blocked-keys mask) or False on it (a may-attend mask)."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.bool_:
+        return []
+    return [(band, value) for value, m in ((1, arr), (0, ~arr))
+            if (band := causal_band(m)) is not None]
+
+
 def _contains(outer: Band, inner: Band) -> bool:
     """Is every entry of band `inner` also in band `outer`?"""
     return outer[0] == inner[0] and inner[1] >= outer[1]
@@ -87,7 +96,7 @@ def _group_of(n: Node) -> tuple[FusedElementwise, tuple, tuple] | None:
 
 
 def _on_band(n: Node, band: Band, masks: dict, zeros: dict) -> Any:
-    """Node n's per-element expression at the entries of `band` (masks there True,
+    """Node n's per-element expression at the entries of `band` (masks there at their value,
     known-zero inputs 0), or None when it is not an elementwise computation."""
     import sympy
     found = _group_of(n)
@@ -101,8 +110,9 @@ def _on_band(n: Node, band: Band, masks: dict, zeros: dict) -> Any:
     for s, a in zip(symbols, inputs):
         if not isinstance(a, Value) or tuple(a.shape[-2:]) != tuple(shape[-2:]):
             continue
-        if a in masks and _contains(masks[a], band):
-            subs[s] = sympy.Integer(1)
+        held = [value for b, value in masks.get(a, ()) if _contains(b, band)]
+        if held:
+            subs[s] = sympy.Integer(held[0])
         elif a in zeros and _contains(zeros[a], band):
             subs[s] = sympy.Integer(0)
     return expr.xreplace(subs)
@@ -110,7 +120,7 @@ def _on_band(n: Node, band: Band, masks: dict, zeros: dict) -> Any:
 
 def _candidate_bands(n: Node, masks: dict, zeros: dict) -> list[Band]:
     return [b for a in n.inputs if isinstance(a, Value)
-            for b in (masks.get(a), zeros.get(a)) if b is not None]
+            for b in [m for m, _ in masks.get(a, ())] + [zeros.get(a)] if b is not None]
 
 
 def _zero_band(n: Node, masks: dict, zeros: dict) -> Band | None:
