@@ -15,7 +15,8 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError, TraceError
+from engine.dispatch import check_values
+from engine.errors import DTypeError, ShapeError
 
 _REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
@@ -82,14 +83,6 @@ def padding_mask(tokens: Tensor, pad_idx: int) -> Tensor:
 
 # -- losses --------------------------------------------------------------------------------------
 
-def _host_values(t: Tensor) -> np.ndarray | None:
-    """Concrete values for validation, or None while tracing (checks then happen never)."""
-    try:
-        return t.numpy()
-    except TraceError:
-        return None
-
-
 def _reduce(loss: Tensor, reduction: str, count: Tensor | None = None) -> Tensor:
     if reduction == "none":
         return loss
@@ -127,14 +120,15 @@ def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"nll_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
     classes = log_probs.shape[-1]
-    values = _host_values(target)
-    if values is not None:
+
+    def check_targets(values: np.ndarray) -> None:
         bad = (values != ignore_index) & ((values < 0) | (values >= classes))
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ShapeError(f"nll_loss: target value {int(values[where])} at position {where} is "
                              f"outside [0, {classes}) (the {classes} classes on the last axis of "
                              f"shape {tuple(log_probs.shape)}) and is not ignore_index={ignore_index}")
+    check_values(target, check_targets)        # under eg.jit: at every call
     weights = eg.one_hot(target, classes, dtype=log_probs.dtype)
     if label_smoothing:
         weights = weights * (1.0 - label_smoothing) + label_smoothing / classes

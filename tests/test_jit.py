@@ -479,7 +479,9 @@ def test_jit_transformer_training_step_equals_eager_over_several_steps():
     m2, step2 = make()
     compiled = eg.jit(step2)
     jitted = [compiled(src, tgt).item() for _ in range(3)]
-    assert compiled.traces == 1
+    # The first call starts without .grad and backward accumulates into an existing one,
+    # so the second call (with .grad from the first) traces once more; then no more.
+    assert compiled.traces == 2
     np.testing.assert_allclose(jitted, eager, rtol=1e-5)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         if n.endswith("k.bias"):
