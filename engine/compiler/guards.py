@@ -60,8 +60,9 @@ def find_sources(fn: Callable, statics: list, targets: set | None = None) -> tup
     tensors whose ids are in `targets`.
 
     Returns (roots, {id: (root index, steps)}), the shortest path to each target and
-    to each module and optimizer (whose flags a trace reads even where it captures no
-    tensor: a Dropout's `training`), or to every tensor found when `targets` is None;
+    to each object with attributes (a module, an optimizer: a trace reads their flags
+    even where it captures no tensor, e.g. `training`), or to every tensor found when
+    `targets` is None;
     a step is ("cell", None), ("item", key) or ("attr", name)."""
     roots: list[Root] = []
     paths: dict = {}
@@ -148,7 +149,7 @@ def find_sources(fn: Callable, statics: list, targets: set | None = None) -> tup
         elif isinstance(obj, type):
             continue
         elif hasattr(obj, "__dict__") and (not _is_library(type(obj)) or _is_state_object(obj)):
-            if targets is not None and _is_state_object(obj):
+            if targets is not None:
                 paths.setdefault(id(obj), (root, steps))    # its flags: guarded even if unused
             add_class(type(obj))
             for k, v in list(vars(obj).items()):
@@ -164,7 +165,7 @@ def _is_library(obj: Any) -> bool:
 
 def _is_state_object(obj: Any) -> bool:
     """Objects of the library that hold user state: modules and optimizers."""
-    return type(obj).__module__.split(".")[0] == "nn"
+    return any(k.__module__.split(".")[0] == "nn" for k in type(obj).__mro__)
 
 
 def reachable_tensors(fn: Callable, statics: list) -> list:

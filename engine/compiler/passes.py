@@ -195,7 +195,7 @@ class FusedElementwise:
         vals: list = []
         for op, args in self.steps:
             operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
-                        else sympy.sympify(a) for a in args]
+                        else sympy.sympify(int(a) if type(a) is bool else a) for a in args]
             if op.name == "where":                    # the one non-arithmetic step: a select
                 c, x, y = operands
                 vals.append(sympy.Piecewise((x, sympy.Ne(c, 0)), (y, True)))
