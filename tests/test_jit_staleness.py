@@ -56,9 +56,16 @@ class World:
         self.autocast = False
         self.grad = True
         model, opt = self.model, self.opt
+        power = 1
 
         def forward(x, scale):
             return model(x) * scale + shift + extras[1]
+
+        def project(x):              # a bare matmul: float16 under autocast
+            return (x @ model.lin.weight) ** power
+
+        def scale_ints(i, k):        # int tensor * 1 stays int, * 1.0 becomes float
+            return i * k
 
         def step(x):
             opt.zero_grad()
@@ -76,9 +83,13 @@ class World:
             nonlocal shift
             shift = value
 
-        self.rebind_shift = rebind_shift
+        def rebind_power(value):
+            nonlocal power
+            power = value
+
+        self.rebind_shift, self.rebind_power = rebind_shift, rebind_power
         wrap = eg.jit if jit else (lambda f: f)
-        self.fns = dict(forward=wrap(forward), step=wrap(step), accumulate=wrap(accumulate))
+        self.fns = {f.__name__: wrap(f) for f in (forward, project, scale_ints, step, accumulate)}
         nn.save(self.path, self.model, self.opt)
 
     def value(self, shape):
@@ -114,6 +125,11 @@ ACTIONS = {
     "forward_scale_true": lambda w: w.call("forward", _x((2, 3)), True),
     "forward_batch3": lambda w: w.call("forward", _x((3, 3)), 1.5),
     "forward_float64": lambda w: w.call("forward", _x((2, 3), np.float64), 1.5),
+    "project": lambda w: w.call("project", _x((2, 3))),
+    "ints_times_1": lambda w: w.call("scale_ints", eg.tensor([1, 2]), 1),
+    "ints_times_1.0": lambda w: w.call("scale_ints", eg.tensor([1, 2]), 1.0),
+    "ints_times_true": lambda w: w.call("scale_ints", eg.tensor([1, 2]), True),
+    "rebind_closure_int": lambda w: w.rebind_power(2),
     "step": lambda w: w.call("step", _x((2, 3))),
     "accumulate": lambda w: w.call("accumulate", _x((2, 3))),
     "zero_grad": lambda w: w.opt.zero_grad(),
@@ -203,6 +219,9 @@ def _run_both(eager, jitted, actions):
     ["forward", "flag_directly", "forward"],
     ["forward", "forward_scale_int", "forward_scale_true"],
     ["forward", "autocast", "forward"],
+    ["project", "autocast", "project"],
+    ["ints_times_1", "ints_times_1.0", "ints_times_true"],
+    ["project", "rebind_closure_int", "project"],
     ["step", "swap_out_layer", "step"],
 ])
 def test_named_staleness_cases(tmp_path, actions):
