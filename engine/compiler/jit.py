@@ -53,6 +53,7 @@ class _Entry:
         self.compile_time = compile_time
         self.guard = guard
         self.checked: list = [None] * len(traced.captures)   # arrays known to match
+        self.readers = [(c.holder, c.kind == "grad") for c in traced.captures]
         inputs = {v: i for i, v in enumerate(traced.program.inputs)}
         captures = {v: i for i, (v, _) in enumerate(traced.program.captures)}
         # Value checks (eg.check_values) on arguments and captures run on them; values the
@@ -117,7 +118,7 @@ class Compiled:
         traced = entry.traced
         backend = entry.generated.backend
         inputs = [t._data for t in leaves]
-        captures = [c.read() for c in traced.captures]
+        captures = [h.grad._data if g else h._data for h, g in entry.readers]
         for i, j, check in entry.checks:
             check(backend.to_numpy(inputs[i] if i is not None else captures[j]))
         if entry.checked_values is not None:
@@ -134,7 +135,7 @@ class Compiled:
                 wb.tensor.grad = Tensor(results[wb.index], backend)
             else:
                 wb.tensor.grad = None
-        entry.checked = [c.read() for c in traced.captures]    # as just written: valid
+        entry.checked = [h.grad._data if g else h._data for h, g in entry.readers]  # valid now
         return unflatten(traced.out_structure, out_tensors)
 
     def _compile(self, args: tuple, kwargs: dict, leaves: list) -> _Entry:
@@ -226,9 +227,16 @@ def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fus
     `fn` takes tensors (in nested lists/tuples/dicts) and static Python values; it may
     call backward and update parameters in place under no_grad: captured tensors
     (parameters, optimizer state) are inputs read at every call, and their updates
-    and new gradients are written back after it. Python values the function reads
-    from elsewhere (a learning rate in a float, a step counter) are frozen into the
-    trace: keep changing state in tensors.
+    and new gradients are written back after it (backward accumulates into an
+    existing .grad, as eager does).
+
+    A compiled call returns what the eager call would, or raises: rebinding or
+    adding parameters, replacing list or dict entries, closure variables or globals,
+    loading module or optimizer state, switching train/eval (or setting `training`),
+    grad mode, autocast, and static arguments of another type or value all retrace
+    (see the module docstring and `guards`). Frozen into the trace, not guarded:
+    Python floats it reads (a learning rate in a float: keep changing numbers in
+    tensors), NumPy arrays' contents and the function's Python side effects.
     """
     if fn is None:
         return lambda f: Compiled(f, static_argnums, fuse, plan_memory)

@@ -260,9 +260,6 @@ class Capture:
     kind: str
     meta: tuple
 
-    def read(self) -> Any:
-        return self.holder._data if self.kind == "tensor" else self.holder.grad._data
-
 
 @dataclass
 class Traced:
