@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import numbers
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 import ops
 from ops.errors import DeviceError, EngineError, GradError, OpError
 
-from .state import autocast_state, get_backend, grad_mode, graph_state, interpreter_stack
+from .state import autocast_state, get_backend, grad_mode, graph_state, interpreters
 from .tensor import Tensor
 
 
@@ -190,6 +190,13 @@ class EagerInterpreter:
             spec, tensors = index
             be.setitem(t._data, ops.movement.index_tuple(spec, tuple(x._data for x in tensors)), raw)
 
+    def read_host(self, t: Tensor) -> None:
+        """t's values are being read on the host (.item(), .numpy(), bool()): nothing to do
+        when running eagerly (the tracer records it)."""
+
+    def check_values(self, t: Tensor, check: Callable[[np.ndarray], None]) -> None:
+        check(t.numpy())
+
     def apply(self, op: ops.Op, args: tuple, params: dict) -> Tensor:
         if autocast_state.dtype is not None and op.name in AUTOCAST_OPS:
             args = _autocast(args, autocast_state.dtype)
@@ -267,28 +274,38 @@ def _autocast(args: tuple, dtype: Any) -> tuple:
                  and a.dtype != dtype else a for a in args)
 
 
-_stack = interpreter_stack
-_stack.append(EagerInterpreter())
+# Every thread's stack starts with one shared eager interpreter (it holds no state).
+type(interpreters).base = EagerInterpreter()
+interpreters.stack[0] = interpreters.base
 
 
 def apply(op: ops.Op, args: tuple, params: dict) -> Any:
-    """The dispatcher installed into ops: hand the call to the current interpreter."""
-    return _stack[-1].apply(op, args, params)
+    """The dispatcher installed into ops: hand the call to this thread's current interpreter."""
+    return interpreters.stack[-1].apply(op, args, params)
 
 
 def current() -> Any:
-    """The interpreter on top of the stack."""
-    return _stack[-1]
+    """The interpreter on top of this thread's stack."""
+    return interpreters.stack[-1]
+
+
+def check_values(t: Tensor, check: Callable[[np.ndarray], None]) -> None:
+    """Run `check` on t's values as a NumPy array (it raises on bad ones): now when
+    running eagerly, and under eg.jit at every call of the compiled program, before
+    its results are returned or written back. Use it for checks on values (index
+    bounds, target ranges) that eager code would make by reading them."""
+    interpreters.stack[-1].check_values(t, check)
 
 
 @contextlib.contextmanager
 def interpret(interpreter: Any) -> Iterator[Any]:
-    """Run the block with `interpreter` handling every op call."""
-    _stack.append(interpreter)
+    """Run the block with `interpreter` handling every op call of this thread."""
+    stack = interpreters.stack
+    stack.append(interpreter)
     try:
         yield interpreter
     finally:
-        _stack.pop()
+        stack.pop()
 
 
 ops.set_dispatcher(apply)

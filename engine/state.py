@@ -1,7 +1,14 @@
-"""Global switches: gradient recording, the default dtype, seeding."""
+"""Switches: gradient recording, autocast, the interpreter stack, the default dtype, seeding.
+
+As in PyTorch, grad mode, autocast, the autograd phase and the interpreter stack
+are per thread (each thread starts from the defaults: grad on, no autocast, eager
+interpreter), so `no_grad` or tracing in one thread never changes what another
+thread records or computes. Seeds and backends are process-wide.
+"""
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -12,19 +19,27 @@ from ops.errors import DeviceError
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 
-# Interpreters handling op calls, innermost last (engine.dispatch fills it).
-interpreter_stack: list = []
+class _Interpreters(threading.local):
+    """Interpreters handling this thread's op calls, innermost last; every thread
+    starts with the base interpreter engine.dispatch installs (eager mode)."""
+    base: object = None
+
+    def __init__(self) -> None:
+        self.stack = [self.base]
 
 
-class _Autocast:
-    """The low-precision dtype matmuls run in inside `eg.autocast`, or None."""
+interpreters = _Interpreters()
+
+
+class _Autocast(threading.local):
+    """The low-precision dtype matmuls run in inside `eg.autocast` (this thread), or None."""
     dtype = None
 
 
 autocast_state = _Autocast()
 
 
-class _Phase:
+class _Phase(threading.local):
     """"forward" normally, "backward" while autograd runs VJPs (for the profiler)."""
     name = "forward"
 
@@ -32,19 +47,7 @@ class _Phase:
 phase = _Phase()
 
 
-class _ModeEpoch:
-    """Bumped whenever a module switches train/eval: compiled programs keyed on it retrace."""
-    value = 0
-
-
-mode_epoch = _ModeEpoch()
-
-
-def bump_mode_epoch() -> None:
-    mode_epoch.value += 1
-
-
-class _GraphState:
+class _GraphState(threading.local):
     """keep_inputs: record every input of an autograd node as the real tensor, even
     where the VJP does not read it (tools that re-run recorded ops on their inputs:
     gradcheck's per-op localisation, symbolic verification). Off: such inputs are
@@ -65,7 +68,8 @@ def keep_graph_inputs(enabled: bool = True) -> Iterator[None]:
         graph_state.keep_inputs = previous
 
 
-class _GradMode:
+class _GradMode(threading.local):
+    """Is autograd recording in this thread (class default: yes)?"""
     enabled = True
 
 

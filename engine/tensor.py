@@ -18,7 +18,7 @@ from ops.dtypes import as_dtype
 from ops.errors import DeviceError, DTypeError, GradError, ShapeError, TraceError
 from ops.shapes import normalize_axis
 
-from .state import grad_mode, interpreter_stack
+from .state import grad_mode, interpreters
 
 
 class Tensor:
@@ -132,6 +132,7 @@ class Tensor:
                 f"{self.dtype}) is being traced by jit. Python control flow cannot depend on "
                 f"traced values: use eg.where(...) for data-dependent choices, or pass the "
                 f"value as a static argument.")
+        interpreters.stack[-1].read_host(self)          # a trace freezes what it reads
         return self._backend.to_numpy(self._data)
 
     def numpy(self) -> np.ndarray:
@@ -263,7 +264,7 @@ class Tensor:
                 f"eg.no_grad() if it is meant to bypass autograd.")
         if isinstance(value, Tensor) and value._backend is not self._backend:
             raise DeviceError(f"in-place {name}: tensor on {self.device}, value on {value.device}")
-        interpreter_stack[-1].assign(self, name, value, index)
+        interpreters.stack[-1].assign(self, name, value, index)
         self._version[0] += 1
         return self
 

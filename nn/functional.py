@@ -14,8 +14,9 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
+from engine.dispatch import check_values
+from engine.errors import ShapeError
 from ops import composite as C
-from engine.errors import ShapeError, TraceError
 
 _REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
@@ -82,14 +83,6 @@ def padding_mask(tokens: Tensor, pad_idx: int) -> Tensor:
 
 # -- losses --------------------------------------------------------------------------------------
 
-def _host_values(t: Tensor) -> np.ndarray | None:
-    """Concrete values for validation, or None while tracing (checks then happen never)."""
-    try:
-        return t.numpy()
-    except TraceError:
-        return None
-
-
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
@@ -103,20 +96,20 @@ def _check_reduction(name: str, reduction: str) -> None:
 
 
 def _check_targets(name: str, scores: Tensor, target: Tensor, ignore_index: int) -> None:
-    """A target outside [0, C) that is not ignore_index is an error, checked where the
-    values are known (eagerly; while tracing they are not, and the check is skipped)."""
+    """A target outside [0, C) that is not ignore_index is an error, checked on the
+    values eagerly and, under eg.jit, at every call before the program runs."""
     if scores.ndim < 1 or np.dtype(target.dtype).kind not in "iu":
         return                                  # the op names the dtype or shape error
     classes = scores.shape[-1]
-    values = _host_values(target)
-    if values is None:
-        return
-    bad = (values != ignore_index) & ((values < 0) | (values >= classes))
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ShapeError(f"{name}: target value {int(values[where])} at position {where} is "
-                         f"outside [0, {classes}) (the {classes} classes on the last axis of "
-                         f"shape {tuple(scores.shape)}) and is not ignore_index={ignore_index}")
+
+    def check(values: np.ndarray) -> None:
+        bad = (values != ignore_index) & ((values < 0) | (values >= classes))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ShapeError(f"{name}: target value {int(values[where])} at position {where} is "
+                             f"outside [0, {classes}) (the {classes} classes on the last axis of "
+                             f"shape {tuple(scores.shape)}) and is not ignore_index={ignore_index}")
+    check_values(target, check)
 
 
 def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,

@@ -8,6 +8,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
+from engine.dispatch import check_values
 from engine.errors import DTypeError, ShapeError
 
 from . import functional as F
@@ -104,11 +105,14 @@ class Embedding(Module):
         if np.dtype(idx.dtype).kind not in "iu":
             raise DTypeError(f"Embedding: indices must be integer, got {idx.dtype} "
                              f"(shape {tuple(idx.shape)})")
-        values = F._host_values(idx)
-        if values is not None and values.size and (values.min() < 0 or values.max() >= self.num_embeddings):
-            bad = values[(values < 0) | (values >= self.num_embeddings)].flat[0]
-            raise ShapeError(f"Embedding: index {int(bad)} is outside [0, {self.num_embeddings}) "
-                             f"(input shape {tuple(idx.shape)})")
+        n = self.num_embeddings
+
+        def check_indices(values: np.ndarray) -> None:
+            if values.size and (values.min() < 0 or values.max() >= n):
+                bad = values[(values < 0) | (values >= n)].flat[0]
+                raise ShapeError(f"Embedding: index {int(bad)} is outside [0, {n}) "
+                                 f"(input shape {tuple(idx.shape)})")
+        check_values(idx, check_indices)           # under eg.jit: at every call
         out = self.weight[idx]
         if self.padding_idx is not None and self.weight.requires_grad:
             # Same values, but the padding row's lookups are constants: it gets no gradient.

@@ -18,7 +18,7 @@ from ops.dtypes import as_dtype
 from engine import Tensor
 from engine.creation import transfer
 from engine.errors import DTypeError, EngineError, ShapeError
-from engine.state import bump_mode_epoch, get_backend
+from engine.state import get_backend
 
 from .parameter import Parameter
 
@@ -255,12 +255,8 @@ class Module:
     # -- modes and gradients ----------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
         """Training mode (dropout active) for this module and all descendants."""
-        changed = False
         for m in self.modules():
-            changed = changed or m.training != bool(mode)
-            object.__setattr__(m, "training", bool(mode))
-        if changed:
-            bump_mode_epoch()          # compiled programs traced in the other mode retrace
+            object.__setattr__(m, "training", bool(mode))    # jit guards see the flag
         return self
 
     def eval(self) -> "Module":

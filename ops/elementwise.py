@@ -93,9 +93,14 @@ class ElementwiseOp(Op):
         shape = broadcast_shapes(self.name, *(shape_of(a) for a in args))
         return shape, self.result_dtype(*(a if _is_scalar(a) else a.dtype for a in args))
 
-    @functools.lru_cache(maxsize=None)
     def result_dtype(self, *dtypes: Any) -> np.dtype:
         """The output dtype for input dtypes (Python scalars stand for themselves)."""
+        # Cached by scalar type as well as value: 1 == 1.0 == True would share an entry.
+        return self._result_dtype(*((type(d), d) if _is_scalar(d) else d for d in dtypes))
+
+    @functools.lru_cache(maxsize=None)
+    def _result_dtype(self, *keys: Any) -> np.dtype:
+        dtypes = [k[1] if type(k) is tuple else k for k in keys]
         if self.result == "bool":
             return np.dtype(bool)
         vals = []

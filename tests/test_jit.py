@@ -479,7 +479,9 @@ def test_jit_transformer_training_step_equals_eager_over_several_steps():
     m2, step2 = make()
     compiled = eg.jit(step2)
     jitted = [compiled(src, tgt).item() for _ in range(3)]
-    assert compiled.traces == 1
+    # The first call starts without .grad and backward accumulates into an existing one,
+    # so the second call (with .grad from the first) traces once more; then no more.
+    assert compiled.traces == 2
     np.testing.assert_allclose(jitted, eager, rtol=1e-5)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         if n.endswith("k.bias"):
@@ -650,3 +652,75 @@ def test_fused_reduction_cuda_sources_compile_with_nvcc(tmp_path):
     res = subprocess.run([nvcc, "-arch=sm_90", "-c", str(tmp_path / "red.cu"), "-o", str(tmp_path / "r.o")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[:3000]
+
+
+# -- the contract: never stale (see also test_jit_staleness.py) ----------------------------------
+
+def test_values_read_on_the_host_while_tracing_are_guarded_by_version():
+    s = eg.tensor(2.0)
+    f = eg.jit(lambda x: x * float(s))          # float(s) freezes 2.0 into the program
+    x = eg.ones(3)
+    np.testing.assert_allclose(f(x).numpy(), 2.0)
+    with eg.no_grad():
+        s += 1.0
+    np.testing.assert_allclose(f(x).numpy(), 3.0)
+    assert f.traces == 2
+
+
+def test_value_checks_run_at_every_compiled_call():
+    from engine import nn
+    emb = nn.Embedding(5, 3)
+    f = eg.jit(lambda i: emb(i))
+    shifted = eg.jit(lambda i: emb(i + 1))      # a computed index: checked before the program
+    f(eg.tensor([0, 4]))
+    shifted(eg.tensor([0, 3]))
+    for bad in ([-1, 0], [5, 0]):
+        with pytest.raises(eg.ShapeError, match="outside"):
+            f(eg.tensor(bad))
+    with pytest.raises(eg.ShapeError, match="index 5 is outside"):
+        shifted(eg.tensor([4]))
+    loss = eg.jit(lambda x, t: nn.functional.cross_entropy(x, t))
+    x = eg.randn(2, 4)
+    loss(x, eg.tensor([0, 3]))
+    for bad in ([0, 4], [-1, 0]):
+        with pytest.raises(eg.ShapeError, match="outside"):
+            loss(x, eg.tensor(bad))
+
+
+def test_jitted_backward_accumulates_into_existing_grad_like_eager():
+    w = eg.tensor(np.ones(3), requires_grad=True)
+
+    def f(x):
+        (w * x).sum().backward()
+
+    x = eg.tensor(np.arange(3.0))
+    compiled = eg.jit(f)
+    for _ in range(3):
+        compiled(x)
+    np.testing.assert_allclose(w.grad.numpy(), 3 * np.arange(3.0))
+    assert compiled.traces == 2        # without .grad, then with one: no retrace after
+
+
+def test_train_eval_switches_reuse_both_programs():
+    from engine import nn
+    d = nn.Dropout(0.5)
+    f = eg.jit(lambda x: d(x))
+    x = eg.ones(1000)
+    for _ in range(2):
+        d.train()
+        assert (f(x).numpy() == 0).any()
+        d.eval()
+        np.testing.assert_array_equal(f(x).numpy(), x.numpy())
+    assert f.traces == 2
+
+
+def test_guard_failures_are_explained(capsys, monkeypatch):
+    from engine import nn
+    lin = nn.Linear(2, 2)
+    f = eg.jit(lambda x: lin(x))
+    f(eg.ones(1, 2))
+    assert f.guard.count > 0 and "def failed" in f.guard.source
+    monkeypatch.setenv("ENGINE_DEBUG", "1")
+    lin.weight = nn.Parameter(eg.ones(2, 2))
+    f(eg.ones(1, 2))
+    assert "retrace" in capsys.readouterr().out

@@ -100,18 +100,6 @@ def test_train_eval_zero_grad_requires_grad():
     assert not any(p.requires_grad for p in m.parameters())
 
 
-def test_switching_train_eval_bumps_the_jit_mode_epoch():
-    from engine.state import mode_epoch
-    m = Tiny()
-    before = mode_epoch.value
-    m.train()                                  # already training: nothing changes
-    assert mode_epoch.value == before
-    m.eval()
-    assert mode_epoch.value == before + 1
-    m.eval()
-    assert mode_epoch.value == before + 1
-
-
 def test_repr_is_readable():
     r = repr(Tiny())
     assert "Tiny(" in r and "(a): Linear(in_features=3, out_features=4, bias=True)" in r

@@ -341,7 +341,11 @@ def _donations(program: Program, capable: dict, root: dict) -> dict:
 
 
 class Generated:
-    """The compiled function with its namespace, buffers and source."""
+    """The compiled function with its namespace, buffers and source.
+
+    The planned buffers are a set carved once and reused by later calls; concurrent
+    calls (threads) each take a set of their own from a pool, so a program is
+    re-entrant and no call writes into buffers another call is reading."""
 
     def __init__(self, source: str, namespace: dict, views: list, slot_bytes: list, backend: Any,
                  stats: dict) -> None:
@@ -351,7 +355,7 @@ class Generated:
         self.slot_bytes = slot_bytes
         self.backend = backend
         self.stats = stats
-        self.buffers: list | None = None
+        self._pool: list[list] = []           # buffer sets not in use (list ops are atomic)
         exec(compile(source, "<engine.jit>", "exec"), namespace)
         self.fn = namespace["program"]
 
@@ -362,9 +366,12 @@ class Generated:
                 for s, shape, dtype in self.views]
 
     def __call__(self, inputs: list, captures: list) -> list:
-        if self.buffers is None:
-            self.buffers = self._carve()
-        return self.fn(inputs, captures, self.buffers)
+        pool = self._pool
+        buffers = pool.pop() if pool else self._carve()
+        try:
+            return self.fn(inputs, captures, buffers)
+        finally:
+            pool.append(buffers)
 
 
 def generate(program: Program, backend: Any, plan: bool = True) -> Generated:

@@ -1,50 +1,69 @@
 """`engine.jit`: trace once per input signature, optimise, generate code, run.
 
-Compiled programs are cached by the signature of their tensor arguments (shape,
-dtype, device, requires_grad), the values of static arguments, grad mode and the
-train/eval epoch of modules; captured tensors are checked against the shapes and
-dtypes they had when traced. Anything else retraces, so a program is never
-replayed with stale shapes. Captured tensors are read afresh at every call.
+The contract: a compiled call returns what the eager call would, or raises; it
+never returns a value computed from stale state. Programs are cached by the
+signature of their tensor arguments (shape, dtype, device, requires_grad), the
+type and value of static arguments, and this thread's grad mode and autocast
+dtype. Each cached program carries a guard (see `guards`) over what its trace
+read from Python objects: how each captured tensor was reached (closure cell,
+global, module attribute, list or dict entry, optimizer state) and that it is the
+same object with the same shape, dtype, device and requires_grad; the entries of
+every container and object on those paths (so a rebound parameter, a parameter
+added later, a replaced list element, a reloaded optimizer state or
+`module.training` set directly are seen); the None-ness of `.grad` of the tensors
+it touched (backward accumulates into an existing .grad); the versions of
+tensors whose values it read on the host. A failed guard retraces. Captured
+tensors are read afresh at every call, so in-place edits need no retrace.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from typing import Any, Callable
 
 from ops.errors import TraceError
 
-from ..state import get_backend, grad_mode, mode_epoch
+from ..state import autocast_state, get_backend, grad_mode
 from ..tensor import Tensor
 from .codegen import Generated, generate
+from .guards import Guard, build_guard, find_sources, reachable_tensors
 from .ir import Program
 from .passes import run_passes
-from .trace import Traced, flatten, trace, unflatten
+from .trace import Traced, flatten, statics, trace, unflatten
+
+# Tracing rebinds the data of tensors the function updates until it is done: one
+# trace at a time in the process (re-entrant: a traced function may call a jitted one).
+_TRACE_LOCK = threading.RLock()
+_VARIANTS = 8            # programs kept per signature (e.g. train and eval modes)
+
+
+def _debug_level() -> int:
+    return int(os.environ.get("ENGINE_DEBUG", "0") or 0)
 
 
 class _Entry:
     def __init__(self, traced: Traced, program: Program, generated: Generated, stats: list,
-                 compile_time: float) -> None:
+                 compile_time: float, guard: Guard) -> None:
         self.traced = traced
         self.program = program
         self.generated = generated
         self.stats = stats
         self.compile_time = compile_time
-        self.checked: list = [None] * len(traced.capture_tensors)   # arrays known to match
-
-    def guards_hold(self) -> bool:
-        """Do the captured tensors still have the traced shapes and dtypes? An array
-        already checked (usually the one the last call wrote) needs no second look."""
-        checked = self.checked
-        for i, (t, g) in enumerate(zip(self.traced.capture_tensors, self.traced.capture_guards)):
-            data = t._data
-            if data is checked[i] and t.requires_grad == g[3]:
-                continue
-            if (tuple(t.shape), t.dtype, t.device, t.requires_grad) != g:
-                return False
-            checked[i] = data
-        return True
+        self.guard = guard
+        self.checked: list = [None] * len(traced.captures)   # arrays known to match
+        self.readers = [(c.holder, c.kind == "grad") for c in traced.captures]
+        inputs = {v: i for i, v in enumerate(traced.program.inputs)}
+        captures = {v: i for i, (v, _) in enumerate(traced.program.captures)}
+        # Value checks (eg.check_values) on arguments and captures run on them; values the
+        # program computes are computed first by a prelude program (`checked`), so that
+        # every check runs before the program and nothing is written back on a failure.
+        self.checks = [(inputs.get(v), captures.get(v), check) for v, check in traced.checks
+                       if v in inputs or v in captures]
+        self.checked_values: Generated | None = None
+        self.computed_checks = [check for v, check in traced.checks
+                                if v not in inputs and v not in captures]
 
 
 class Compiled:
@@ -56,7 +75,7 @@ class Compiled:
         self.static_argnums = tuple(static_argnums)
         self.fuse = fuse
         self.plan_memory = plan_memory
-        self._cache: dict = {}
+        self._cache: dict = {}          # key -> [entry, ...], most recent first
         self._last: _Entry | None = None
         self.traces = 0
         functools.update_wrapper(self, fn)
@@ -65,23 +84,47 @@ class Compiled:
     def _key(self, args: tuple, kwargs: dict) -> tuple:
         leaves, structure = flatten((args, kwargs))
         sig = tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in leaves)
+        key = (sig, structure, grad_mode.enabled, autocast_state.dtype)
         try:
-            hash(structure)
+            hash(key)
         except TypeError:
             raise TraceError(f"jit({getattr(self.fn, '__name__', 'fn')}): non-tensor arguments "
                              f"are static and must be hashable; got {structure!r}") from None
-        return (sig, structure, grad_mode.enabled, mode_epoch.value), leaves
+        return key, leaves
+
+    def _find(self, key: tuple) -> _Entry | None:
+        for entry in self._cache.get(key, ()):
+            failed = entry.guard.failed(entry.checked)
+            if not failed:
+                return entry
+            if _debug_level() >= 1:
+                print(f"engine.jit({getattr(self.fn, '__name__', 'fn')}): retrace: "
+                      f"{entry.guard.explain(failed)}")
+        return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key, leaves = self._key(args, kwargs)
-        entry = self._cache.get(key)
-        if entry is None or not entry.guards_hold():
-            entry = self._cache[key] = self._compile(args, kwargs, leaves)
+        entry = self._find(key)
+        if entry is None:
+            with _TRACE_LOCK:                   # concurrent first calls: one traces
+                entry = self._find(key)
+                if entry is None:
+                    entry = self._compile(args, kwargs, leaves)
+                    self._cache[key] = [entry] + self._cache.get(key, [])[:_VARIANTS - 1]
         self._last = entry
+        return self._run(entry, leaves)
+
+    def _run(self, entry: _Entry, leaves: list) -> Any:
         traced = entry.traced
-        results = entry.generated([t._data for t in leaves],
-                                  [t._data for t in traced.capture_tensors])
         backend = entry.generated.backend
+        inputs = [t._data for t in leaves]
+        captures = [h.grad._data if g else h._data for h, g in entry.readers]
+        for i, j, check in entry.checks:
+            check(backend.to_numpy(inputs[i] if i is not None else captures[j]))
+        if entry.checked_values is not None:
+            for value, check in zip(entry.checked_values(inputs, captures), entry.computed_checks):
+                check(backend.to_numpy(value))
+        results = entry.generated(inputs, captures)
         n = entry.program.meta["n_results"]
         out_tensors = [Tensor(r, backend) for r in results[:n]]
         for wb in traced.writebacks:
@@ -92,21 +135,44 @@ class Compiled:
                 wb.tensor.grad = Tensor(results[wb.index], backend)
             else:
                 wb.tensor.grad = None
-        entry.checked = [t._data for t in traced.capture_tensors]    # as just written: valid
+        entry.checked = [h.grad._data if g else h._data for h, g in entry.readers]  # valid now
         return unflatten(traced.out_structure, out_tensors)
 
     def _compile(self, args: tuple, kwargs: dict, leaves: list) -> _Entry:
         start = time.perf_counter()
-        traced = trace(self.fn, args, kwargs)
+        static_values = statics(flatten((args, kwargs))[1])
+        traced = trace(self.fn, args, kwargs, reachable_tensors(self.fn, static_values))
         self.traces += 1
-        devices = {t.device for t in leaves} | {t.device for t in traced.capture_tensors}
+        devices = {t.device for t in leaves} | {c.meta[2] for c in traced.captures}
         backend = get_backend(devices.pop() if len(devices) == 1 else "cpu")
         program, stats = run_passes(traced.program, backend, fuse=self.fuse)
         generated = generate(program, backend, plan=self.plan_memory)
         stats.append(dict(name="plan_memory", **generated.stats))
-        if int(os.environ.get("ENGINE_DEBUG", "0") or 0) >= 3:
+        guard = self._guard(traced, leaves, args, kwargs)
+        if _debug_level() >= 3:
             print(f"== generated source\n{generated.source}")
-        return _Entry(traced, program, generated, stats, time.perf_counter() - start)
+        entry = _Entry(traced, program, generated, stats, time.perf_counter() - start, guard)
+        if entry.computed_checks:
+            entry.checked_values = self._prelude(traced, backend)
+        return entry
+
+    def _prelude(self, traced: Traced, backend: Any) -> Generated:
+        """A program computing only the values checked inside the traced one."""
+        p = traced.program
+        values = [v for v, _ in traced.checks if v not in p.inputs
+                  and v not in [c for c, _ in p.captures]]
+        prelude = Program(inputs=p.inputs, captures=p.captures, constants=dict(p.constants),
+                          nodes=list(p.nodes), outputs=values,
+                          meta=dict(n_results=len(values), donations={}))
+        return generate(run_passes(prelude, backend, fuse=False)[0], backend, plan=False)
+
+    def _guard(self, traced: Traced, leaves: list, args: tuple, kwargs: dict) -> Guard:
+        """The checks that keep this trace valid (see `guards`)."""
+        holders = [c.holder for c in traced.captures] + [t for t, _ in traced.host_reads]
+        roots, paths = find_sources(self.fn, statics(flatten((args, kwargs))[1]),
+                                    {id(t) for t in holders})
+        return build_guard(roots, paths, [(c.holder, c.kind, c.meta) for c in traced.captures],
+                           traced.grad_none, traced.host_reads, traced.touched)
 
     # -- inspection -----------------------------------------------------------------------------
     def _entry(self) -> _Entry:
@@ -129,6 +195,11 @@ class Compiled:
     def source(self) -> str:
         """The generated Python source."""
         return self._entry().generated.source
+
+    @property
+    def guard(self) -> Guard:
+        """The guard of the last call's program (its `source` and comparison `count`)."""
+        return self._entry().guard
 
     @property
     def compile_time(self) -> float:
@@ -156,9 +227,16 @@ def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fus
     `fn` takes tensors (in nested lists/tuples/dicts) and static Python values; it may
     call backward and update parameters in place under no_grad: captured tensors
     (parameters, optimizer state) are inputs read at every call, and their updates
-    and new gradients are written back after it. Python values the function reads
-    from elsewhere (a learning rate in a float, a step counter) are frozen into the
-    trace: keep changing state in tensors.
+    and new gradients are written back after it (backward accumulates into an
+    existing .grad, as eager does).
+
+    A compiled call returns what the eager call would, or raises: rebinding or
+    adding parameters, replacing list or dict entries, closure variables or globals,
+    loading module or optimizer state, switching train/eval (or setting `training`),
+    grad mode, autocast, and static arguments of another type or value all retrace
+    (see the module docstring and `guards`). Frozen into the trace, not guarded:
+    Python floats it reads (a learning rate in a float: keep changing numbers in
+    tensors), NumPy arrays' contents and the function's Python side effects.
     """
     if fn is None:
         return lambda f: Compiled(f, static_argnums, fuse, plan_memory)

@@ -195,7 +195,7 @@ class FusedElementwise:
         vals: list = []
         for op, args in self.steps:
             operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
-                        else sympy.sympify(a, strict=True) for a in args]
+                        else sympy.sympify(int(a) if type(a) is bool else a, strict=True) for a in args]
             vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
         return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
