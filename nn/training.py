@@ -20,8 +20,11 @@ Conventions (what makes `resume=True` reproduce an uninterrupted run exactly):
 `jit=True` traces one update (loss, backward, clipping, optimizer step) with eg.jit.
 State that changes between steps must then live in tensors: build Adam/AdamW with
 `capturable=True` and, when a scheduler is used, a 0-d tensor lr (schedulers write it
-in place). The first update of every call runs eagerly, so lazily created optimizer
-state (SGD's momentum buffer) exists before tracing. Switching model.train()/eval()
+in place). Update 0 runs eagerly, so lazily created optimizer state (SGD's momentum
+buffer) exists before tracing; a resumed run has that state from its checkpoint and
+compiles its first update, so every update past the first runs the same compiled
+program whether or not the run was interrupted (eager and compiled steps agree only to
+rounding: their sums run in different orders). Switching model.train()/eval()
 for evaluation makes the next compiled step retrace (the jit keys programs on it).
 """
 from __future__ import annotations
@@ -270,7 +273,7 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
         eg.manual_seed(step_seed(seed, i))
         batch = batch_fn(i)
         lr = _lr(optimizer)
-        fn = compiled if compiled is not None and i > start else eager_step
+        fn = compiled if compiled is not None and i > 0 else eager_step
         loss, norm = fn(batch)
         loss_value = float(loss.item())
         if scheduler is not None:
