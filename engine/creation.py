@@ -11,6 +11,7 @@ from ops.errors import DeviceError
 
 from .state import DEFAULT_FLOAT, get_backend
 from .tensor import Tensor
+from .validate import nonnegative_int
 
 float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 int8, int16, int32, int64 = (np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
@@ -70,15 +71,20 @@ def transfer(t: Tensor, device: str) -> Tensor:
     return Tensor(target.asarray(host), target, requires_grad=t.requires_grad)
 
 
-def _shape(shape: Sequence[Any]) -> tuple:
-    if len(shape) == 1 and not isinstance(shape[0], int):
+def _dims(shape: Sequence[Any], where: str) -> tuple:
+    """A shape as ints >= 0 (2.5 or -1 is an error, not a silently different shape)."""
+    return tuple(nonnegative_int(f"shape[{i}]", d, where) for i, d in enumerate(shape))
+
+
+def _shape(shape: Sequence[Any], where: str = "zeros") -> tuple:
+    if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
         shape = tuple(shape[0])
-    return tuple(int(d) for d in shape)
+    return _dims(shape, where)
 
 
 def full(shape: Any, value: Any, dtype: Any = None, device: str = "cpu",
          requires_grad: bool = False) -> Tensor:
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    shape = _dims((shape,) if isinstance(shape, (int, np.integer)) else tuple(shape), "full")
     if dtype is None:
         dtype = DEFAULT_FLOAT if isinstance(value, float) else np.asarray(value).dtype
     t = ops.REGISTRY["full"](shape=shape, value=value, dtype=as_dtype(dtype), device=device)
@@ -90,7 +96,7 @@ def zeros(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bo
 
 
 def ones(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
-    return full(_shape(shape), 1.0, dtype or DEFAULT_FLOAT, device, requires_grad)
+    return full(_shape(shape, "ones"), 1.0, dtype or DEFAULT_FLOAT, device, requires_grad)
 
 
 def zeros_like(t: Tensor, dtype: Any = None) -> Tensor:
@@ -122,14 +128,14 @@ def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") ->
 
 def randn(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Standard normal samples from the device's generator (see manual_seed)."""
-    t = ops.REGISTRY["random_normal"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_normal"](shape=_shape(shape, "randn"), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                       device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
 def rand(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Uniform samples in [0, 1)."""
-    t = ops.REGISTRY["random_uniform"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_uniform"](shape=_shape(shape, "rand"), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                        device=device)
     return t.requires_grad_(True) if requires_grad else t
 

@@ -16,6 +16,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import DTypeError, ShapeError, TraceError
+from engine.validate import validated
 
 _REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
@@ -23,19 +24,50 @@ NEG_INF = float("-inf")
 
 # -- activations and basic layers -------------------------------------------------------------
 
-relu = eg.relu
-gelu = eg.gelu
-tanh = eg.tanh
-sigmoid = eg.sigmoid
-softmax = eg.softmax
-log_softmax = eg.log_softmax
-layer_norm = eg.layer_norm
+# nn takes Tensors (a list or array is refused, naming the argument), as PyTorch's nn does;
+# the engine's NumPy-style functions (eg.relu, ...) convert array-likes instead.
+@validated
+def relu(x: Tensor) -> Tensor:
+    return eg.relu(x)
 
 
+@validated
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return eg.gelu(x, approximate)
+
+
+@validated
+def tanh(x: Tensor) -> Tensor:
+    return eg.tanh(x)
+
+
+@validated
+def sigmoid(x: Tensor) -> Tensor:
+    return eg.sigmoid(x)
+
+
+@validated
+def softmax(x: Tensor, axis: int | None = None, *, dim: int | None = None) -> Tensor:
+    return eg.softmax(x, axis, dim=dim)
+
+
+@validated
+def log_softmax(x: Tensor, axis: int | None = None, *, dim: int | None = None) -> Tensor:
+    return eg.log_softmax(x, axis, dim=dim)
+
+
+@validated
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    return eg.layer_norm(x, weight, bias, eps)
+
+
+@validated
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return eg.dropout(x, p, training)
 
 
+@validated
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ W (+ b) with W of shape (in_features, out_features)."""
     if x.shape[-1:] != weight.shape[:1]:
@@ -59,6 +91,7 @@ def activation_fn(name: Any) -> Any:
 
 # -- masks --------------------------------------------------------------------------------------
 
+@validated
 def causal_mask(tq: int, tk: int | None = None, device: str = "cpu") -> Tensor:
     """Bool (tq, tk) mask, True where a query may NOT look (a key in its future).
 
@@ -75,6 +108,7 @@ def causal_mask(tq: int, tk: int | None = None, device: str = "cpu") -> Tensor:
     return cols > rows + (tk - tq)
 
 
+@validated
 def padding_mask(tokens: Tensor, pad_idx: int) -> Tensor:
     """Bool mask of the pad tokens (True = pad), the key_padding_mask convention."""
     return tokens == pad_idx
@@ -88,6 +122,16 @@ def _host_values(t: Tensor) -> np.ndarray | None:
         return t.numpy()
     except TraceError:
         return None
+
+
+def _loss_dtype(x: Tensor) -> Tensor:
+    """Losses run in float32 at least (PyTorch's autocast does the same): float16 logits
+    that fit their dtype still have differences (x - max) and sums of squares that do
+    not, so a float16 loss path turns representable logits into inf / NaN. The
+    gradient flows back cast to the logits' dtype; where that overflows, GradScaler
+    sees it and skips the step."""
+    return x.to(dtype=eg.float32) if np.dtype(x.dtype).kind == "f" and \
+        np.dtype(x.dtype).itemsize < 4 else x
 
 
 def _reduce(loss: Tensor, reduction: str, count: Tensor | None = None) -> Tensor:
@@ -104,6 +148,7 @@ def _check_reduction(name: str, reduction: str) -> None:
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+@validated
 def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
              reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Negative log-likelihood of integer targets given log-probabilities (..., C).
@@ -127,6 +172,7 @@ def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"nll_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
     classes = log_probs.shape[-1]
+    log_probs = _loss_dtype(log_probs)
     values = _host_values(target)
     if values is not None:
         bad = (values != ignore_index) & ((values < 0) | (values >= classes))
@@ -148,6 +194,7 @@ def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
     return _reduce(loss, reduction, count)
 
 
+@validated
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Cross-entropy of integer targets (...) against unnormalised logits (..., C).
@@ -159,21 +206,24 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     if logits.ndim < 1 or np.dtype(logits.dtype).kind != "f":
         raise DTypeError(f"cross_entropy: logits must be a floating tensor with a class axis, got "
                          f"dtype {logits.dtype} shape {tuple(logits.shape)}")
-    return nll_loss(eg.log_softmax(logits, -1), target, ignore_index, reduction, label_smoothing)
+    return nll_loss(eg.log_softmax(_loss_dtype(logits), -1), target, ignore_index, reduction,
+                    label_smoothing)
 
 
+@validated
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error; shapes must match exactly (a broadcast here is usually a bug)."""
     _check_reduction("mse_loss", reduction)
     if tuple(input.shape) != tuple(target.shape):
         raise ShapeError(f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
                          f"{tuple(target.shape)} must have the same shape")
-    d = input - target
+    d = _loss_dtype(input) - _loss_dtype(target)
     return _reduce(d * d, reduction)
 
 
 # -- attention -------------------------------------------------------------------------------------
 
+@validated
 def attend(q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None,
            dropout_p: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
     """softmax(q @ k_t * scale + mask) @ v over the last two axes -> (out, weights).
@@ -195,6 +245,7 @@ def attend(q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None, scale:
     return used @ v, used
 
 
+@validated
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, training: bool = True) -> Tensor:
@@ -209,6 +260,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
     return attend(q, k.swapaxes(-1, -2), v, mask, scale, dropout_p, training)[0]
 
 
+@validated
 def merge_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """Combine two attention masks (bool True = blocked, or additive float) by broadcasting:
     bool with bool stays bool (logical or); otherwise both become additive floats."""

@@ -35,6 +35,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import ShapeError
+from engine.validate import RULES, positive_int, validated
 
 __all__ = ["Hypothesis", "generate", "greedy", "sample", "beam_search", "top_k_filter",
            "top_p_filter", "sample_logits", "log_softmax_np"]
@@ -63,8 +64,7 @@ def log_softmax_np(logits: np.ndarray) -> np.ndarray:
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     """Set every logit below the k-th largest of its row to -inf (ties with the k-th
     largest are kept, so more than k may survive only when values are equal)."""
-    if k <= 0:
-        raise ValueError(f"top_k_filter: k must be a positive integer, got {k}")
+    positive_int("k", k, "top_k_filter")
     x = np.asarray(logits, dtype=np.float64)
     if k >= x.shape[-1]:
         return x.copy()
@@ -76,8 +76,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus filtering: keep the smallest set of most probable tokens whose total
     probability reaches p (the most probable token always stays); others get -inf.
     Equal probabilities are taken in token-id order."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p_filter: p must be in (0, 1], got {p}")
+    RULES["top_p"]("p", p, "top_p_filter")
     x = np.asarray(logits, dtype=np.float64)
     if p >= 1.0:
         return x.copy()
@@ -99,6 +98,7 @@ def _uniform(n: int, rng: np.random.Generator | None, device: str) -> np.ndarray
     return eg.rand(n, dtype=eg.float64, device=device).numpy().astype(np.float64)
 
 
+@validated
 def sample_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, rng: np.random.Generator | None = None,
                   device: str = "cpu") -> np.ndarray:
@@ -256,6 +256,7 @@ def _decode_loop(model: Any, inputs: Any, max_new_tokens: int, choose: Any, bos:
     return out
 
 
+@validated
 def greedy(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = None,
            eos: int | None = None, src_key_padding_mask: Any = None,
            use_cache: bool = True) -> list[list[int]]:
@@ -264,6 +265,7 @@ def greedy(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = No
                         eos, src_key_padding_mask, use_cache)
 
 
+@validated
 def sample(model: Any, inputs: Any, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
            rng: np.random.Generator | None = None, bos: int | None = None,
@@ -279,6 +281,7 @@ def sample(model: Any, inputs: Any, max_new_tokens: int, *, temperature: float =
                         use_cache)
 
 
+@validated
 def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int = 4,
                 length_penalty: float = 1.0, num_return: int = 1, bos: int | None = None,
                 eos: int | None = None, src_key_padding_mask: Any = None,
@@ -368,6 +371,7 @@ def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int 
              for h in pool[:num_return]] for pool in pools]
 
 
+@validated
 def generate(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = None,
              eos: int | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,

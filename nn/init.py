@@ -14,6 +14,7 @@ import math
 
 import engine as eg
 from engine import Tensor
+from engine.validate import validated
 
 
 def _fill(t: Tensor, value: Tensor | float) -> Tensor:
@@ -62,6 +63,7 @@ def ones_(t: Tensor) -> Tensor:
     return _fill(t, 1.0)
 
 
+@validated
 def uniform_(t: Tensor, a: float = 0.0, b: float = 1.0) -> Tensor:
     """Fill with U(a, b)."""
     if not a <= b:
@@ -70,6 +72,7 @@ def uniform_(t: Tensor, a: float = 0.0, b: float = 1.0) -> Tensor:
     return _fill(t, u * (b - a) + a)
 
 
+@validated
 def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
     """Fill with N(mean, std^2)."""
     if std < 0:
@@ -77,6 +80,7 @@ def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
     return _fill(t, eg.randn(*t.shape, dtype=t.dtype, device=t.device) * std + mean)
 
 
+@validated
 def xavier_uniform_(t: Tensor, gain: float = 1.0) -> Tensor:
     """Glorot & Bengio: U(-a, a) with a = gain * sqrt(6 / (fan_in + fan_out))."""
     fi, fo = fans(t)
@@ -84,6 +88,7 @@ def xavier_uniform_(t: Tensor, gain: float = 1.0) -> Tensor:
     return uniform_(t, -a, a)
 
 
+@validated
 def xavier_normal_(t: Tensor, gain: float = 1.0) -> Tensor:
     fi, fo = fans(t)
     return normal_(t, 0.0, gain * math.sqrt(2.0 / (fi + fo)))
@@ -97,6 +102,7 @@ def _kaiming_std(t: Tensor, a: float, mode: str, nonlinearity: str) -> float:
     return calculate_gain(nonlinearity, a) / math.sqrt(fan)
 
 
+@validated
 def kaiming_uniform_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
                      nonlinearity: str = "leaky_relu") -> Tensor:
     """He et al.: U(-b, b) with b = gain * sqrt(3 / fan). With a=sqrt(5) this is the
@@ -105,6 +111,7 @@ def kaiming_uniform_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
     return uniform_(t, -bound, bound)
 
 
+@validated
 def kaiming_normal_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
                     nonlinearity: str = "leaky_relu") -> Tensor:
     return normal_(t, 0.0, _kaiming_std(t, a, mode, nonlinearity))

@@ -1,4 +1,7 @@
-"""Basic layers: Linear, Embedding, LayerNorm, Dropout, activations, FeedForward."""
+"""Basic layers: Linear, Embedding, LayerNorm, Dropout, activations, FeedForward.
+
+Constructor arguments are checked by name (engine.validate.RULES, applied by
+Module.__init_subclass__), so the layers here only check what spans arguments."""
 from __future__ import annotations
 
 import math
@@ -9,6 +12,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import DTypeError, ShapeError
+from engine.validate import positive_int
 
 from . import functional as F
 from . import init
@@ -133,7 +137,7 @@ class LayerNorm(Module):
                 raise ShapeError(f"LayerNorm: only the last axis can be normalised, got "
                                  f"normalized_shape={tuple(normalized_shape)}")
             normalized_shape = normalized_shape[0]
-        self.normalized_shape = (int(normalized_shape),)
+        self.normalized_shape = (positive_int("normalized_shape", normalized_shape, "LayerNorm"),)
         self.eps = float(eps)
         if elementwise_affine:
             self.weight = Parameter(eg.ones(normalized_shape, dtype=dtype or eg.float32, device=device))
@@ -164,8 +168,6 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -183,6 +185,35 @@ class Identity(Module):
 class ReLU(Module):
     def forward(self, x: Tensor) -> Tensor:
         return eg.relu(x)
+
+
+class Tanh(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.tanh(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.sigmoid(x)
+
+
+class Softmax(Module):
+    """softmax over `dim` (PyTorch's name; no default, as there: say which axis)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.softmax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.log_softmax(x, self.dim)
 
 
 class GELU(Module):

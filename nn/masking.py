@@ -15,11 +15,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from engine.validate import validated
+
 from .tokenizers import MASK_ID, SPECIAL_TOKENS
 
 __all__ = ["mask_tokens"]
 
 
+@validated
 def mask_tokens(tokens: Any, vocab_size: int, *, rng: np.random.Generator | int | None = None,
                 mask_prob: float = 0.15, mask_token_prob: float = 0.8,
                 random_token_prob: float = 0.1, mask_id: int = MASK_ID,

@@ -19,6 +19,7 @@ from engine import Tensor
 from engine.creation import transfer
 from engine.errors import DTypeError, EngineError, ShapeError
 from engine.state import bump_mode_epoch, get_backend
+from engine.validate import check_tensors, validate_init
 
 from .parameter import Parameter
 
@@ -46,6 +47,11 @@ class Module:
     """Base class of every layer and model. Subclasses define `forward`."""
 
     training: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's constructor checks its arguments (engine.validate.RULES)."""
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -127,6 +133,10 @@ class Module:
         if forward is None:
             raise TypeError(f"{type(self).__name__} defines no forward(); subclasses of "
                             f"nn.Module implement forward(self, ...)")
+        # Arguments that forward annotates as Tensor must be Tensors (as in PyTorch: a list
+        # or NumPy array is refused with the argument's name, not an AttributeError inside).
+        check_tensors(getattr(forward, "__func__", forward), type(self).__name__, args, kwargs,
+                      offset=1 if hasattr(forward, "__func__") else 0)
         return forward(*args, **kwargs)
 
     # -- traversal ----------------------------------------------------------------------------

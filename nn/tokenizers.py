@@ -30,8 +30,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from engine.errors import EngineError
+from engine.validate import validated
+
+from .files import atomic_write
+
 __all__ = ["SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "MASK_ID", "Tokenizer",
-           "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+           "CharTokenizer", "BPETokenizer", "load_tokenizer", "TokenizerError"]
+
+class TokenizerError(EngineError, ValueError):
+    """A tokenizer file that cannot be read: not JSON, not a tokenizer, or damaged."""
+
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
@@ -120,16 +129,15 @@ class Tokenizer:
         path = os.fspath(path)
         data = {"type": self.kind, "version": 1, "special_tokens": list(SPECIAL_TOKENS),
                 **self.to_dict()}
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=True, indent=0)   # lone surrogates survive
-        os.replace(tmp, path)
+        # ensure_ascii: lone surrogates survive
+        atomic_write(path, lambda f: json.dump(data, f, ensure_ascii=True, indent=0), binary=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         tok = load_tokenizer(path)
         if not isinstance(tok, cls):
-            raise ValueError(f"{os.fspath(path)!r} holds a {type(tok).__name__}, not a {cls.__name__}")
+            raise TokenizerError(f"{os.fspath(path)!r} holds a {type(tok).__name__}, not a "
+                                 f"{cls.__name__}")
         return tok
 
 
@@ -221,6 +229,7 @@ class BPETokenizer(Tokenizer):
 
     # -- training ---------------------------------------------------------------------------
     @classmethod
+    @validated
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
         """Learn merges until the vocabulary (5 specials + 256 bytes + merges) has
         `vocab_size` tokens, or no pair occurs `min_frequency` times.
@@ -333,17 +342,26 @@ class BPETokenizer(Tokenizer):
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a tokenizer saved by `save`, whichever kind it is."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    with open(path, "rb") as f:                 # a missing file stays FileNotFoundError
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TokenizerError(f"load_tokenizer: {path!r} is not a tokenizer file: not valid "
+                             f"JSON ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict) or data.get("type") not in ("char", "bpe"):
-        raise ValueError(f"{path!r} is not a tokenizer file (expected a JSON object with "
-                         f"type 'char' or 'bpe')")
+        raise TokenizerError(f"load_tokenizer: {path!r} is not a tokenizer file (expected a JSON "
+                             f"object with type 'char' or 'bpe')")
     if data.get("special_tokens") != list(SPECIAL_TOKENS):
-        raise ValueError(f"{path!r}: special tokens {data.get('special_tokens')} differ from "
-                         f"{list(SPECIAL_TOKENS)}")
-    if data["type"] == "char":
-        return CharTokenizer(data["chars"])
-    if data.get("pattern") != CHUNK_PATTERN:
-        raise ValueError(f"{path!r}: saved with another chunk pattern; its merges would split "
-                         f"text differently")
-    return BPETokenizer([tuple(m) for m in data["merges"]])
+        raise TokenizerError(f"load_tokenizer: {path!r}: special tokens "
+                             f"{data.get('special_tokens')} differ from {list(SPECIAL_TOKENS)}")
+    if data["type"] == "bpe" and data.get("pattern") != CHUNK_PATTERN:
+        raise TokenizerError(f"load_tokenizer: {path!r}: saved with another chunk pattern; its "
+                             f"merges would split text differently")
+    try:
+        if data["type"] == "char":
+            return CharTokenizer(data["chars"])
+        return BPETokenizer([tuple(m) for m in data["merges"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TokenizerError(f"load_tokenizer: {path!r} is a damaged {data['type']} tokenizer "
+                             f"file: {type(e).__name__}: {e}") from e

@@ -42,7 +42,10 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 
+from engine.validate import validated
+
 from .checkpoint import load, save
+from .files import atomic_write
 from .optim.clip import clip_grad_norm_
 
 __all__ = ["train", "read_log", "plot_losses", "step_seed"]
@@ -125,8 +128,7 @@ class _Log:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        def write(f: Any) -> None:
             if self.csv:
                 w = csv.DictWriter(f, fieldnames=self.columns)
                 w.writeheader()
@@ -134,7 +136,7 @@ class _Log:
             else:
                 for r in self.rows:
                     f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, write, binary=False)
 
     def append(self, rec: dict) -> None:
         if self.path is None:
@@ -213,6 +215,7 @@ def _make_step(model: Any, optimizer: Any, loss_fn: Callable, params: list[Tenso
     return step
 
 
+@validated
 def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
           loss_fn: Callable[[Any, Any], Tensor], *, steps: int, scheduler: Any = None,
           clip_norm: float | None = None, eval_fn: Callable[[Any], dict] | None = None,

@@ -11,10 +11,12 @@ lr = initial_lr * factor(step), with step = 0 at construction and +1 per
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import engine as eg
 from engine import Tensor
+
+from engine.validate import validate_init
 
 from .optimizer import Optimizer
 
@@ -44,8 +46,15 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int,
 class LambdaLR:
     """lr of group i = initial_lr_i * lr_lambda(step)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
+
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float],
                  last_epoch: int = -1) -> None:
+        if not callable(lr_lambda):
+            raise TypeError(f"{type(self).__name__}: lr_lambda must be callable, got "
+                            f"{type(lr_lambda).__name__}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected an nn.optim Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -114,5 +123,7 @@ class WarmupCosineLR(LambdaLR):
     def _factor(self, step: int) -> float:
         return warmup_cosine_factor(step, self.warmup_steps, self.total_steps, self.min_ratio)
 
+
+validate_init(LambdaLR)
 
 __all__ = ["LambdaLR", "NoamLR", "WarmupCosineLR", "noam_factor", "warmup_cosine_factor"]

@@ -14,6 +14,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import GradError, ShapeError
+from engine.validate import RULES, validate_init
 
 
 def _as_groups(params: Any) -> list[dict]:
@@ -30,6 +31,11 @@ def _as_groups(params: Any) -> list[dict]:
 
 class Optimizer:
     """Base class: subclasses implement `_update(p, grad, state, group)`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Constructor arguments are checked by name (engine.validate.RULES)."""
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
 
     def __init__(self, params: Iterable[Any], defaults: dict) -> None:
         self.defaults = dict(defaults)
@@ -58,6 +64,9 @@ class Optimizer:
         if unknown:
             raise ValueError(f"{type(self).__name__}: unknown options {sorted(unknown)}; known: "
                              f"{sorted(self.defaults)}")
+        for k, v in group.items():              # per-group overrides obey the same rules
+            if k in RULES and k != "params":
+                RULES[k](k, v, f"{type(self).__name__} parameter group")
         full = dict(self.defaults)
         full.update(group)
         full["params"] = params
@@ -168,12 +177,3 @@ class Optimizer:
                     lines.append(f"    {k}: {g[k]}")
         return "\n".join(lines) + "\n)"
 
-
-def check_hyper(name: str, **values: Any) -> None:
-    """Raise a clear ValueError for a negative learning rate, eps, decay or momentum."""
-    for k, v in values.items():
-        if k == "betas":
-            if not (len(v) == 2 and all(0.0 <= b < 1.0 for b in v)):
-                raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {v}")
-        elif v < 0.0:
-            raise ValueError(f"{name}: {k} must be >= 0, got {v}")
