@@ -7,11 +7,11 @@ import numpy as np
 
 import ops
 from ops.dtypes import as_dtype
-from ops.errors import DeviceError
+from ops.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 from .state import DEFAULT_FLOAT, get_backend
 from .tensor import Tensor
-from .validate import nonnegative_int
+from .validate import integer, nonnegative_int
 
 float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 int8, int16, int32, int64 = (np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
@@ -37,9 +37,16 @@ def tensor(data: Any, dtype: Any = None, device: str = "cpu",
         if dtype is not None:
             arr = src._backend.astype(arr, as_dtype(dtype))
         return Tensor(arr, src._backend, requires_grad=requires_grad)
-    dtype = _infer_dtype(data) if dtype is None else as_dtype(dtype)
+    dtype = None if dtype is None else as_dtype(dtype)
     be = get_backend(device)
-    host = np.array(data, dtype=dtype, copy=True)
+    try:
+        host = np.array(data, dtype=_infer_dtype(data) if dtype is None else dtype, copy=True)
+    except ValueError as e:                      # ragged nesting, unparsable strings
+        raise ShapeError(f"tensor: cannot make a tensor of {type(data).__name__} data: "
+                         f"{e}") from None
+    if host.dtype.kind not in "biufc":
+        raise DTypeError(f"tensor: data of NumPy dtype {host.dtype} ({type(data).__name__}) "
+                         f"is not numbers; tensors hold bool, integer or floating values")
     return Tensor(be.asarray(host), be, requires_grad=requires_grad)
 
 
@@ -77,7 +84,7 @@ def _dims(shape: Sequence[Any], where: str) -> tuple:
 
 
 def _shape(shape: Sequence[Any], where: str = "zeros") -> tuple:
-    if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, np.ndarray)):
         shape = tuple(shape[0])
     return _dims(shape, where)
 
@@ -115,12 +122,16 @@ def arange(start: Any, stop: Any = None, step: Any = 1, dtype: Any = None,
            device: str = "cpu") -> Tensor:
     if stop is None:
         start, stop = 0, start
+    if step == 0:
+        raise ArgumentError(f"arange: step must not be 0 (start={start}, stop={stop})")
     if dtype is None:
         dtype = np.int64 if all(isinstance(v, int) for v in (start, stop, step)) else DEFAULT_FLOAT
     return ops.REGISTRY["arange"](start=start, stop=stop, step=step, dtype=as_dtype(dtype), device=device)
 
 
 def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") -> Tensor:
+    n = nonnegative_int("n", n, "eye")
+    m = None if m is None else nonnegative_int("m", m, "eye")
     rows = arange(n, device=device).reshape(n, 1)
     cols = arange(n if m is None else m, device=device).reshape(1, -1)
     return (rows == cols).to(dtype=dtype or DEFAULT_FLOAT)
@@ -141,5 +152,8 @@ def rand(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: boo
 
 
 def randint(low: int, high: int, shape: Sequence[int], device: str = "cpu") -> Tensor:
-    u = rand(*shape, dtype=float64, device=device)
+    low, high = integer("low", low, "randint"), integer("high", high, "randint")
+    if low >= high:
+        raise ArgumentError(f"randint: need low < high, got low={low}, high={high}")
+    u = rand(*_shape((shape,), "randint"), dtype=float64, device=device)
     return (u * (high - low) + low).to(dtype=int64).clip(low, high - 1)

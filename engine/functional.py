@@ -14,10 +14,11 @@ import numpy as np
 import ops
 from ops import composite as C
 from ops.dtypes import as_dtype
-from ops.errors import ShapeError
+from ops.errors import ArgumentTypeError, ShapeError
 from ops.shapes import normalize_axis
 
 from .tensor import Tensor, _operand, torch_names
+from .validate import nonnegative, positive_int
 
 R = ops.REGISTRY
 
@@ -155,6 +156,8 @@ def log_softmax(x: Tensor, axis: int | None = None) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
     """Normalise over the last axis, then scale by `weight` and shift by `bias`."""
+    eps = nonnegative("eps", eps, "layer_norm")
+    x = _x(x)
     if weight is None or bias is None:
         from .creation import full
         d = x.shape[-1]
@@ -164,7 +167,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 
 def one_hot(indices: Tensor, num_classes: int, dtype: Any = np.float32) -> Tensor:
-    return C.one_hot(indices, num_classes, dtype)
+    return C.one_hot(_x(indices), positive_int("num_classes", num_classes, "one_hot"), dtype)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -194,7 +197,7 @@ def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
 
 def _sequence(where: str, xs: Any) -> list:
     if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
-        raise TypeError(f"{where}: expected a list or tuple of tensors, got {type(xs).__name__}")
+        raise ArgumentTypeError(f"{where}: expected a list or tuple of tensors, got {type(xs).__name__}")
     if not xs:
         raise ShapeError(f"{where}: needs at least one tensor")
     return [_x(x) for x in xs]

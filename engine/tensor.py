@@ -430,7 +430,9 @@ class Tensor:
 
     @torch_names
     def expand_dims(self, axis: int) -> "Tensor":
-        return C.expand_dims(self, axis)
+        if not _is_int(axis):
+            raise ArgumentTypeError(f"expand_dims: axis must be an int, got {axis!r}")
+        return C.expand_dims(self, int(axis))
 
     unsqueeze = expand_dims
 
@@ -490,7 +492,12 @@ def _operand(o: Any, like: Tensor | None = None) -> Any:
 
 
 def resolve_shape(shape: tuple, size: int, old: tuple) -> tuple:
-    """Fill in one -1 of a reshape target."""
+    """Fill in one -1 of a reshape target (every entry an int >= -1: 2.5 is not 2)."""
+    for d in shape:
+        if not _is_int(d):
+            raise ArgumentTypeError(f"reshape: sizes must be ints, got {d!r} in {shape}")
+        if d < -1:
+            raise ShapeError(f"reshape: sizes must be >= 0 (or one -1), got {shape}")
     if shape.count(-1) > 1:
         raise ShapeError(f"reshape: only one -1 allowed, got {shape}")
     if -1 in shape:

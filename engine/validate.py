@@ -143,8 +143,8 @@ _POSITIVE_INTS = (
     "num_heads", "embed_dim", "kdim", "vdim", "dim_feedforward", "vocab_size", "src_vocab",
     "tgt_vocab", "max_len", "num_layers", "num_encoder_layers", "num_decoder_layers",
     "num_beams", "num_return", "growth_interval", "total_steps", "num_classes", "top_k", "tq",
-    "tk")
-_NONNEGATIVE_INTS = ("max_new_tokens", "warmup_steps", "steps", "eval_every", "checkpoint_every",
+    "tk", "max_new_tokens")
+_NONNEGATIVE_INTS = ("warmup_steps", "steps", "eval_every", "checkpoint_every",
                      "print_every", "min_frequency")
 _INTS = ("padding_idx", "pad_idx", "bos", "eos", "ignore_index", "seed")
 _NONNEGATIVE = ("weight_decay", "momentum", "dampening", "eps", "layer_norm_eps", "init_std",

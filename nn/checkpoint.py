@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine import Tensor
-from engine.errors import EngineError
+from engine.errors import ArgumentTypeError, EngineError
 
 from .files import atomic_write
 from .module import Module
@@ -68,6 +68,8 @@ def save(path: str | os.PathLike, model: Module, optimizer: Any = None, **meta: 
     The exact path is used (no ".npz" is appended).
     """
     path = os.fspath(path)
+    if not isinstance(model, Module):
+        raise ArgumentTypeError(f"nn.save: model must be an nn.Module, got {type(model).__name__}")
     state = model.state_dict()
     arrays = {f"model/{k}": _host(v) for k, v in state.items()}
     header: dict[str, Any] = {
@@ -162,6 +164,8 @@ def load(path: str | os.PathLike, model: Module, optimizer: Any = None) -> dict:
     changed in that case.
     """
     path = os.fspath(path)
+    if not isinstance(model, Module):
+        raise ArgumentTypeError(f"nn.load: model must be an nn.Module, got {type(model).__name__}")
     header, arrays = _read(path)
     _check_model(path, header, model)
     opt_state = _optimizer_state(path, header, arrays, optimizer) if optimizer is not None else None

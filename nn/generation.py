@@ -34,7 +34,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import ShapeError
+from engine.errors import ArgumentError, ShapeError
 from engine.validate import RULES, positive_int, validated
 
 __all__ = ["Hypothesis", "generate", "greedy", "sample", "beam_search", "top_k_filter",
@@ -228,15 +228,19 @@ class _EvalMode:
         self.no_grad.__exit__(*exc)
 
 
-def _check_steps(max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"generation: max_new_tokens must be >= 1, got {max_new_tokens}")
+def _check_ids(model: Any, **ids: int | None) -> None:
+    """bos / eos must be ids of the model's output vocabulary (checked before decoding)."""
+    vocab = getattr(model, "tgt_vocab", None) or getattr(model, "vocab_size", None)
+    for name, value in ids.items():
+        if value is not None and vocab is not None and not 0 <= value < vocab:
+            raise ArgumentError(f"generation: {name}={value} is not a token id of the model's "
+                                f"vocabulary [0, {vocab})")
 
 
 def _decode_loop(model: Any, inputs: Any, max_new_tokens: int, choose: Any, bos: int | None,
                  eos: int | None, src_key_padding_mask: Any, use_cache: bool) -> list[list[int]]:
     """Shared loop of greedy decoding and sampling: choose(logprobs) -> tokens (N,)."""
-    _check_steps(max_new_tokens)
+    _check_ids(model, bos=bos, eos=eos)
     with _EvalMode(model):
         dec = _Decoder(model, inputs, max_new_tokens, bos, src_key_padding_mask, use_cache)
         prefixes = dec.start
@@ -297,7 +301,7 @@ def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int 
     logprob / max_new_tokens ** length_penalty. With num_beams at least the number of
     possible prefixes this is exhaustive search.
     """
-    _check_steps(max_new_tokens)
+    _check_ids(model, bos=bos, eos=eos)
     if num_beams < 1 or not 1 <= num_return <= num_beams:
         raise ValueError(f"beam_search: need num_beams >= 1 and 1 <= num_return <= num_beams, "
                          f"got num_beams={num_beams}, num_return={num_return}")

@@ -17,7 +17,7 @@ import engine as eg
 from ops.dtypes import as_dtype
 from engine import Tensor
 from engine.creation import transfer
-from engine.errors import DTypeError, EngineError, ShapeError
+from engine.errors import ArgumentTypeError, DTypeError, EngineError, ShapeError
 from engine.state import bump_mode_epoch, get_backend
 from engine.validate import check_tensors, validate_init
 
@@ -233,6 +233,9 @@ class Module:
         `strict`) and ShapeError for a shape mismatch, naming the entry. Nothing is
         changed unless every entry fits.
         """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise ArgumentTypeError(f"{type(self).__name__}.load_state_dict: expected a mapping of names "
+                            f"to arrays, got {type(state_dict).__name__}")
         targets = self._state_targets()
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict if k not in targets]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import engine as eg
 from engine import Tensor
 
+from engine.errors import ArgumentTypeError
 from engine.validate import validate_init
 
 from .optimizer import Optimizer
@@ -53,7 +54,7 @@ class LambdaLR:
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float],
                  last_epoch: int = -1) -> None:
         if not callable(lr_lambda):
-            raise TypeError(f"{type(self).__name__}: lr_lambda must be callable, got "
+            raise ArgumentTypeError(f"{type(self).__name__}: lr_lambda must be callable, got "
                             f"{type(lr_lambda).__name__}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected an nn.optim Optimizer, got "
