@@ -16,7 +16,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
 
 from . import functional as F
 from .layers import Linear
@@ -99,11 +99,11 @@ class MultiheadAttention(Module):
                  dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
         if not batch_first:
-            raise ValueError("MultiheadAttention: only batch_first=True (inputs (B, T, E)) is "
-                             "supported")
+            raise ArgumentError("MultiheadAttention: only batch_first=True (inputs (B, T, E)) is "
+                                "supported")
         if embed_dim % num_heads:
-            raise ValueError(f"MultiheadAttention: embed_dim {embed_dim} must be divisible by "
-                             f"num_heads {num_heads}")
+            raise ArgumentError(f"MultiheadAttention: embed_dim {embed_dim} must be divisible by "
+                                f"num_heads {num_heads}")
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
         self.head_dim = embed_dim // num_heads
         self.kdim = embed_dim if kdim is None else int(kdim)

@@ -15,10 +15,9 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError, TraceError
+from engine.errors import ArgumentError, DTypeError, ShapeError, TraceError
 from engine.validate import validated
 
-_REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
 
 
@@ -85,7 +84,7 @@ def activation_fn(name: Any) -> Any:
     table = {"relu": eg.relu, "gelu": eg.gelu,
              "gelu_tanh": lambda x: eg.gelu(x, approximate="tanh")}
     if name not in table:
-        raise ValueError(f"activation must be one of {sorted(table)} or a callable, got {name!r}")
+        raise ArgumentError(f"activation must be one of {sorted(table)} or a callable, got {name!r}")
     return table[name]
 
 
@@ -143,10 +142,6 @@ def _reduce(loss: Tensor, reduction: str, count: Tensor | None = None) -> Tensor
     return total / count if count is not None else total / float(max(loss.size, 1))
 
 
-def _check_reduction(name: str, reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
 
 @validated
 def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
@@ -159,7 +154,6 @@ def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
     every target is ignored gives a loss of 0 with gradient 0 (torch gives NaN).
     A target outside [0, C) that is not ignore_index raises ShapeError.
     """
-    _check_reduction("nll_loss", reduction)
     if np.dtype(log_probs.dtype).kind != "f":
         raise DTypeError(f"nll_loss: log-probabilities must be floating, got {log_probs.dtype}")
     if np.dtype(target.dtype).kind not in "iu":
@@ -169,8 +163,6 @@ def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
         raise ShapeError(f"nll_loss: logits of shape {tuple(log_probs.shape)} (classes on the last "
                          f"axis) need targets of shape {tuple(log_probs.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"nll_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
     classes = log_probs.shape[-1]
     log_probs = _loss_dtype(log_probs)
     values = _host_values(target)
@@ -213,7 +205,6 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
 @validated
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error; shapes must match exactly (a broadcast here is usually a bug)."""
-    _check_reduction("mse_loss", reduction)
     if tuple(input.shape) != tuple(target.shape):
         raise ShapeError(f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
                          f"{tuple(target.shape)} must have the same shape")

@@ -104,9 +104,6 @@ def sample_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | Non
                   device: str = "cpu") -> np.ndarray:
     """One token per row of (N, V) logits: divide by temperature, filter (top-k then
     top-p), and invert the CDF at one uniform number per row."""
-    if temperature <= 0:
-        raise ValueError(f"sample_logits: temperature must be > 0 (use greedy decoding for "
-                         f"temperature 0), got {temperature}")
     x = np.asarray(logits, dtype=np.float64) / temperature
     if top_k is not None:
         x = top_k_filter(x, top_k)
@@ -160,8 +157,8 @@ class _Decoder:
         tokens = _as_tokens(inputs, "inputs")
         if self.enc_dec:
             if bos is None:
-                raise ValueError("generation: the encoder-decoder needs bos= (the first "
-                                 "decoder input)")
+                raise ArgumentError("generation: the encoder-decoder needs bos= (the first "
+                                    "decoder input)")
             src = eg.tensor(tokens, device=self.device)
             kpm = src_key_padding_mask
             if kpm is not None and not isinstance(kpm, Tensor):
@@ -173,18 +170,18 @@ class _Decoder:
             limit = _max_positions(model.tgt_embed)
         else:
             if src_key_padding_mask is not None:
-                raise ValueError("generation: src_key_padding_mask is for the encoder-decoder")
+                raise ArgumentError("generation: src_key_padding_mask is for the encoder-decoder")
             if bos is not None:
                 tokens = np.concatenate([np.full((tokens.shape[0], 1), bos, np.int64), tokens], 1)
             if tokens.shape[1] == 0:
-                raise ValueError("generation: the decoder-only model needs a non-empty prompt "
-                                 "(or bos=)")
+                raise ArgumentError("generation: the decoder-only model needs a non-empty prompt "
+                                    "(or bos=)")
             self.start = tokens
             limit = _max_positions(model.embed)
         needed = self.start.shape[1] + max_new_tokens - 1     # the last token is never fed
         if limit is not None and needed > limit:
-            raise ValueError(f"generation: {self.start.shape[1]} start tokens + {max_new_tokens} "
-                             f"new tokens need {needed} positions, the model has max_len={limit}")
+            raise ArgumentError(f"generation: {self.start.shape[1]} start tokens + {max_new_tokens} "
+                                f"new tokens need {needed} positions, the model has max_len={limit}")
         self.cache = model.new_cache() if use_cache else None
         self.fed = 0
 
@@ -302,11 +299,11 @@ def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int 
     possible prefixes this is exhaustive search.
     """
     _check_ids(model, bos=bos, eos=eos)
-    if num_beams < 1 or not 1 <= num_return <= num_beams:
-        raise ValueError(f"beam_search: need num_beams >= 1 and 1 <= num_return <= num_beams, "
-                         f"got num_beams={num_beams}, num_return={num_return}")
+    if num_return > num_beams:
+        raise ArgumentError(f"beam_search: need num_return <= num_beams, "
+                            f"got num_beams={num_beams}, num_return={num_return}")
     if length_penalty < 0:
-        raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
+        raise ArgumentError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
     k_beams = int(num_beams)
     with _EvalMode(model):
         dec = _Decoder(model, inputs, max_new_tokens, bos, src_key_padding_mask, use_cache)
@@ -385,7 +382,7 @@ def generate(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = 
     greedy. Returns the new tokens of each input row."""
     if num_beams > 1:
         if do_sample:
-            raise ValueError("generate: choose beam search (num_beams > 1) or sampling, not both")
+            raise ArgumentError("generate: choose beam search (num_beams > 1) or sampling, not both")
         hyps = beam_search(model, inputs, max_new_tokens, num_beams=num_beams,
                            length_penalty=length_penalty, bos=bos, eos=eos,
                            src_key_padding_mask=src_key_padding_mask, use_cache=use_cache)

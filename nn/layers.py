@@ -11,7 +11,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
 from engine.validate import positive_int
 
 from . import functional as F
@@ -90,8 +90,8 @@ class Embedding(Module):
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx {padding_idx} is outside the table of "
-                                 f"{num_embeddings} entries")
+                raise ArgumentError(f"Embedding: padding_idx {padding_idx} is outside the table of "
+                                    f"{num_embeddings} entries")
             padding_idx %= num_embeddings
         self.padding_idx = padding_idx
         self.init_std = float(init_std)

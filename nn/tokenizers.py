@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from engine.errors import EngineError
+from engine.errors import ArgumentError, ArgumentTypeError, EngineError
 from engine.validate import validated
 
 from .files import atomic_write
@@ -77,7 +77,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """text -> token ids, optionally framed by <bos> ... <eos>."""
         if not isinstance(text, str):
-            raise TypeError(f"{type(self).__name__}.encode: expected str, got {type(text).__name__}")
+            raise ArgumentTypeError(f"{type(self).__name__}.encode: expected str, got {type(text).__name__}")
         ids = self._encode(text)
         return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
@@ -89,8 +89,8 @@ class Tokenizer:
         n = self.vocab_size
         for i in (int(t) for t in ids):
             if not 0 <= i < n:
-                raise ValueError(f"{type(self).__name__}.decode: id {i} outside the vocabulary "
-                                 f"[0, {n})")
+                raise ArgumentError(f"{type(self).__name__}.decode: id {i} outside the vocabulary "
+                                    f"[0, {n})")
             if i < _N_SPECIAL:
                 if not skip_special:
                     out += SPECIAL_TOKENS[i].encode()
@@ -150,7 +150,7 @@ class CharTokenizer(Tokenizer):
         alphabet = sorted(set(chars))
         bad = [c for c in alphabet if len(c) != 1]
         if bad:
-            raise ValueError(f"CharTokenizer: expected single characters, got {bad[:3]}")
+            raise ArgumentError(f"CharTokenizer: expected single characters, got {bad[:3]}")
         self.chars = alphabet
         self._ids = {c: i + _N_SPECIAL for i, c in enumerate(alphabet)}
         self._pieces = [c.encode("utf-8", errors="surrogatepass") for c in alphabet]
@@ -179,7 +179,7 @@ class CharTokenizer(Tokenizer):
         n, parts = self.vocab_size, []
         for i in (int(t) for t in ids):
             if not 0 <= i < n:
-                raise ValueError(f"CharTokenizer.decode: id {i} outside the vocabulary [0, {n})")
+                raise ArgumentError(f"CharTokenizer.decode: id {i} outside the vocabulary [0, {n})")
             if i >= _N_SPECIAL:
                 parts.append(self.chars[i - _N_SPECIAL])
             elif not skip_special:
@@ -212,10 +212,10 @@ class BPETokenizer(Tokenizer):
         for rank, (a, b) in enumerate(self.merges):
             new = len(self._pieces)
             if not (_N_SPECIAL <= a < new and _N_SPECIAL <= b < new):
-                raise ValueError(f"BPETokenizer: merge {rank} ({a}, {b}) refers to an id that is "
-                                 f"special or not yet defined (< {new})")
+                raise ArgumentError(f"BPETokenizer: merge {rank} ({a}, {b}) refers to an id that is "
+                                    f"special or not yet defined (< {new})")
             if (a, b) in self._ranks:
-                raise ValueError(f"BPETokenizer: merge ({a}, {b}) appears twice")
+                raise ArgumentError(f"BPETokenizer: merge ({a}, {b}) appears twice")
             self._ranks[(a, b)] = rank
             self._pieces.append(self._pieces[a] + self._pieces[b])
         self._cache: dict[str, list[int]] = {}
@@ -240,8 +240,8 @@ class BPETokenizer(Tokenizer):
         """
         base = _N_SPECIAL + 256
         if vocab_size < base:
-            raise ValueError(f"BPETokenizer.train: vocab_size must be >= {base} (5 specials + 256 "
-                             f"bytes), got {vocab_size}")
+            raise ArgumentError(f"BPETokenizer.train: vocab_size must be >= {base} (5 specials + 256 "
+                                f"bytes), got {vocab_size}")
         counts: Counter[str] = Counter()
         for t in texts:
             counts.update(_chunks(t))

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 import engine as eg
+from engine.errors import ArgumentError
 from engine import Tensor
 
 from engine.validate import validated
@@ -195,12 +196,12 @@ def _check_jit(optimizer: Any, scheduler: Any) -> None:
     """Refuse configurations whose jitted step would silently freeze a changing number."""
     for i, g in enumerate(optimizer.param_groups):
         if scheduler is not None and not isinstance(g["lr"], Tensor):
-            raise ValueError(f"train(jit=True): parameter group {i} has a Python float lr, which "
-                             f"the compiled step would freeze while the scheduler changes it; "
-                             f"pass lr=eg.tensor(lr) to the optimizer")
+            raise ArgumentError(f"train(jit=True): parameter group {i} has a Python float lr, which "
+                                f"the compiled step would freeze while the scheduler changes it; "
+                                f"pass lr=eg.tensor(lr) to the optimizer")
         if "capturable" in g and not g["capturable"]:
-            raise ValueError(f"train(jit=True): {type(optimizer).__name__} keeps its step count "
-                             f"in a Python int; build it with capturable=True")
+            raise ArgumentError(f"train(jit=True): {type(optimizer).__name__} keeps its step count "
+                                f"in a Python int; build it with capturable=True")
 
 
 def _make_step(model: Any, optimizer: Any, loss_fn: Callable, params: list[Tensor],
@@ -233,13 +234,10 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     the file exists (and starts from scratch when it does not). `print_every=0`
     prints nothing.
     """
-    if steps < 0 or eval_every < 0 or checkpoint_every < 0 or print_every < 0:
-        raise ValueError(f"train: steps, eval_every, checkpoint_every and print_every must be "
-                         f">= 0, got {steps}, {eval_every}, {checkpoint_every}, {print_every}")
     if checkpoint_every and checkpoint is None:
-        raise ValueError("train: checkpoint_every needs a checkpoint path")
+        raise ArgumentError("train: checkpoint_every needs a checkpoint path")
     if resume and checkpoint is None:
-        raise ValueError("train: resume=True needs a checkpoint path")
+        raise ArgumentError("train: resume=True needs a checkpoint path")
     if jit:
         _check_jit(optimizer, scheduler)
 
@@ -248,11 +246,11 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
         meta = load(checkpoint, model, optimizer)
         start = int(meta["step"])
         if meta.get("seed", seed) != seed:
-            raise ValueError(f"train: {checkpoint!r} was written by a run with seed "
-                             f"{meta['seed']}, resuming with seed {seed} would not continue it")
+            raise ArgumentError(f"train: {checkpoint!r} was written by a run with seed "
+                                f"{meta['seed']}, resuming with seed {seed} would not continue it")
         if scheduler is not None:
             if "scheduler" not in meta:
-                raise ValueError(f"train: {checkpoint!r} holds no scheduler state")
+                raise ArgumentError(f"train: {checkpoint!r} holds no scheduler state")
             scheduler.load_state_dict(meta["scheduler"])
         if print_every:
             print(f"resumed from {checkpoint} at step {start}/{steps}", flush=True)

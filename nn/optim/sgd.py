@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import engine as eg
+from engine.errors import ArgumentError
 from engine import Tensor
 
 from .optimizer import Optimizer
@@ -24,7 +25,7 @@ class SGD(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
+            raise ArgumentError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
