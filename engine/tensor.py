@@ -34,6 +34,9 @@ def torch_names(fn: Callable) -> Callable:
         if kwargs:
             for torch_name, numpy_name in _TORCH_NAMES:
                 if torch_name in kwargs:
+                    if kwargs[torch_name] is None:          # not given: keep axis as passed
+                        del kwargs[torch_name]
+                        continue
                     if numpy_name in kwargs:
                         raise ArgumentError(f"{fn.__name__}: got both {numpy_name}="
                                             f"{kwargs[numpy_name]!r} and {torch_name}="

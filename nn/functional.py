@@ -16,6 +16,7 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.errors import ArgumentError, DTypeError, ShapeError, TraceError
+from engine.tensor import torch_names
 from engine.validate import validated
 
 NEG_INF = float("-inf")
@@ -45,14 +46,16 @@ def sigmoid(x: Tensor) -> Tensor:
     return eg.sigmoid(x)
 
 
+@torch_names
 @validated
-def softmax(x: Tensor, axis: int | None = None, *, dim: int | None = None) -> Tensor:
-    return eg.softmax(x, axis, dim=dim)
+def softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    return eg.softmax(x, axis)
 
 
+@torch_names
 @validated
-def log_softmax(x: Tensor, axis: int | None = None, *, dim: int | None = None) -> Tensor:
-    return eg.log_softmax(x, axis, dim=dim)
+def log_softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    return eg.log_softmax(x, axis)
 
 
 @validated

@@ -97,9 +97,12 @@ def test_dim_is_an_alias_of_axis(name):
     np.testing.assert_array_equal(by_axis.numpy(), by_dim.numpy())
     with pytest.raises(ArgumentError, match="both"):
         getattr(x, name)(axis=1, dim=1)
-    fn = getattr(eg, name, None)
-    if fn is not None:
-        np.testing.assert_array_equal(fn(x, dim=1).numpy(), by_axis.numpy())
+    for module in (eg, nn.functional):
+        fn = getattr(module, name, None)
+        if fn is not None:
+            np.testing.assert_array_equal(fn(x, dim=1).numpy(), by_axis.numpy())
+            np.testing.assert_array_equal(fn(x, 1).numpy(), by_axis.numpy())
+            np.testing.assert_array_equal(fn(x, 1, dim=None).numpy(), by_axis.numpy())
 
 
 def test_keepdim_is_an_alias_of_keepdims():
