@@ -7,10 +7,11 @@ import numpy as np
 
 import ops
 from ops.dtypes import as_dtype
-from ops.errors import DeviceError
+from ops.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 from .state import DEFAULT_FLOAT, get_backend
 from .tensor import Tensor
+from .validate import integer, nonnegative_int
 
 float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 int8, int16, int32, int64 = (np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
@@ -36,9 +37,16 @@ def tensor(data: Any, dtype: Any = None, device: str = "cpu",
         if dtype is not None:
             arr = src._backend.astype(arr, as_dtype(dtype))
         return Tensor(arr, src._backend, requires_grad=requires_grad)
-    dtype = _infer_dtype(data) if dtype is None else as_dtype(dtype)
+    dtype = None if dtype is None else as_dtype(dtype)
     be = get_backend(device)
-    host = np.array(data, dtype=dtype, copy=True)
+    try:
+        host = np.array(data, dtype=_infer_dtype(data) if dtype is None else dtype, copy=True)
+    except ValueError as e:                      # ragged nesting, unparsable strings
+        raise ShapeError(f"tensor: cannot make a tensor of {type(data).__name__} data: "
+                         f"{e}") from None
+    if host.dtype.kind not in "biufc":
+        raise DTypeError(f"tensor: data of NumPy dtype {host.dtype} ({type(data).__name__}) "
+                         f"is not numbers; tensors hold bool, integer or floating values")
     return Tensor(be.asarray(host), be, requires_grad=requires_grad)
 
 
@@ -70,15 +78,20 @@ def transfer(t: Tensor, device: str) -> Tensor:
     return Tensor(target.asarray(host), target, requires_grad=t.requires_grad)
 
 
-def _shape(shape: Sequence[Any]) -> tuple:
-    if len(shape) == 1 and not isinstance(shape[0], int):
+def _dims(shape: Sequence[Any], where: str) -> tuple:
+    """A shape as ints >= 0 (2.5 or -1 is an error, not a silently different shape)."""
+    return tuple(nonnegative_int(f"shape[{i}]", d, where) for i, d in enumerate(shape))
+
+
+def _shape(shape: Sequence[Any], where: str = "zeros") -> tuple:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, np.ndarray)):
         shape = tuple(shape[0])
-    return tuple(int(d) for d in shape)
+    return _dims(shape, where)
 
 
 def full(shape: Any, value: Any, dtype: Any = None, device: str = "cpu",
          requires_grad: bool = False) -> Tensor:
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    shape = _dims((shape,) if isinstance(shape, (int, np.integer)) else tuple(shape), "full")
     if dtype is None:
         dtype = DEFAULT_FLOAT if isinstance(value, float) else np.asarray(value).dtype
     t = ops.REGISTRY["full"](shape=shape, value=value, dtype=as_dtype(dtype), device=device)
@@ -90,7 +103,7 @@ def zeros(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bo
 
 
 def ones(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
-    return full(_shape(shape), 1.0, dtype or DEFAULT_FLOAT, device, requires_grad)
+    return full(_shape(shape, "ones"), 1.0, dtype or DEFAULT_FLOAT, device, requires_grad)
 
 
 def zeros_like(t: Tensor, dtype: Any = None) -> Tensor:
@@ -109,12 +122,16 @@ def arange(start: Any, stop: Any = None, step: Any = 1, dtype: Any = None,
            device: str = "cpu") -> Tensor:
     if stop is None:
         start, stop = 0, start
+    if step == 0:
+        raise ArgumentError(f"arange: step must not be 0 (start={start}, stop={stop})")
     if dtype is None:
         dtype = np.int64 if all(isinstance(v, int) for v in (start, stop, step)) else DEFAULT_FLOAT
     return ops.REGISTRY["arange"](start=start, stop=stop, step=step, dtype=as_dtype(dtype), device=device)
 
 
 def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") -> Tensor:
+    n = nonnegative_int("n", n, "eye")
+    m = None if m is None else nonnegative_int("m", m, "eye")
     rows = arange(n, device=device).reshape(n, 1)
     cols = arange(n if m is None else m, device=device).reshape(1, -1)
     return (rows == cols).to(dtype=dtype or DEFAULT_FLOAT)
@@ -122,18 +139,21 @@ def eye(n: int, m: int | None = None, dtype: Any = None, device: str = "cpu") ->
 
 def randn(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Standard normal samples from the device's generator (see manual_seed)."""
-    t = ops.REGISTRY["random_normal"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_normal"](shape=_shape(shape, "randn"), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                       device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
 def rand(*shape: Any, dtype: Any = None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
     """Uniform samples in [0, 1)."""
-    t = ops.REGISTRY["random_uniform"](shape=_shape(shape), dtype=as_dtype(dtype or DEFAULT_FLOAT),
+    t = ops.REGISTRY["random_uniform"](shape=_shape(shape, "rand"), dtype=as_dtype(dtype or DEFAULT_FLOAT),
                                        device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
 def randint(low: int, high: int, shape: Sequence[int], device: str = "cpu") -> Tensor:
-    u = rand(*shape, dtype=float64, device=device)
+    low, high = integer("low", low, "randint"), integer("high", high, "randint")
+    if low >= high:
+        raise ArgumentError(f"randint: need low < high, got low={low}, high={high}")
+    u = rand(*_shape((shape,), "randint"), dtype=float64, device=device)
     return (u * (high - low) + low).to(dtype=int64).clip(low, high - 1)

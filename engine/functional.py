@@ -1,5 +1,10 @@
 """NumPy-style functions over tensors: thin wrappers that normalise arguments and
-call ops or composites (so every interpreter sees them)."""
+call ops or composites (so every interpreter sees them).
+
+Like NumPy's functions (and the Tensor operators), these accept array-likes (lists,
+NumPy arrays, numbers) where a tensor is expected and convert them; nn's modules and
+functions, like PyTorch's, take Tensors only. Reductions, softmax and the joining
+functions take PyTorch's `dim=` / `keepdim=` as aliases of `axis=` / `keepdims=`."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -9,9 +14,11 @@ import numpy as np
 import ops
 from ops import composite as C
 from ops.dtypes import as_dtype
+from ops.errors import ArgumentTypeError, ShapeError
 from ops.shapes import normalize_axis
 
-from .tensor import Tensor, _operand
+from .tensor import Tensor, _operand, torch_names
+from .validate import nonnegative, positive_int
 
 R = ops.REGISTRY
 
@@ -68,48 +75,89 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     return R["where"](_t(cond), _t(a), _t(b))
 
 
+def _x(x: Any) -> Tensor:
+    """A tensor argument: tensors as they are, array-likes converted (NumPy's rule)."""
+    if isinstance(x, Tensor):
+        return x
+    from .creation import tensor
+    return tensor(x)
+
+
+@torch_names
 def sum(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return x.sum(axis, keepdims)
+    return _x(x).sum(axis, keepdims)
 
 
+@torch_names
 def max(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return x.max(axis, keepdims)
+    return _x(x).max(axis, keepdims)
 
 
+@torch_names
 def min(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return C.min(x, axis, keepdims)
+    return C.min(_x(x), axis, keepdims)
 
 
+@torch_names
 def mean(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return C.mean(x, axis, keepdims)
+    return C.mean(_x(x), axis, keepdims)
 
 
+@torch_names
 def var(x: Tensor, axis: Any = None, keepdims: bool = False, correction: int = 0) -> Tensor:
-    return C.var(x, axis, keepdims, correction)
+    return C.var(_x(x), axis, keepdims, correction)
 
 
-logsumexp = C.logsumexp
-masked_fill = C.masked_fill
-expand_dims = C.expand_dims
-squeeze = C.squeeze
+@torch_names
+def logsumexp(x: Tensor, axis: Any = -1, keepdims: bool = False) -> Tensor:
+    return C.logsumexp(_x(x), axis, keepdims)
+
+
+def masked_fill(x: Tensor, mask: Tensor, value: Any) -> Tensor:
+    """`value` where the bool `mask` is True, else x (Tensor.masked_fill)."""
+    return _x(x).masked_fill(_x(mask), value)
+
+
+@torch_names
+def expand_dims(x: Tensor, axis: int) -> Tensor:
+    return C.expand_dims(_x(x), axis)
+
+
+unsqueeze = expand_dims
+
+
+@torch_names
+def squeeze(x: Tensor, axis: Any = None) -> Tensor:
+    return C.squeeze(_x(x), axis)
+
+
 swapaxes = C.swapaxes
 take_along_axis = C.take_along_axis
 scaled_dot_product_attention = C.scaled_dot_product_attention
 clip = C.clip
 
 
-def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """Stable softmax (one fused op; `ops.composite.softmax` is its reference)."""
-    return R["softmax"](x, axis=normalize_axis("softmax", axis, x.ndim)[0])
+@torch_names
+def softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    """Stable softmax over `axis` (default the last; one fused op, `ops.composite.softmax`
+    is its reference)."""
+    x = _x(x)
+    return R["softmax"](x, axis=normalize_axis("softmax", -1 if axis is None else axis,
+                                               x.ndim)[0])
 
 
-def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    return R["log_softmax"](x, axis=normalize_axis("log_softmax", axis, x.ndim)[0])
+@torch_names
+def log_softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    x = _x(x)
+    return R["log_softmax"](x, axis=normalize_axis("log_softmax", -1 if axis is None else axis,
+                                                   x.ndim)[0])
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
     """Normalise over the last axis, then scale by `weight` and shift by `bias`."""
+    eps = nonnegative("eps", eps, "layer_norm")
+    x = _x(x)
     if weight is None or bias is None:
         from .creation import full
         d = x.shape[-1]
@@ -119,7 +167,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 
 def one_hot(indices: Tensor, num_classes: int, dtype: Any = np.float32) -> Tensor:
-    return C.one_hot(indices, num_classes, dtype)
+    return C.one_hot(_x(indices), positive_int("num_classes", num_classes, "one_hot"), dtype)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -130,25 +178,48 @@ def reshape(x: Tensor, shape: Sequence[int]) -> Tensor:
     return x.reshape(tuple(shape))
 
 
-def transpose(x: Tensor, axes: Sequence[int] | None = None) -> Tensor:
-    return x.transpose() if axes is None else x.transpose(tuple(axes))
+def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
+    """Swap two axes (PyTorch's rule; see Tensor.transpose). `permute` reorders all."""
+    return _x(x).transpose(dim0, dim1)
+
+
+def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
+    return _x(x).permute(tuple(axes))
+
+
+def t(x: Tensor) -> Tensor:
+    return _x(x).t()
 
 
 def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
     return R["broadcast_to"](x, shape=tuple(shape))
 
 
+def _sequence(where: str, xs: Any) -> list:
+    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+        raise ArgumentTypeError(f"{where}: expected a list or tuple of tensors, got {type(xs).__name__}")
+    if not xs:
+        raise ShapeError(f"{where}: needs at least one tensor")
+    return [_x(x) for x in xs]
+
+
+@torch_names
 def concatenate(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
-    xs = [_t(x) for x in xs]
+    xs = _sequence("concatenate", xs)
     return R["concatenate"](*xs, axis=normalize_axis("concatenate", axis, xs[0].ndim)[0])
 
 
+cat = concatenate
+
+
+@torch_names
 def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
-    return C.stack([_t(x) for x in xs], axis)
+    return C.stack(_sequence("stack", xs), axis)
 
 
+@torch_names
 def split(x: Tensor, sections: int | Sequence[int], axis: int = 0) -> list:
-    return C.split(x, sections, axis)
+    return C.split(_x(x), sections, axis)
 
 
 def pad(x: Tensor, pad_width: Any, value: float = 0.0) -> Tensor:

@@ -7,18 +7,44 @@ registry, so the active interpreter (eager, tracing) sees all of them.
 """
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 import ops
 from ops import composite as C
 from ops.dtypes import as_dtype
-from ops.errors import DeviceError, DTypeError, GradError, ShapeError, TraceError
+from ops.errors import (ArgumentError, ArgumentTypeError, DeviceError, DTypeError, GradError,
+                        ShapeError, TraceError)
 from ops.shapes import normalize_axis
 
 from .state import grad_mode, interpreters
+
+
+_TORCH_NAMES = (("dim", "axis"), ("keepdim", "keepdims"))
+
+
+def torch_names(fn: Callable) -> Callable:
+    """Accept PyTorch's `dim=` / `keepdim=` as aliases of NumPy's `axis=` / `keepdims=`;
+    giving both spellings of one argument is an error, not a silent choice."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            for torch_name, numpy_name in _TORCH_NAMES:
+                if torch_name in kwargs:
+                    if kwargs[torch_name] is None:          # not given: keep axis as passed
+                        del kwargs[torch_name]
+                        continue
+                    if numpy_name in kwargs:
+                        raise ArgumentError(f"{fn.__name__}: got both {numpy_name}="
+                                            f"{kwargs[numpy_name]!r} and {torch_name}="
+                                            f"{kwargs[torch_name]!r}; they are one argument, "
+                                            f"give one of them")
+                    kwargs[numpy_name] = kwargs.pop(torch_name)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 class Tensor:
@@ -289,34 +315,44 @@ class Tensor:
         for i in range(len(self)):
             yield self[i]
 
-    # -- reductions --------------------------------------------------------------------------------
+    # -- reductions (axis= or dim=, keepdims= or keepdim=) ------------------------------------------
+    @torch_names
     def sum(self, axis: Any = None, keepdims: bool = False) -> "Tensor":
         return _ops.sum(self, axis=normalize_axis("sum", axis, self.ndim), keepdims=keepdims)
 
+    @torch_names
     def max(self, axis: Any = None, keepdims: bool = False) -> "Tensor":
         return _ops.max(self, axis=normalize_axis("max", axis, self.ndim), keepdims=keepdims)
 
+    @torch_names
     def min(self, axis: Any = None, keepdims: bool = False) -> "Tensor":
         return C.min(self, axis, keepdims)
 
+    @torch_names
     def mean(self, axis: Any = None, keepdims: bool = False) -> "Tensor":
         return C.mean(self, axis, keepdims)
 
+    @torch_names
     def var(self, axis: Any = None, keepdims: bool = False, correction: int = 0) -> "Tensor":
         return C.var(self, axis, keepdims, correction)
 
+    @torch_names
     def std(self, axis: Any = None, keepdims: bool = False, correction: int = 0) -> "Tensor":
         return _ops.sqrt(C.var(self, axis, keepdims, correction))
 
+    @torch_names
     def logsumexp(self, axis: Any = -1, keepdims: bool = False) -> "Tensor":
         return C.logsumexp(self, axis, keepdims)
 
+    @torch_names
     def softmax(self, axis: int = -1) -> "Tensor":
         return _ops.softmax(self, axis=normalize_axis("softmax", axis, self.ndim)[0])
 
+    @torch_names
     def log_softmax(self, axis: int = -1) -> "Tensor":
         return _ops.log_softmax(self, axis=normalize_axis("log_softmax", axis, self.ndim)[0])
 
+    @torch_names
     def argmax(self, axis: int | None = None) -> "Tensor":
         """Indices of the maxima (not differentiable; computed on the device)."""
         data = self._concrete("argmax")
@@ -340,33 +376,71 @@ class Tensor:
     def flatten(self) -> "Tensor":
         return self.reshape(-1)
 
-    def transpose(self, *axes: Any) -> "Tensor":
-        """NumPy's transpose: reverse all axes, or permute them as given."""
-        if len(axes) == 1 and not isinstance(axes[0], int):
-            axes = tuple(axes[0])
-        if not axes:
-            axes = tuple(range(self.ndim))[::-1]
-        elif len(axes) == 2 and self.ndim != 2:
-            return C.swapaxes(self, *axes)
-        return _ops.transpose(self, axes=tuple(a % self.ndim if self.ndim else a for a in axes))
+    def transpose(self, *dims: Any) -> "Tensor":
+        """PyTorch's transpose(dim0, dim1): swap two axes, at every rank. NumPy's readings
+        (no argument: reverse all axes; a full permutation) are refused rather than
+        guessed, since transpose(0, 1) on a 2-D tensor means 'unchanged' to NumPy: use
+        `.T` / `t()` to reverse, `permute(*axes)` to permute."""
+        if len(dims) != 2 or not all(_is_int(d) for d in dims):
+            raise ArgumentError(
+                f"transpose(dim0, dim1) swaps two axes; got transpose{_args_text(dims)} on a "
+                f"{self.ndim}-d tensor. Use permute(*axes) for a permutation of every axis, "
+                f".T to reverse all axes, or t() for a matrix.")
+        return C.swapaxes(self, int(dims[0]), int(dims[1]))
 
     def permute(self, *axes: Any) -> "Tensor":
-        if len(axes) == 1 and not isinstance(axes[0], int):
+        """Reorder the axes: result axis i is input axis axes[i] (NumPy's transpose(axes))."""
+        if len(axes) == 1 and not _is_int(axes[0]):
             axes = tuple(axes[0])
-        return _ops.transpose(self, axes=tuple(a % self.ndim for a in axes))
+        if sorted(int(a) % self.ndim if self.ndim else a for a in axes) != list(range(self.ndim)):
+            raise ShapeError(f"permute: {tuple(axes)} is not a permutation of the {self.ndim} "
+                             f"axes of a tensor of shape {tuple(self.shape)}")
+        return _ops.transpose(self, axes=tuple(int(a) % self.ndim for a in axes))
 
     def swapaxes(self, a: int, b: int) -> "Tensor":
         return C.swapaxes(self, a, b)
 
     @property
     def T(self) -> "Tensor":
-        return self.transpose()
+        """All axes reversed (a matrix's transpose)."""
+        return _ops.transpose(self, axes=tuple(range(self.ndim))[::-1])
 
+    def t(self) -> "Tensor":
+        """A matrix's transpose; 0-d and 1-d tensors come back as they are (as torch.t)."""
+        if self.ndim > 2:
+            raise ShapeError(f"t() expects a tensor with at most 2 axes, got shape "
+                             f"{tuple(self.shape)}; use transpose(dim0, dim1) or permute(...)")
+        return self.T
+
+    def masked_fill(self, mask: "Tensor", value: Any) -> "Tensor":
+        """`value` where the boolean `mask` (broadcast to this shape) is True, else self."""
+        if not isinstance(mask, Tensor):
+            raise ArgumentTypeError(f"masked_fill: mask must be a bool Tensor, got "
+                                    f"{type(mask).__name__}")
+        if np.dtype(mask.dtype) != np.dtype(bool):
+            raise DTypeError(f"masked_fill: mask must have dtype bool, got {mask.dtype} (shape "
+                             f"{tuple(mask.shape)})")
+        if isinstance(value, Tensor) and value.ndim != 0:
+            raise ShapeError(f"masked_fill: value must be a number or a 0-d tensor, got shape "
+                             f"{tuple(value.shape)}")
+        try:
+            fits = np.broadcast_shapes(tuple(mask.shape), tuple(self.shape)) == tuple(self.shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ShapeError(f"masked_fill: mask of shape {tuple(mask.shape)} does not broadcast "
+                             f"to the tensor's shape {tuple(self.shape)}")
+        return C.masked_fill(self, mask, _operand(value, self))
+
+    @torch_names
     def expand_dims(self, axis: int) -> "Tensor":
-        return C.expand_dims(self, axis)
+        if not _is_int(axis):
+            raise ArgumentTypeError(f"expand_dims: axis must be an int, got {axis!r}")
+        return C.expand_dims(self, int(axis))
 
     unsqueeze = expand_dims
 
+    @torch_names
     def squeeze(self, axis: Any = None) -> "Tensor":
         return C.squeeze(self, axis)
 
@@ -401,6 +475,14 @@ class _OpTable:
 _ops = _OpTable()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _args_text(args: tuple) -> str:
+    return "(" + ", ".join(repr(a) for a in args) + ")"
+
+
 def _operand(o: Any, like: Tensor | None = None) -> Any:
     """Python scalars stay scalars (weakly typed); arrays and lists become tensors."""
     if isinstance(o, Tensor):
@@ -414,7 +496,12 @@ def _operand(o: Any, like: Tensor | None = None) -> Any:
 
 
 def resolve_shape(shape: tuple, size: int, old: tuple) -> tuple:
-    """Fill in one -1 of a reshape target."""
+    """Fill in one -1 of a reshape target (every entry an int >= -1: 2.5 is not 2)."""
+    for d in shape:
+        if not _is_int(d):
+            raise ArgumentTypeError(f"reshape: sizes must be ints, got {d!r} in {shape}")
+        if d < -1:
+            raise ShapeError(f"reshape: sizes must be >= 0 (or one -1), got {shape}")
     if shape.count(-1) > 1:
         raise ShapeError(f"reshape: only one -1 allowed, got {shape}")
     if -1 in shape:

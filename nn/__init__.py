@@ -19,13 +19,15 @@ from .checkpoint import CheckpointError, load, save
 from .containers import ModuleDict, ModuleList, Sequential
 from .functional import causal_mask, padding_mask
 from .interop import convert_torch_state_dict, load_torch_state_dict
-from .layers import GELU, Dropout, Embedding, FeedForward, Identity, LayerNorm, Linear, ReLU
+from .layers import (GELU, Dropout, Embedding, FeedForward, Identity, LayerNorm, Linear, LogSoftmax,
+                     ReLU, Sigmoid, Softmax, Tanh)
+from .losses import CrossEntropyLoss, MSELoss, NLLLoss
 from .generation import beam_search, generate
 from .models import CausalLM, MaskedLM, MaskedLMHead, Seq2SeqTransformer, TransformerEmbedding
 from .module import IncompatibleKeys, Module, StateDictError
 from .parameter import Parameter
 from .training import plot_losses, read_log, train
-from .tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
+from .tokenizers import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer
 from .masking import mask_tokens
 from .positional import LearnedPositionalEmbedding, PositionalEncoding, sinusoidal_table
 from .transformer import (DecoderCache, Transformer, TransformerDecoder, TransformerDecoderLayer,
@@ -34,7 +36,8 @@ from .utils import functional_call, swapped_parameters
 
 __all__ = [
     "functional", "init", "optim", "Module", "Parameter", "Sequential", "ModuleList", "ModuleDict",
-    "Linear", "Embedding", "LayerNorm", "Dropout", "Identity", "ReLU", "GELU", "FeedForward",
+    "Linear", "Embedding", "LayerNorm", "Dropout", "Identity", "ReLU", "GELU", "Tanh", "Sigmoid",
+    "Softmax", "LogSoftmax", "FeedForward", "CrossEntropyLoss", "MSELoss", "NLLLoss",
     "PositionalEncoding", "LearnedPositionalEmbedding", "sinusoidal_table", "MultiheadAttention",
     "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
     "TransformerDecoder", "Transformer", "TransformerEmbedding", "Seq2SeqTransformer", "CausalLM",
@@ -42,5 +45,5 @@ __all__ = [
     "StateDictError", "IncompatibleKeys", "convert_torch_state_dict", "load_torch_state_dict",
     "functional_call", "swapped_parameters", "generation", "generate", "beam_search", "KVCache",
     "DecoderCache", "train", "read_log", "plot_losses",
-    "CharTokenizer", "BPETokenizer", "load_tokenizer", "mask_tokens",
+    "CharTokenizer", "BPETokenizer", "load_tokenizer", "TokenizerError", "mask_tokens",
 ]

@@ -13,15 +13,14 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
+from engine.validate import validated
 
 
 class GradScaler:
+    @validated
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  enabled: bool = True) -> None:
-        if not (growth_factor > 1.0 and 0.0 < backoff_factor < 1.0 and init_scale > 0):
-            raise ValueError(f"GradScaler: need growth_factor > 1, 0 < backoff_factor < 1 and "
-                             f"init_scale > 0, got {growth_factor}, {backoff_factor}, {init_scale}")
         self.scale_value = float(init_scale)
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor

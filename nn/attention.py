@@ -16,7 +16,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
 from ops import composite as C
 
 from . import functional as F
@@ -100,13 +100,11 @@ class MultiheadAttention(Module):
                  dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
         if not batch_first:
-            raise ValueError("MultiheadAttention: only batch_first=True (inputs (B, T, E)) is "
-                             "supported")
-        if num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"MultiheadAttention: embed_dim {embed_dim} must be divisible by "
-                             f"num_heads {num_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MultiheadAttention: dropout must be in [0, 1), got {dropout}")
+            raise ArgumentError("MultiheadAttention: only batch_first=True (inputs (B, T, E)) is "
+                                "supported")
+        if embed_dim % num_heads:
+            raise ArgumentError(f"MultiheadAttention: embed_dim {embed_dim} must be divisible by "
+                                f"num_heads {num_heads}")
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
         self.head_dim = embed_dim // num_heads
         self.kdim = embed_dim if kdim is None else int(kdim)
@@ -174,12 +172,12 @@ class MultiheadAttention(Module):
         value = key if value is None else value
         b, t, s = self._check_inputs(query, key, value)
         h, dh = self.num_heads, self.head_dim
-        q = self.q(query).reshape(b, t, h, dh).transpose(0, 2, 1, 3)       # (B, h, T, dh)
+        q = self.q(query).reshape(b, t, h, dh).permute(0, 2, 1, 3)         # (B, h, T, dh)
         if cache is not None and cache.filled:
             k_t, v = cache.k_t, cache.v
         else:
-            k_t = self.k(key).reshape(b, s, h, dh).transpose(0, 2, 3, 1)   # (B, h, dh, S)
-            v = self.v(value).reshape(b, s, h, dh).transpose(0, 2, 1, 3)   # (B, h, S, dh)
+            k_t = self.k(key).reshape(b, s, h, dh).permute(0, 2, 3, 1)     # (B, h, dh, S)
+            v = self.v(value).reshape(b, s, h, dh).permute(0, 2, 1, 3)     # (B, h, S, dh)
         if cache is not None:
             if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
                 raise ShapeError(f"MultiheadAttention: key_padding_mask must be (batch, new key "
@@ -191,7 +189,7 @@ class MultiheadAttention(Module):
         if mask is not None and np.dtype(mask.dtype) == np.dtype(bool):
             mask = ~mask                         # torch's True = blocked -> True = may attend
         out, weights = C.attention(q, k_t, v, mask, None, self.dropout, self.training)
-        out = self.o(out.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
+        out = self.o(out.permute(0, 2, 1, 3).reshape(b, t, h * dh))
         if not need_weights:
             return out, None
         return out, (weights.mean(axis=1) if average_attn_weights else weights)

@@ -9,21 +9,25 @@ reads it):
                                and the user's **meta.
 
 The file is written to a temporary file in the same directory, flushed to disk and
-renamed over the target with os.replace, so a crash leaves either the old file or
-the new one, never half of one.
+renamed over the target with os.replace (nn/files.py), so a crash leaves either the
+old file or the new one, never half of one, and no temporary file. A file that is
+missing pieces, truncated, corrupt or not a checkpoint at all raises CheckpointError
+naming the path and the cause.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
 from engine import Tensor
-from engine.errors import EngineError
+from engine.errors import ArgumentTypeError, EngineError
 
+from .files import atomic_write
 from .module import Module
 
 FORMAT = "engine-nn-checkpoint"
@@ -31,7 +35,8 @@ VERSION = 1
 
 
 class CheckpointError(EngineError, ValueError):
-    """A checkpoint that does not fit the model or optimizer it is loaded into."""
+    """A checkpoint that cannot be read, or does not fit the model or optimizer it is
+    loaded into."""
 
 
 def _host(t: Any) -> np.ndarray:
@@ -63,6 +68,8 @@ def save(path: str | os.PathLike, model: Module, optimizer: Any = None, **meta: 
     The exact path is used (no ".npz" is appended).
     """
     path = os.fspath(path)
+    if not isinstance(model, Module):
+        raise ArgumentTypeError(f"nn.save: model must be an nn.Module, got {type(model).__name__}")
     state = model.state_dict()
     arrays = {f"model/{k}": _host(v) for k, v in state.items()}
     header: dict[str, Any] = {
@@ -73,34 +80,38 @@ def save(path: str | os.PathLike, model: Module, optimizer: Any = None, **meta: 
         opt_arrays, header["optimizer"] = _optimizer_entries(optimizer)
         arrays.update(opt_arrays)
     arrays["__meta__"] = np.array(json.dumps(header, default=_json_default))
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)            # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def _read(path: str) -> tuple[dict, dict]:
+    """(header, arrays) of a checkpoint, or CheckpointError saying why the file is not one."""
+    with open(path, "rb") as f:                 # a missing file stays FileNotFoundError
+        magic = f.read(4)
+    if magic != _ZIP_MAGIC:
+        raise CheckpointError(f"nn.load: {path!r} is not a checkpoint: nn.save writes a .npz "
+                              f"(zip) archive, this file starts with {magic!r}"
+                              + (" (it is empty)" if not magic else ""))
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"nn.load: cannot read {path!r} as a checkpoint: {e}") from None
+    except _UNREADABLE as e:
+        raise CheckpointError(f"nn.load: {path!r} is truncated or corrupt: "
+                              f"{type(e).__name__}: {e}") from e
     if "__meta__" not in arrays:
         raise CheckpointError(f"nn.load: {path!r} has no '__meta__' entry: not written by nn.save")
-    header = json.loads(str(arrays.pop("__meta__")))
-    if header.get("format") != FORMAT:
+    try:
+        header = json.loads(str(arrays.pop("__meta__")))
+    except ValueError as e:
+        raise CheckpointError(f"nn.load: {path!r} has a corrupt '__meta__' entry: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"nn.load: {path!r} is not an {FORMAT} file")
+    if not isinstance(header.get("params"), list):
+        raise CheckpointError(f"nn.load: {path!r} has a '__meta__' entry without its parameter "
+                              f"list: not written by nn.save")
     return header, arrays
 
 
@@ -153,6 +164,8 @@ def load(path: str | os.PathLike, model: Module, optimizer: Any = None) -> dict:
     changed in that case.
     """
     path = os.fspath(path)
+    if not isinstance(model, Module):
+        raise ArgumentTypeError(f"nn.load: model must be an nn.Module, got {type(model).__name__}")
     header, arrays = _read(path)
     _check_model(path, header, model)
     opt_state = _optimizer_state(path, header, arrays, optimizer) if optimizer is not None else None

@@ -1,6 +1,8 @@
 """Containers: Sequential, ModuleList and ModuleDict (registration by index or key)."""
 from __future__ import annotations
 
+from engine.errors import ArgumentTypeError
+
 from typing import Any, Iterable, Iterator, Mapping
 
 from .module import Module
@@ -8,7 +10,7 @@ from .module import Module
 
 def _check_module(owner: str, m: Any) -> "Module":
     if not isinstance(m, Module):
-        raise TypeError(f"{owner}: expected nn.Module entries, got {type(m).__name__}")
+        raise ArgumentTypeError(f"{owner}: expected nn.Module entries, got {type(m).__name__}")
     return m
 
 

@@ -15,28 +15,62 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.dispatch import check_values
-from engine.errors import ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
+from engine.tensor import torch_names
+from engine.validate import validated
 from ops import composite as C
 
-_REDUCTIONS = ("mean", "sum", "none")
 NEG_INF = float("-inf")
 
 
 # -- activations and basic layers -------------------------------------------------------------
 
-relu = eg.relu
-gelu = eg.gelu
-tanh = eg.tanh
-sigmoid = eg.sigmoid
-softmax = eg.softmax
-log_softmax = eg.log_softmax
-layer_norm = eg.layer_norm
+# nn takes Tensors (a list or array is refused, naming the argument), as PyTorch's nn does;
+# the engine's NumPy-style functions (eg.relu, ...) convert array-likes instead.
+@validated
+def relu(x: Tensor) -> Tensor:
+    return eg.relu(x)
 
 
+@validated
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return eg.gelu(x, approximate)
+
+
+@validated
+def tanh(x: Tensor) -> Tensor:
+    return eg.tanh(x)
+
+
+@validated
+def sigmoid(x: Tensor) -> Tensor:
+    return eg.sigmoid(x)
+
+
+@torch_names
+@validated
+def softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    return eg.softmax(x, axis)
+
+
+@torch_names
+@validated
+def log_softmax(x: Tensor, axis: int | None = None) -> Tensor:
+    return eg.log_softmax(x, axis)
+
+
+@validated
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    return eg.layer_norm(x, weight, bias, eps)
+
+
+@validated
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return eg.dropout(x, p, training)
 
 
+@validated
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ W (+ b) with W of shape (in_features, out_features)."""
     if x.shape[-1:] != weight.shape[:1]:
@@ -54,12 +88,13 @@ def activation_fn(name: Any) -> Any:
     table = {"relu": eg.relu, "gelu": eg.gelu,
              "gelu_tanh": lambda x: eg.gelu(x, approximate="tanh")}
     if name not in table:
-        raise ValueError(f"activation must be one of {sorted(table)} or a callable, got {name!r}")
+        raise ArgumentError(f"activation must be one of {sorted(table)} or a callable, got {name!r}")
     return table[name]
 
 
 # -- masks --------------------------------------------------------------------------------------
 
+@validated
 def causal_mask(tq: int, tk: int | None = None, device: str = "cpu") -> Tensor:
     """Bool (tq, tk) mask, True where a query may NOT look (a key in its future).
 
@@ -76,6 +111,7 @@ def causal_mask(tq: int, tk: int | None = None, device: str = "cpu") -> Tensor:
     return cols > rows + (tk - tq)
 
 
+@validated
 def padding_mask(tokens: Tensor, pad_idx: int) -> Tensor:
     """Bool mask of the pad tokens (True = pad), the key_padding_mask convention."""
     return tokens == pad_idx
@@ -83,16 +119,22 @@ def padding_mask(tokens: Tensor, pad_idx: int) -> Tensor:
 
 # -- losses --------------------------------------------------------------------------------------
 
+def _loss_dtype(x: Tensor) -> Tensor:
+    """Losses run in float32 at least (PyTorch's autocast does the same): float16 logits
+    that fit their dtype still have differences (x - max) and sums of squares that do
+    not, so a float16 loss path turns representable logits into inf / NaN. The
+    gradient flows back cast to the logits' dtype; where that overflows, GradScaler
+    sees it and skips the step."""
+    return x.to(dtype=eg.float32) if np.dtype(x.dtype).kind == "f" and \
+        np.dtype(x.dtype).itemsize < 4 else x
+
+
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     total = loss.sum()
     return total if reduction == "sum" else total / float(max(loss.size, 1))
 
-
-def _check_reduction(name: str, reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _check_targets(name: str, scores: Tensor, target: Tensor, ignore_index: int) -> None:
@@ -112,36 +154,43 @@ def _check_targets(name: str, scores: Tensor, target: Tensor, ignore_index: int)
     check_values(target, check)
 
 
+@validated
 def nll_loss(log_probs: Tensor, target: Tensor, ignore_index: int = -100,
              reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Negative log-likelihood of integer targets given log-probabilities (..., C):
     `ops.composite.nll_loss` (ignore_index, label smoothing, reductions, the
     all-ignored batch) after checking the target values."""
     _check_targets("nll_loss", log_probs, target, ignore_index)
-    return C.nll_loss(log_probs, target, ignore_index, reduction, label_smoothing)
+    return C.nll_loss(_loss_dtype(log_probs), target, ignore_index, reduction, label_smoothing)
 
 
+@validated
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Cross-entropy of integer targets (...) against unnormalised logits (..., C):
     `ops.composite.cross_entropy` (stable for any logits; an ignored row's values
-    never reach the loss or a gradient) after checking the target values."""
+    never reach the loss or a gradient) after checking the target values. Float16
+    logits are computed in float32 (as PyTorch's autocast does)."""
+    if logits.ndim < 1 or np.dtype(logits.dtype).kind != "f":
+        raise DTypeError(f"cross_entropy: logits must be a floating tensor with a class axis, got "
+                         f"dtype {logits.dtype} shape {tuple(logits.shape)}")
     _check_targets("cross_entropy", logits, target, ignore_index)
-    return C.cross_entropy(logits, target, ignore_index, label_smoothing, reduction)
+    return C.cross_entropy(_loss_dtype(logits), target, ignore_index, label_smoothing, reduction)
 
 
+@validated
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error; shapes must match exactly (a broadcast here is usually a bug)."""
-    _check_reduction("mse_loss", reduction)
     if tuple(input.shape) != tuple(target.shape):
         raise ShapeError(f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
                          f"{tuple(target.shape)} must have the same shape")
-    d = input - target
+    d = _loss_dtype(input) - _loss_dtype(target)
     return _reduce(d * d, reduction)
 
 
 # -- attention -------------------------------------------------------------------------------------
 
+@validated
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, training: bool = True) -> Tensor:
@@ -160,6 +209,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
     return C.attention(q, k.swapaxes(-1, -2), v, mask, scale, dropout_p, training)[0]
 
 
+@validated
 def merge_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """Combine two attention masks (bool True = blocked, or additive float) by broadcasting:
     bool with bool stays bool (logical or); otherwise both become additive floats."""

@@ -34,7 +34,8 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import ShapeError
+from engine.errors import ArgumentError, ShapeError
+from engine.validate import RULES, positive_int, validated
 
 __all__ = ["Hypothesis", "generate", "greedy", "sample", "beam_search", "top_k_filter",
            "top_p_filter", "sample_logits", "log_softmax_np"]
@@ -63,8 +64,7 @@ def log_softmax_np(logits: np.ndarray) -> np.ndarray:
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     """Set every logit below the k-th largest of its row to -inf (ties with the k-th
     largest are kept, so more than k may survive only when values are equal)."""
-    if k <= 0:
-        raise ValueError(f"top_k_filter: k must be a positive integer, got {k}")
+    positive_int("k", k, "top_k_filter")
     x = np.asarray(logits, dtype=np.float64)
     if k >= x.shape[-1]:
         return x.copy()
@@ -76,8 +76,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus filtering: keep the smallest set of most probable tokens whose total
     probability reaches p (the most probable token always stays); others get -inf.
     Equal probabilities are taken in token-id order."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p_filter: p must be in (0, 1], got {p}")
+    RULES["top_p"]("p", p, "top_p_filter")
     x = np.asarray(logits, dtype=np.float64)
     if p >= 1.0:
         return x.copy()
@@ -99,14 +98,12 @@ def _uniform(n: int, rng: np.random.Generator | None, device: str) -> np.ndarray
     return eg.rand(n, dtype=eg.float64, device=device).numpy().astype(np.float64)
 
 
+@validated
 def sample_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, rng: np.random.Generator | None = None,
                   device: str = "cpu") -> np.ndarray:
     """One token per row of (N, V) logits: divide by temperature, filter (top-k then
     top-p), and invert the CDF at one uniform number per row."""
-    if temperature <= 0:
-        raise ValueError(f"sample_logits: temperature must be > 0 (use greedy decoding for "
-                         f"temperature 0), got {temperature}")
     x = np.asarray(logits, dtype=np.float64) / temperature
     if top_k is not None:
         x = top_k_filter(x, top_k)
@@ -160,8 +157,8 @@ class _Decoder:
         tokens = _as_tokens(inputs, "inputs")
         if self.enc_dec:
             if bos is None:
-                raise ValueError("generation: the encoder-decoder needs bos= (the first "
-                                 "decoder input)")
+                raise ArgumentError("generation: the encoder-decoder needs bos= (the first "
+                                    "decoder input)")
             src = eg.tensor(tokens, device=self.device)
             kpm = src_key_padding_mask
             if kpm is not None and not isinstance(kpm, Tensor):
@@ -173,18 +170,18 @@ class _Decoder:
             limit = _max_positions(model.tgt_embed)
         else:
             if src_key_padding_mask is not None:
-                raise ValueError("generation: src_key_padding_mask is for the encoder-decoder")
+                raise ArgumentError("generation: src_key_padding_mask is for the encoder-decoder")
             if bos is not None:
                 tokens = np.concatenate([np.full((tokens.shape[0], 1), bos, np.int64), tokens], 1)
             if tokens.shape[1] == 0:
-                raise ValueError("generation: the decoder-only model needs a non-empty prompt "
-                                 "(or bos=)")
+                raise ArgumentError("generation: the decoder-only model needs a non-empty prompt "
+                                    "(or bos=)")
             self.start = tokens
             limit = _max_positions(model.embed)
         needed = self.start.shape[1] + max_new_tokens - 1     # the last token is never fed
         if limit is not None and needed > limit:
-            raise ValueError(f"generation: {self.start.shape[1]} start tokens + {max_new_tokens} "
-                             f"new tokens need {needed} positions, the model has max_len={limit}")
+            raise ArgumentError(f"generation: {self.start.shape[1]} start tokens + {max_new_tokens} "
+                                f"new tokens need {needed} positions, the model has max_len={limit}")
         self.cache = model.new_cache() if use_cache else None
         self.fed = 0
 
@@ -228,15 +225,19 @@ class _EvalMode:
         self.no_grad.__exit__(*exc)
 
 
-def _check_steps(max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"generation: max_new_tokens must be >= 1, got {max_new_tokens}")
+def _check_ids(model: Any, **ids: int | None) -> None:
+    """bos / eos must be ids of the model's output vocabulary (checked before decoding)."""
+    vocab = getattr(model, "tgt_vocab", None) or getattr(model, "vocab_size", None)
+    for name, value in ids.items():
+        if value is not None and vocab is not None and not 0 <= value < vocab:
+            raise ArgumentError(f"generation: {name}={value} is not a token id of the model's "
+                                f"vocabulary [0, {vocab})")
 
 
 def _decode_loop(model: Any, inputs: Any, max_new_tokens: int, choose: Any, bos: int | None,
                  eos: int | None, src_key_padding_mask: Any, use_cache: bool) -> list[list[int]]:
     """Shared loop of greedy decoding and sampling: choose(logprobs) -> tokens (N,)."""
-    _check_steps(max_new_tokens)
+    _check_ids(model, bos=bos, eos=eos)
     with _EvalMode(model):
         dec = _Decoder(model, inputs, max_new_tokens, bos, src_key_padding_mask, use_cache)
         prefixes = dec.start
@@ -256,6 +257,7 @@ def _decode_loop(model: Any, inputs: Any, max_new_tokens: int, choose: Any, bos:
     return out
 
 
+@validated
 def greedy(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = None,
            eos: int | None = None, src_key_padding_mask: Any = None,
            use_cache: bool = True) -> list[list[int]]:
@@ -264,6 +266,7 @@ def greedy(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = No
                         eos, src_key_padding_mask, use_cache)
 
 
+@validated
 def sample(model: Any, inputs: Any, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
            rng: np.random.Generator | None = None, bos: int | None = None,
@@ -279,6 +282,7 @@ def sample(model: Any, inputs: Any, max_new_tokens: int, *, temperature: float =
                         use_cache)
 
 
+@validated
 def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int = 4,
                 length_penalty: float = 1.0, num_return: int = 1, bos: int | None = None,
                 eos: int | None = None, src_key_padding_mask: Any = None,
@@ -294,12 +298,12 @@ def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int 
     logprob / max_new_tokens ** length_penalty. With num_beams at least the number of
     possible prefixes this is exhaustive search.
     """
-    _check_steps(max_new_tokens)
-    if num_beams < 1 or not 1 <= num_return <= num_beams:
-        raise ValueError(f"beam_search: need num_beams >= 1 and 1 <= num_return <= num_beams, "
-                         f"got num_beams={num_beams}, num_return={num_return}")
+    _check_ids(model, bos=bos, eos=eos)
+    if num_return > num_beams:
+        raise ArgumentError(f"beam_search: need num_return <= num_beams, "
+                            f"got num_beams={num_beams}, num_return={num_return}")
     if length_penalty < 0:
-        raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
+        raise ArgumentError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
     k_beams = int(num_beams)
     with _EvalMode(model):
         dec = _Decoder(model, inputs, max_new_tokens, bos, src_key_padding_mask, use_cache)
@@ -368,6 +372,7 @@ def beam_search(model: Any, inputs: Any, max_new_tokens: int, *, num_beams: int 
              for h in pool[:num_return]] for pool in pools]
 
 
+@validated
 def generate(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = None,
              eos: int | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
@@ -377,7 +382,7 @@ def generate(model: Any, inputs: Any, max_new_tokens: int, *, bos: int | None = 
     greedy. Returns the new tokens of each input row."""
     if num_beams > 1:
         if do_sample:
-            raise ValueError("generate: choose beam search (num_beams > 1) or sampling, not both")
+            raise ArgumentError("generate: choose beam search (num_beams > 1) or sampling, not both")
         hyps = beam_search(model, inputs, max_new_tokens, num_beams=num_beams,
                            length_penalty=length_penalty, bos=bos, eos=eos,
                            src_key_padding_mask=src_key_padding_mask, use_cache=use_cache)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 
 import engine as eg
+from engine.errors import ArgumentError
 from engine import Tensor
+from engine.validate import validated
 
 
 def _fill(t: Tensor, value: Tensor | float) -> Tensor:
@@ -35,15 +37,15 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
         return math.sqrt(2.0 / (1.0 + slope ** 2))
     if nonlinearity == "selu":
         return 3.0 / 4.0
-    raise ValueError(f"calculate_gain: unknown nonlinearity {nonlinearity!r}; expected one of "
-                     f"linear, identity, sigmoid, tanh, relu, leaky_relu, selu")
+    raise ArgumentError(f"calculate_gain: unknown nonlinearity {nonlinearity!r}; expected one of "
+                        f"linear, identity, sigmoid, tanh, relu, leaky_relu, selu")
 
 
 def fans(t: Tensor) -> tuple[int, int]:
     """(fan_in, fan_out) of a weight in this library's (..., in, out) layout."""
     if t.ndim < 2:
-        raise ValueError(f"init: fan in/out need a tensor with at least 2 dimensions, got shape "
-                         f"{tuple(t.shape)}")
+        raise ArgumentError(f"init: fan in/out need a tensor with at least 2 dimensions, got shape "
+                            f"{tuple(t.shape)}")
     receptive = 1
     for d in t.shape[:-2]:
         receptive *= d
@@ -62,21 +64,22 @@ def ones_(t: Tensor) -> Tensor:
     return _fill(t, 1.0)
 
 
+@validated
 def uniform_(t: Tensor, a: float = 0.0, b: float = 1.0) -> Tensor:
     """Fill with U(a, b)."""
     if not a <= b:
-        raise ValueError(f"uniform_: need a <= b, got a={a}, b={b}")
+        raise ArgumentError(f"uniform_: need a <= b, got a={a}, b={b}")
     u = eg.rand(*t.shape, dtype=t.dtype, device=t.device)
     return _fill(t, u * (b - a) + a)
 
 
+@validated
 def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
     """Fill with N(mean, std^2)."""
-    if std < 0:
-        raise ValueError(f"normal_: std must be >= 0, got {std}")
     return _fill(t, eg.randn(*t.shape, dtype=t.dtype, device=t.device) * std + mean)
 
 
+@validated
 def xavier_uniform_(t: Tensor, gain: float = 1.0) -> Tensor:
     """Glorot & Bengio: U(-a, a) with a = gain * sqrt(6 / (fan_in + fan_out))."""
     fi, fo = fans(t)
@@ -84,6 +87,7 @@ def xavier_uniform_(t: Tensor, gain: float = 1.0) -> Tensor:
     return uniform_(t, -a, a)
 
 
+@validated
 def xavier_normal_(t: Tensor, gain: float = 1.0) -> Tensor:
     fi, fo = fans(t)
     return normal_(t, 0.0, gain * math.sqrt(2.0 / (fi + fo)))
@@ -91,12 +95,13 @@ def xavier_normal_(t: Tensor, gain: float = 1.0) -> Tensor:
 
 def _kaiming_std(t: Tensor, a: float, mode: str, nonlinearity: str) -> float:
     if mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"kaiming init: mode must be 'fan_in' or 'fan_out', got {mode!r}")
+        raise ArgumentError(f"kaiming init: mode must be 'fan_in' or 'fan_out', got {mode!r}")
     fi, fo = fans(t)
     fan = fi if mode == "fan_in" else fo
     return calculate_gain(nonlinearity, a) / math.sqrt(fan)
 
 
+@validated
 def kaiming_uniform_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
                      nonlinearity: str = "leaky_relu") -> Tensor:
     """He et al.: U(-b, b) with b = gain * sqrt(3 / fan). With a=sqrt(5) this is the
@@ -105,6 +110,7 @@ def kaiming_uniform_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
     return uniform_(t, -bound, bound)
 
 
+@validated
 def kaiming_normal_(t: Tensor, a: float = 0.0, mode: str = "fan_in",
                     nonlinearity: str = "leaky_relu") -> Tensor:
     return normal_(t, 0.0, _kaiming_std(t, a, mode, nonlinearity))

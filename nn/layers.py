@@ -1,4 +1,7 @@
-"""Basic layers: Linear, Embedding, LayerNorm, Dropout, activations, FeedForward."""
+"""Basic layers: Linear, Embedding, LayerNorm, Dropout, activations, FeedForward.
+
+Constructor arguments are checked by name (engine.validate.RULES, applied by
+Module.__init_subclass__), so the layers here only check what spans arguments."""
 from __future__ import annotations
 
 import math
@@ -9,7 +12,8 @@ import numpy as np
 import engine as eg
 from engine import Tensor
 from engine.dispatch import check_values
-from engine.errors import DTypeError, ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
+from engine.validate import positive_int
 
 from . import functional as F
 from . import init
@@ -87,8 +91,8 @@ class Embedding(Module):
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx {padding_idx} is outside the table of "
-                                 f"{num_embeddings} entries")
+                raise ArgumentError(f"Embedding: padding_idx {padding_idx} is outside the table of "
+                                    f"{num_embeddings} entries")
             padding_idx %= num_embeddings
         self.padding_idx = padding_idx
         self.init_std = float(init_std)
@@ -137,7 +141,7 @@ class LayerNorm(Module):
                 raise ShapeError(f"LayerNorm: only the last axis can be normalised, got "
                                  f"normalized_shape={tuple(normalized_shape)}")
             normalized_shape = normalized_shape[0]
-        self.normalized_shape = (int(normalized_shape),)
+        self.normalized_shape = (positive_int("normalized_shape", normalized_shape, "LayerNorm"),)
         self.eps = float(eps)
         if elementwise_affine:
             self.weight = Parameter(eg.ones(normalized_shape, dtype=dtype or eg.float32, device=device))
@@ -168,8 +172,6 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -187,6 +189,35 @@ class Identity(Module):
 class ReLU(Module):
     def forward(self, x: Tensor) -> Tensor:
         return eg.relu(x)
+
+
+class Tanh(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.tanh(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.sigmoid(x)
+
+
+class Softmax(Module):
+    """softmax over `dim` (PyTorch's name; no default, as there: say which axis)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.softmax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    def forward(self, x: Tensor) -> Tensor:
+        return eg.log_softmax(x, self.dim)
 
 
 class GELU(Module):

@@ -15,11 +15,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from engine.validate import validated
+from engine.errors import ArgumentError
+
 from .tokenizers import MASK_ID, SPECIAL_TOKENS
 
 __all__ = ["mask_tokens"]
 
 
+@validated
 def mask_tokens(tokens: Any, vocab_size: int, *, rng: np.random.Generator | int | None = None,
                 mask_prob: float = 0.15, mask_token_prob: float = 0.8,
                 random_token_prob: float = 0.1, mask_id: int = MASK_ID,
@@ -32,20 +36,18 @@ def mask_tokens(tokens: Any, vocab_size: int, *, rng: np.random.Generator | int 
     """
     tok = np.asarray(tokens.numpy() if hasattr(tokens, "numpy") else tokens)
     if tok.ndim != 2 or tok.dtype.kind not in "iu":
-        raise ValueError(f"mask_tokens: expected a (batch, time) integer array, got shape "
-                         f"{tok.shape} and dtype {tok.dtype}")
-    if not (0.0 <= mask_prob <= 1.0 and mask_token_prob >= 0 and random_token_prob >= 0
-            and mask_token_prob + random_token_prob <= 1.0):
-        raise ValueError(f"mask_tokens: need 0 <= mask_prob <= 1 and mask_token_prob + "
-                         f"random_token_prob <= 1, got {mask_prob}, {mask_token_prob}, "
-                         f"{random_token_prob}")
+        raise ArgumentError(f"mask_tokens: expected a (batch, time) integer array, got shape "
+                            f"{tok.shape} and dtype {tok.dtype}")
+    if mask_token_prob + random_token_prob > 1.0:      # each in [0, 1]: checked by name
+        raise ArgumentError(f"mask_tokens: need mask_token_prob + random_token_prob <= 1, got "
+                            f"{mask_token_prob} + {random_token_prob}")
     special = np.array(sorted(set(int(s) for s in special_ids)), dtype=np.int64)
     if tok.size and (tok.min() < 0 or tok.max() >= vocab_size):
-        raise ValueError(f"mask_tokens: token ids must be in [0, {vocab_size}), got "
+        raise ArgumentError(f"mask_tokens: token ids must be in [0, {vocab_size}), got "
                          f"[{tok.min()}, {tok.max()}]")
     normal = np.setdiff1d(np.arange(vocab_size), special)
     if normal.size == 0:
-        raise ValueError(f"mask_tokens: no non-special ids below vocab_size={vocab_size}")
+        raise ArgumentError(f"mask_tokens: no non-special ids below vocab_size={vocab_size}")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
     tok = tok.astype(np.int64)

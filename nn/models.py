@@ -23,7 +23,7 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import DTypeError, ShapeError
+from engine.errors import ArgumentError, DTypeError, ShapeError
 
 from .containers import ModuleList
 from .layers import Dropout, Embedding, LayerNorm, Linear
@@ -51,8 +51,8 @@ class TransformerEmbedding(Module):
                  layer_norm_eps: float = 1e-5, dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
         if positional not in _POSITIONAL:
-            raise ValueError(f"TransformerEmbedding: positional must be one of {_POSITIONAL}, "
-                             f"got {positional!r}")
+            raise ArgumentError(f"TransformerEmbedding: positional must be one of {_POSITIONAL}, "
+                                f"got {positional!r}")
         std = d_model ** -0.5 if init_std is None else init_std
         self.token = Embedding(vocab_size, d_model, padding_idx, std, dtype, device)
         if positional == "learned":
@@ -103,8 +103,8 @@ def _cache_offset(model: str, cache: DecoderCache | None, offset: int) -> int:
     if cache is None:
         return offset
     if offset not in (0, cache.length):
-        raise ValueError(f"{model}: offset={offset} contradicts the cache, which holds "
-                         f"{cache.length} positions (leave offset at 0 with a cache)")
+        raise ArgumentError(f"{model}: offset={offset} contradicts the cache, which holds "
+                            f"{cache.length} positions (leave offset at 0 with a cache)")
     return cache.length
 
 
@@ -137,8 +137,8 @@ class Seq2SeqTransformer(Module):
         super().__init__()
         tgt_vocab = src_vocab if tgt_vocab is None else tgt_vocab
         if share_embeddings and src_vocab != tgt_vocab:
-            raise ValueError(f"Seq2SeqTransformer: share_embeddings needs src_vocab == tgt_vocab, "
-                             f"got {src_vocab} and {tgt_vocab}")
+            raise ArgumentError(f"Seq2SeqTransformer: share_embeddings needs src_vocab == tgt_vocab, "
+                                f"got {src_vocab} and {tgt_vocab}")
 
         def embedding(vocab: int) -> TransformerEmbedding:
             return TransformerEmbedding(vocab, d_model, max_len, positional, scale_embedding,

@@ -17,8 +17,9 @@ import engine as eg
 from ops.dtypes import as_dtype
 from engine import Tensor
 from engine.creation import transfer
-from engine.errors import DTypeError, EngineError, ShapeError
+from engine.errors import ArgumentTypeError, DTypeError, EngineError, ShapeError
 from engine.state import get_backend
+from engine.validate import check_tensors, validate_init
 
 from .parameter import Parameter
 
@@ -47,6 +48,11 @@ class Module:
 
     training: bool
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's constructor checks its arguments (engine.validate.RULES)."""
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
+
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
@@ -74,18 +80,18 @@ class Module:
                 target[name] = value            # a reassignment keeps its place in the order
             elif name in params:
                 if value is not None:
-                    raise TypeError(f"{type(self).__name__}.{name} is a parameter: assign an "
-                                    f"nn.Parameter or None, not {type(value).__name__}")
+                    raise ArgumentTypeError(f"{type(self).__name__}.{name} is a parameter: assign an "
+                                            f"nn.Parameter or None, not {type(value).__name__}")
                 params[name] = None
             elif name in mods:
                 if value is not None:
-                    raise TypeError(f"{type(self).__name__}.{name} is a submodule: assign an "
-                                    f"nn.Module or None, not {type(value).__name__}")
+                    raise ArgumentTypeError(f"{type(self).__name__}.{name} is a submodule: assign an "
+                                            f"nn.Module or None, not {type(value).__name__}")
                 mods[name] = None
             else:  # a buffer
                 if value is not None and not isinstance(value, Tensor):
-                    raise TypeError(f"{type(self).__name__}.{name} is a buffer: assign a "
-                                    f"Tensor or None, not {type(value).__name__}")
+                    raise ArgumentTypeError(f"{type(self).__name__}.{name} is a buffer: assign a "
+                                            f"Tensor or None, not {type(value).__name__}")
                 bufs[name] = value
         object.__setattr__(self, name, value)
 
@@ -98,16 +104,16 @@ class Module:
     def register_parameter(self, name: str, param: Parameter | None) -> None:
         """Register `param` (or None: a declared but absent parameter, e.g. bias=False)."""
         if param is not None and not isinstance(param, Parameter):
-            raise TypeError(f"register_parameter({name!r}): expected an nn.Parameter or None, "
-                            f"got {type(param).__name__}")
+            raise ArgumentTypeError(f"register_parameter({name!r}): expected an nn.Parameter or None, "
+                                    f"got {type(param).__name__}")
         self._registries()[0][name] = param
         object.__setattr__(self, name, param)
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         """State that is not learned; persistent buffers are part of state_dict()."""
         if tensor is not None and not isinstance(tensor, Tensor):
-            raise TypeError(f"register_buffer({name!r}): expected a Tensor or None, "
-                            f"got {type(tensor).__name__}")
+            raise ArgumentTypeError(f"register_buffer({name!r}): expected a Tensor or None, "
+                                    f"got {type(tensor).__name__}")
         self._registries()[1][name] = tensor
         if persistent:
             self.__dict__["_non_persistent"].discard(name)
@@ -117,7 +123,7 @@ class Module:
 
     def add_module(self, name: str, module: "Module | None") -> None:
         if module is not None and not isinstance(module, Module):
-            raise TypeError(f"add_module({name!r}): expected an nn.Module, got {type(module).__name__}")
+            raise ArgumentTypeError(f"add_module({name!r}): expected an nn.Module, got {type(module).__name__}")
         self._registries()[2][name] = module
         object.__setattr__(self, name, module)
 
@@ -125,8 +131,12 @@ class Module:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = getattr(self, "forward", None)
         if forward is None:
-            raise TypeError(f"{type(self).__name__} defines no forward(); subclasses of "
-                            f"nn.Module implement forward(self, ...)")
+            raise ArgumentTypeError(f"{type(self).__name__} defines no forward(); subclasses of "
+                                    f"nn.Module implement forward(self, ...)")
+        # Arguments that forward annotates as Tensor must be Tensors (as in PyTorch: a list
+        # or NumPy array is refused with the argument's name, not an AttributeError inside).
+        check_tensors(getattr(forward, "__func__", forward), type(self).__name__, args, kwargs,
+                      offset=1 if hasattr(forward, "__func__") else 0)
         return forward(*args, **kwargs)
 
     # -- traversal ----------------------------------------------------------------------------
@@ -223,6 +233,9 @@ class Module:
         `strict`) and ShapeError for a shape mismatch, naming the entry. Nothing is
         changed unless every entry fits.
         """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise ArgumentTypeError(f"{type(self).__name__}.load_state_dict: expected a mapping of names "
+                            f"to arrays, got {type(state_dict).__name__}")
         targets = self._state_targets()
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict if k not in targets]

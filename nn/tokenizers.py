@@ -30,8 +30,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from engine.errors import ArgumentError, ArgumentTypeError, EngineError
+from engine.validate import validated
+
+from .files import atomic_write
+
 __all__ = ["SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "MASK_ID", "Tokenizer",
-           "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+           "CharTokenizer", "BPETokenizer", "load_tokenizer", "TokenizerError"]
+
+class TokenizerError(EngineError, ValueError):
+    """A tokenizer file that cannot be read: not JSON, not a tokenizer, or damaged."""
+
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
@@ -68,7 +77,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """text -> token ids, optionally framed by <bos> ... <eos>."""
         if not isinstance(text, str):
-            raise TypeError(f"{type(self).__name__}.encode: expected str, got {type(text).__name__}")
+            raise ArgumentTypeError(f"{type(self).__name__}.encode: expected str, got {type(text).__name__}")
         ids = self._encode(text)
         return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
@@ -80,8 +89,8 @@ class Tokenizer:
         n = self.vocab_size
         for i in (int(t) for t in ids):
             if not 0 <= i < n:
-                raise ValueError(f"{type(self).__name__}.decode: id {i} outside the vocabulary "
-                                 f"[0, {n})")
+                raise ArgumentError(f"{type(self).__name__}.decode: id {i} outside the vocabulary "
+                                    f"[0, {n})")
             if i < _N_SPECIAL:
                 if not skip_special:
                     out += SPECIAL_TOKENS[i].encode()
@@ -120,16 +129,15 @@ class Tokenizer:
         path = os.fspath(path)
         data = {"type": self.kind, "version": 1, "special_tokens": list(SPECIAL_TOKENS),
                 **self.to_dict()}
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=True, indent=0)   # lone surrogates survive
-        os.replace(tmp, path)
+        # ensure_ascii: lone surrogates survive
+        atomic_write(path, lambda f: json.dump(data, f, ensure_ascii=True, indent=0), binary=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         tok = load_tokenizer(path)
         if not isinstance(tok, cls):
-            raise ValueError(f"{os.fspath(path)!r} holds a {type(tok).__name__}, not a {cls.__name__}")
+            raise TokenizerError(f"{os.fspath(path)!r} holds a {type(tok).__name__}, not a "
+                                 f"{cls.__name__}")
         return tok
 
 
@@ -142,7 +150,7 @@ class CharTokenizer(Tokenizer):
         alphabet = sorted(set(chars))
         bad = [c for c in alphabet if len(c) != 1]
         if bad:
-            raise ValueError(f"CharTokenizer: expected single characters, got {bad[:3]}")
+            raise ArgumentError(f"CharTokenizer: expected single characters, got {bad[:3]}")
         self.chars = alphabet
         self._ids = {c: i + _N_SPECIAL for i, c in enumerate(alphabet)}
         self._pieces = [c.encode("utf-8", errors="surrogatepass") for c in alphabet]
@@ -171,7 +179,7 @@ class CharTokenizer(Tokenizer):
         n, parts = self.vocab_size, []
         for i in (int(t) for t in ids):
             if not 0 <= i < n:
-                raise ValueError(f"CharTokenizer.decode: id {i} outside the vocabulary [0, {n})")
+                raise ArgumentError(f"CharTokenizer.decode: id {i} outside the vocabulary [0, {n})")
             if i >= _N_SPECIAL:
                 parts.append(self.chars[i - _N_SPECIAL])
             elif not skip_special:
@@ -204,10 +212,10 @@ class BPETokenizer(Tokenizer):
         for rank, (a, b) in enumerate(self.merges):
             new = len(self._pieces)
             if not (_N_SPECIAL <= a < new and _N_SPECIAL <= b < new):
-                raise ValueError(f"BPETokenizer: merge {rank} ({a}, {b}) refers to an id that is "
-                                 f"special or not yet defined (< {new})")
+                raise ArgumentError(f"BPETokenizer: merge {rank} ({a}, {b}) refers to an id that is "
+                                    f"special or not yet defined (< {new})")
             if (a, b) in self._ranks:
-                raise ValueError(f"BPETokenizer: merge ({a}, {b}) appears twice")
+                raise ArgumentError(f"BPETokenizer: merge ({a}, {b}) appears twice")
             self._ranks[(a, b)] = rank
             self._pieces.append(self._pieces[a] + self._pieces[b])
         self._cache: dict[str, list[int]] = {}
@@ -221,6 +229,7 @@ class BPETokenizer(Tokenizer):
 
     # -- training ---------------------------------------------------------------------------
     @classmethod
+    @validated
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
         """Learn merges until the vocabulary (5 specials + 256 bytes + merges) has
         `vocab_size` tokens, or no pair occurs `min_frequency` times.
@@ -231,8 +240,8 @@ class BPETokenizer(Tokenizer):
         """
         base = _N_SPECIAL + 256
         if vocab_size < base:
-            raise ValueError(f"BPETokenizer.train: vocab_size must be >= {base} (5 specials + 256 "
-                             f"bytes), got {vocab_size}")
+            raise ArgumentError(f"BPETokenizer.train: vocab_size must be >= {base} (5 specials + 256 "
+                                f"bytes), got {vocab_size}")
         counts: Counter[str] = Counter()
         for t in texts:
             counts.update(_chunks(t))
@@ -333,17 +342,26 @@ class BPETokenizer(Tokenizer):
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a tokenizer saved by `save`, whichever kind it is."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    with open(path, "rb") as f:                 # a missing file stays FileNotFoundError
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TokenizerError(f"load_tokenizer: {path!r} is not a tokenizer file: not valid "
+                             f"JSON ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict) or data.get("type") not in ("char", "bpe"):
-        raise ValueError(f"{path!r} is not a tokenizer file (expected a JSON object with "
-                         f"type 'char' or 'bpe')")
+        raise TokenizerError(f"load_tokenizer: {path!r} is not a tokenizer file (expected a JSON "
+                             f"object with type 'char' or 'bpe')")
     if data.get("special_tokens") != list(SPECIAL_TOKENS):
-        raise ValueError(f"{path!r}: special tokens {data.get('special_tokens')} differ from "
-                         f"{list(SPECIAL_TOKENS)}")
-    if data["type"] == "char":
-        return CharTokenizer(data["chars"])
-    if data.get("pattern") != CHUNK_PATTERN:
-        raise ValueError(f"{path!r}: saved with another chunk pattern; its merges would split "
-                         f"text differently")
-    return BPETokenizer([tuple(m) for m in data["merges"]])
+        raise TokenizerError(f"load_tokenizer: {path!r}: special tokens "
+                             f"{data.get('special_tokens')} differ from {list(SPECIAL_TOKENS)}")
+    if data["type"] == "bpe" and data.get("pattern") != CHUNK_PATTERN:
+        raise TokenizerError(f"load_tokenizer: {path!r}: saved with another chunk pattern; its "
+                             f"merges would split text differently")
+    try:
+        if data["type"] == "char":
+            return CharTokenizer(data["chars"])
+        return BPETokenizer([tuple(m) for m in data["merges"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TokenizerError(f"load_tokenizer: {path!r} is a damaged {data['type']} tokenizer "
+                             f"file: {type(e).__name__}: {e}") from e

@@ -20,8 +20,11 @@ Conventions (what makes `resume=True` reproduce an uninterrupted run exactly):
 `jit=True` traces one update (loss, backward, clipping, optimizer step) with eg.jit.
 State that changes between steps must then live in tensors: build Adam/AdamW with
 `capturable=True` and, when a scheduler is used, a 0-d tensor lr (schedulers write it
-in place). The first update of every call runs eagerly, so lazily created optimizer
-state (SGD's momentum buffer) exists before tracing. Switching model.train()/eval()
+in place). Update 0 runs eagerly, so lazily created optimizer state (SGD's momentum
+buffer) exists before tracing; a resumed run has that state from its checkpoint and
+compiles its first update, so every update past the first runs the same compiled
+program whether or not the run was interrupted (eager and compiled steps agree only to
+rounding: their sums run in different orders). Switching model.train()/eval()
 for evaluation makes the next compiled step retrace (the jit keys programs on it).
 """
 from __future__ import annotations
@@ -37,9 +40,13 @@ from typing import Any, Callable
 import numpy as np
 
 import engine as eg
+from engine.errors import ArgumentError
 from engine import Tensor
 
+from engine.validate import validated
+
 from .checkpoint import load, save
+from .files import atomic_write
 from .optim.clip import clip_grad_norm_
 
 __all__ = ["train", "read_log", "plot_losses", "step_seed"]
@@ -122,8 +129,7 @@ class _Log:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        def write(f: Any) -> None:
             if self.csv:
                 w = csv.DictWriter(f, fieldnames=self.columns)
                 w.writeheader()
@@ -131,7 +137,7 @@ class _Log:
             else:
                 for r in self.rows:
                     f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, write, binary=False)
 
     def append(self, rec: dict) -> None:
         if self.path is None:
@@ -190,12 +196,12 @@ def _check_jit(optimizer: Any, scheduler: Any) -> None:
     """Refuse configurations whose jitted step would silently freeze a changing number."""
     for i, g in enumerate(optimizer.param_groups):
         if scheduler is not None and not isinstance(g["lr"], Tensor):
-            raise ValueError(f"train(jit=True): parameter group {i} has a Python float lr, which "
-                             f"the compiled step would freeze while the scheduler changes it; "
-                             f"pass lr=eg.tensor(lr) to the optimizer")
+            raise ArgumentError(f"train(jit=True): parameter group {i} has a Python float lr, which "
+                                f"the compiled step would freeze while the scheduler changes it; "
+                                f"pass lr=eg.tensor(lr) to the optimizer")
         if "capturable" in g and not g["capturable"]:
-            raise ValueError(f"train(jit=True): {type(optimizer).__name__} keeps its step count "
-                             f"in a Python int; build it with capturable=True")
+            raise ArgumentError(f"train(jit=True): {type(optimizer).__name__} keeps its step count "
+                                f"in a Python int; build it with capturable=True")
 
 
 def _make_step(model: Any, optimizer: Any, loss_fn: Callable, params: list[Tensor],
@@ -210,6 +216,7 @@ def _make_step(model: Any, optimizer: Any, loss_fn: Callable, params: list[Tenso
     return step
 
 
+@validated
 def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
           loss_fn: Callable[[Any, Any], Tensor], *, steps: int, scheduler: Any = None,
           clip_norm: float | None = None, eval_fn: Callable[[Any], dict] | None = None,
@@ -227,13 +234,10 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     the file exists (and starts from scratch when it does not). `print_every=0`
     prints nothing.
     """
-    if steps < 0 or eval_every < 0 or checkpoint_every < 0 or print_every < 0:
-        raise ValueError(f"train: steps, eval_every, checkpoint_every and print_every must be "
-                         f">= 0, got {steps}, {eval_every}, {checkpoint_every}, {print_every}")
     if checkpoint_every and checkpoint is None:
-        raise ValueError("train: checkpoint_every needs a checkpoint path")
+        raise ArgumentError("train: checkpoint_every needs a checkpoint path")
     if resume and checkpoint is None:
-        raise ValueError("train: resume=True needs a checkpoint path")
+        raise ArgumentError("train: resume=True needs a checkpoint path")
     if jit:
         _check_jit(optimizer, scheduler)
 
@@ -242,11 +246,11 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
         meta = load(checkpoint, model, optimizer)
         start = int(meta["step"])
         if meta.get("seed", seed) != seed:
-            raise ValueError(f"train: {checkpoint!r} was written by a run with seed "
-                             f"{meta['seed']}, resuming with seed {seed} would not continue it")
+            raise ArgumentError(f"train: {checkpoint!r} was written by a run with seed "
+                                f"{meta['seed']}, resuming with seed {seed} would not continue it")
         if scheduler is not None:
             if "scheduler" not in meta:
-                raise ValueError(f"train: {checkpoint!r} holds no scheduler state")
+                raise ArgumentError(f"train: {checkpoint!r} holds no scheduler state")
             scheduler.load_state_dict(meta["scheduler"])
         if print_every:
             print(f"resumed from {checkpoint} at step {start}/{steps}", flush=True)
@@ -270,7 +274,7 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
         eg.manual_seed(step_seed(seed, i))
         batch = batch_fn(i)
         lr = _lr(optimizer)
-        fn = compiled if compiled is not None and i > start else eager_step
+        fn = compiled if compiled is not None and i > 0 else eager_step
         loss, norm = fn(batch)
         loss_value = float(loss.item())
         if scheduler is not None:

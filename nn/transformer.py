@@ -15,7 +15,7 @@ import copy
 from typing import Any, Sequence
 
 from engine import Tensor
-from engine.errors import ShapeError
+from engine.errors import ArgumentError, ShapeError
 
 from . import functional as F
 from .attention import KVCache, MultiheadAttention
@@ -137,11 +137,11 @@ def _layer_list(owner: str, layer: Module | Sequence[Module], num_layers: int | 
     given layers as they are (independent initialisations)."""
     if isinstance(layer, Module):
         if num_layers is None or num_layers < 0:
-            raise ValueError(f"{owner}: give num_layers >= 0 with a single layer to copy")
+            raise ArgumentError(f"{owner}: give num_layers >= 0 with a single layer to copy")
         return ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
     layers = list(layer)
     if num_layers is not None and num_layers != len(layers):
-        raise ValueError(f"{owner}: num_layers={num_layers} but {len(layers)} layers were given")
+        raise ArgumentError(f"{owner}: num_layers={num_layers} but {len(layers)} layers were given")
     return ModuleList(layers)
 
 
@@ -169,8 +169,8 @@ class DecoderCache:
 
     def check(self, owner: str, num_layers: int) -> None:
         if len(self.self_attn) != num_layers:
-            raise ValueError(f"{owner}: the cache was made for {len(self.self_attn)} layers, "
-                             f"the model has {num_layers}")
+            raise ArgumentError(f"{owner}: the cache was made for {len(self.self_attn)} layers, "
+                                f"the model has {num_layers}")
 
 
 class TransformerEncoder(Module):

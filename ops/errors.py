@@ -30,5 +30,13 @@ class TraceError(EngineError, RuntimeError):
     """An operation that needs concrete values was asked of a traced tensor."""
 
 
+class ArgumentError(EngineError, ValueError):
+    """An argument outside its allowed range (a size of 0, a probability above 1, a NaN rate)."""
+
+
+class ArgumentTypeError(EngineError, TypeError):
+    """An argument of the wrong kind (a float size, a list where a Tensor is needed)."""
+
+
 class OpError(EngineError, RuntimeError):
     """An op failed for a reason its shape and dtype rules did not foresee."""

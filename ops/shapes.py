@@ -34,11 +34,12 @@ def normalize_axis(op: str, axis: Any, ndim: int) -> tuple | None:
     """`axis` (None, int or sequence) -> None or a sorted tuple of non-negative ints."""
     if axis is None:
         return None
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     out = []
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool):
+        if not hasattr(a, "__index__") or isinstance(a, bool) or type(a).__name__ == "bool_":
             raise ShapeError(f"{op}: axis must be an int or a sequence of ints, got {axis!r}")
+        a = a.__index__()
         if not -ndim <= a < ndim:
             raise ShapeError(f"{op}: axis {a} is out of range for a tensor with {ndim} dimensions")
         out.append(a % ndim)

@@ -69,3 +69,70 @@ def test_toy_model_trains_in_mixed_precision():
         scaler.update()
     assert loss.item() < 0.05 * first
     assert all(p.dtype == np.float32 for p in model.parameters())
+
+
+def _tied_logits_case(scale):
+    """Hidden states and a tied output table whose float16 logits reach ~5.6e4: they fit
+    float16 (max 65504), but the max-shifted logits of a softmax (x - max) do not."""
+    rng = np.random.default_rng(0)
+    h = eg.tensor(rng.standard_normal((4, 8)).astype(np.float32) * scale, requires_grad=True)
+    table = nn.Parameter(eg.tensor(rng.standard_normal((6, 8)).astype(np.float32) * scale))
+    return h, table, eg.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_large_float16_logits_give_a_finite_float32_loss():
+    h, table, target = _tied_logits_case(100.0)
+    with eg.autocast():
+        logits = h @ table.T
+        loss = nn.functional.cross_entropy(logits, target)
+    assert logits.dtype == np.float16 and np.isfinite(logits.numpy()).all()
+    assert loss.dtype == np.float32 and np.isfinite(loss.item())
+    z = logits.numpy().astype(np.float64)
+    shifted = z - z.max(1, keepdims=True)
+    ref = -(shifted - np.log(np.exp(shifted).sum(1, keepdims=True)))[np.arange(4), [0, 1, 2, 3]]
+    assert loss.item() == pytest.approx(ref.mean(), rel=1e-6)
+    mse = nn.functional.mse_loss(logits, eg.zeros(4, 6, dtype=eg.float16))
+    assert mse.dtype == np.float32 and np.isfinite(mse.item())     # squares of 5e4 overflow float16
+    loss.backward()
+    assert np.isfinite(table.grad.numpy()).all() and table.grad.dtype == np.float32
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_overflowing_logits_skip_the_step_and_never_make_parameters_nan(optimizer):
+    """Weights so large that the float16 matmul overflows: the loss is not finite, the
+    scaler finds inf/NaN gradients, skips the update and backs off; parameters and
+    optimizer state stay exactly as they were, and training continues once the
+    activations fit again."""
+    eg.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    with eg.no_grad():
+        model[0].weight[...] = 7e4 * eg.ones(8, 16)          # beyond float16's 65504
+    opt = (nn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optimizer == "SGD"
+           else nn.optim.AdamW(model.parameters(), lr=1e-3))
+    scaler = nn.amp.GradScaler(init_scale=2.0 ** 10)
+    x, target = eg.ones(4, 8), eg.tensor([0, 1, 2, 3])
+    before = [p.numpy().copy() for p in model.parameters()]
+
+    def step():
+        opt.zero_grad()
+        with eg.autocast():
+            loss = nn.functional.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        stepped = scaler.step(opt)
+        scaler.update()
+        return loss, stepped
+
+    loss, stepped = step()
+    assert not np.isfinite(loss.item()) and not stepped
+    assert scaler.skipped_steps == 1 and scaler.scale_value == 2.0 ** 9
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.numpy(), b)
+    assert all(np.isfinite(t.numpy()).all() for s in opt.state.values() for t in s.values()
+               if isinstance(t, eg.Tensor))
+    with eg.no_grad():
+        model[0].weight[...] = 0.1 * eg.ones(8, 16)
+    loss, stepped = step()
+    assert np.isfinite(loss.item()) and stepped
+    assert all(np.isfinite(p.numpy()).all() for p in model.parameters())

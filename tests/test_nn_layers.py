@@ -208,6 +208,6 @@ def test_gradcheck_sees_non_contiguous_inputs():
     """Regression (engine/gradcheck.py): a transposed float64 input, such as the K^T view
     attention feeds to matmul, used to get an all-zero numeric gradient."""
     a = rand(2, 3, 4)
-    b = rand(2, 5, 4, seed=1).transpose(0, 2, 1)
+    b = rand(2, 5, 4, seed=1).permute(0, 2, 1)
     assert not b.numpy().flags.c_contiguous
     assert eg.gradcheck(lambda x, y: x @ y, a, b)

@@ -321,7 +321,7 @@ def test_optimizer_errors():
         optim.SGD([p * 2], lr=0.1)
     with pytest.raises(ValueError, match="lr must be >= 0"):
         optim.Adam([p], lr=-1.0)
-    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\)"):
         optim.AdamW([p], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="Nesterov momentum needs"):
         optim.SGD([p], lr=0.1, nesterov=True)

@@ -36,11 +36,11 @@ def _multi_head_attention(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Ten
     heads = 2
 
     def split(m: Tensor) -> Tensor:
-        return m.reshape(t, heads, width // heads).transpose(1, 0, 2)
+        return m.reshape(t, heads, width // heads).permute(1, 0, 2)
 
     o = ops.composite.scaled_dot_product_attention(split(x @ wq.T), split(x @ wk.T),
                                                    split(x @ wv.T))
-    return o.transpose(1, 0, 2).reshape(t, width) @ wo.T
+    return o.permute(1, 0, 2).reshape(t, width) @ wo.T
 
 
 @dataclass(frozen=True)

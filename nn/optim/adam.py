@@ -28,7 +28,7 @@ import engine as eg
 from engine import Tensor
 from engine.errors import TraceError
 
-from .optimizer import Optimizer, check_hyper
+from .optimizer import Optimizer
 
 
 def _as_dtype(x: Any, dtype: Any) -> Any:
@@ -41,8 +41,6 @@ class Adam(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, capturable: bool = False) -> None:
-        check_hyper(type(self).__name__, lr=lr if not isinstance(lr, Tensor) else 0.0, eps=eps,
-                    weight_decay=weight_decay, betas=tuple(betas))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, capturable=bool(capturable)))
         for g in self.param_groups:

@@ -7,6 +7,7 @@ from typing import Iterable
 import engine as eg
 from engine import Tensor
 from engine.errors import GradError
+from engine.validate import validated
 
 
 def _with_grad(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -14,6 +15,7 @@ def _with_grad(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
     return [p for p in params if p.grad is not None]
 
 
+@validated
 def clip_grad_norm_(parameters: Iterable[Tensor] | Tensor, max_norm: float,
                     norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
     """Scale all gradients together so that their joint norm is at most max_norm.
@@ -47,6 +49,7 @@ def clip_grad_norm_(parameters: Iterable[Tensor] | Tensor, max_norm: float,
     return total
 
 
+@validated
 def clip_grad_value_(parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
     """Clamp every gradient element to [-clip_value, clip_value]."""
     with eg.no_grad():

@@ -11,10 +11,12 @@ lr = initial_lr * factor(step), with step = 0 at construction and +1 per
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import engine as eg
 from engine import Tensor
+from engine.errors import ArgumentError, ArgumentTypeError
+from engine.validate import validate_init
 
 from .optimizer import Optimizer
 
@@ -25,7 +27,7 @@ def _value(lr: float | Tensor) -> float:
 
 def noam_factor(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
     if warmup_steps <= 0:
-        raise ValueError(f"noam: warmup_steps must be > 0, got {warmup_steps}")
+        raise ArgumentError(f"noam: warmup_steps must be > 0, got {warmup_steps}")
     s = max(int(step), 1)
     return scale * d_model ** -0.5 * min(s ** -0.5, s * warmup_steps ** -1.5)
 
@@ -33,8 +35,8 @@ def noam_factor(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int,
                          min_ratio: float = 0.0) -> float:
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_cosine: need 0 <= warmup_steps <= total_steps and total_steps "
-                         f"> 0, got warmup_steps={warmup_steps}, total_steps={total_steps}")
+        raise ArgumentError(f"warmup_cosine: need 0 <= warmup_steps <= total_steps and total_steps "
+                            f"> 0, got warmup_steps={warmup_steps}, total_steps={total_steps}")
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -44,11 +46,18 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int,
 class LambdaLR:
     """lr of group i = initial_lr_i * lr_lambda(step)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
+
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float],
                  last_epoch: int = -1) -> None:
+        if not callable(lr_lambda):
+            raise ArgumentTypeError(f"{type(self).__name__}: lr_lambda must be callable, got "
+                            f"{type(lr_lambda).__name__}")
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"{type(self).__name__}: expected an nn.optim Optimizer, got "
-                            f"{type(optimizer).__name__}")
+            raise ArgumentTypeError(f"{type(self).__name__}: expected an nn.optim Optimizer, got "
+                                    f"{type(optimizer).__name__}")
         self.optimizer = optimizer
         self.lr_lambda = lr_lambda
         for g in optimizer.param_groups:
@@ -114,5 +123,7 @@ class WarmupCosineLR(LambdaLR):
     def _factor(self, step: int) -> float:
         return warmup_cosine_factor(step, self.warmup_steps, self.total_steps, self.min_ratio)
 
+
+validate_init(LambdaLR)
 
 __all__ = ["LambdaLR", "NoamLR", "WarmupCosineLR", "noam_factor", "warmup_cosine_factor"]

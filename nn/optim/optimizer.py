@@ -13,16 +13,17 @@ import numpy as np
 
 import engine as eg
 from engine import Tensor
-from engine.errors import GradError, ShapeError
+from engine.errors import ArgumentError, ArgumentTypeError, GradError, ShapeError
+from engine.validate import RULES, validate_init
 
 
 def _as_groups(params: Any) -> list[dict]:
     if isinstance(params, Tensor):
-        raise TypeError("optimizer: params must be an iterable of tensors or of dicts, got a "
-                        "single Tensor (wrap it in a list)")
+        raise ArgumentTypeError("optimizer: params must be an iterable of tensors or of dicts, got a "
+                                "single Tensor (wrap it in a list)")
     items = list(params)
     if not items:
-        raise ValueError("optimizer: got an empty parameter list")
+        raise ArgumentError("optimizer: got an empty parameter list")
     if isinstance(items[0], dict):
         return [dict(g) for g in items]
     return [{"params": items}]
@@ -30,6 +31,11 @@ def _as_groups(params: Any) -> list[dict]:
 
 class Optimizer:
     """Base class: subclasses implement `_update(p, grad, state, group)`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Constructor arguments are checked by name (engine.validate.RULES)."""
+        super().__init_subclass__(**kwargs)
+        validate_init(cls)
 
     def __init__(self, params: Iterable[Any], defaults: dict) -> None:
         self.defaults = dict(defaults)
@@ -45,19 +51,22 @@ class Optimizer:
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         for p in params:
             if not isinstance(p, Tensor):
-                raise TypeError(f"{type(self).__name__}: can only optimize Tensors, got "
-                                f"{type(p).__name__}")
+                raise ArgumentTypeError(f"{type(self).__name__}: can only optimize Tensors, got "
+                                        f"{type(p).__name__}")
             if not p.is_leaf:
                 raise GradError(f"{type(self).__name__}: cannot optimize a non-leaf tensor (made "
                                 f"by {p.grad_fn}, shape {tuple(p.shape)})")
             if id(p) in seen:
-                raise ValueError(f"{type(self).__name__}: a parameter (shape {tuple(p.shape)}) "
-                                 f"appears in more than one place")
+                raise ArgumentError(f"{type(self).__name__}: a parameter (shape {tuple(p.shape)}) "
+                                    f"appears in more than one place")
             seen.add(id(p))
         unknown = set(group) - set(self.defaults) - {"params", "initial_lr"}
         if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown options {sorted(unknown)}; known: "
-                             f"{sorted(self.defaults)}")
+            raise ArgumentError(f"{type(self).__name__}: unknown options {sorted(unknown)}; known: "
+                                f"{sorted(self.defaults)}")
+        for k, v in group.items():              # per-group overrides obey the same rules
+            if k in RULES and k != "params":
+                RULES[k](k, v, f"{type(self).__name__} parameter group")
         full = dict(self.defaults)
         full.update(group)
         full["params"] = params
@@ -111,20 +120,20 @@ class Optimizer:
         floating ones cast to its dtype."""
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(groups)} parameter "
-                             f"groups in the state dict, {len(self.param_groups)} here")
+            raise ArgumentError(f"{type(self).__name__}.load_state_dict: {len(groups)} parameter "
+                                f"groups in the state dict, {len(self.param_groups)} here")
         for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"{type(self).__name__}.load_state_dict: group {i} has "
-                                 f"{len(saved['params'])} parameters in the state dict, "
-                                 f"{len(mine['params'])} here")
+                raise ArgumentError(f"{type(self).__name__}.load_state_dict: group {i} has "
+                                    f"{len(saved['params'])} parameters in the state dict, "
+                                    f"{len(mine['params'])} here")
         params = self._params()
         new_state: dict[int, dict] = {}
         for key, s in state_dict["state"].items():
             i = int(key)
             if not 0 <= i < len(params):
-                raise ValueError(f"{type(self).__name__}.load_state_dict: state for parameter "
-                                 f"{i}, but there are {len(params)}")
+                raise ArgumentError(f"{type(self).__name__}.load_state_dict: state for parameter "
+                                    f"{i}, but there are {len(params)}")
             p = params[i]
             entry = {}
             for name, v in s.items():
@@ -168,12 +177,3 @@ class Optimizer:
                     lines.append(f"    {k}: {g[k]}")
         return "\n".join(lines) + "\n)"
 
-
-def check_hyper(name: str, **values: Any) -> None:
-    """Raise a clear ValueError for a negative learning rate, eps, decay or momentum."""
-    for k, v in values.items():
-        if k == "betas":
-            if not (len(v) == 2 and all(0.0 <= b < 1.0 for b in v)):
-                raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {v}")
-        elif v < 0.0:
-            raise ValueError(f"{name}: {k} must be >= 0, got {v}")

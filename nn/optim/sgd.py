@@ -15,18 +15,17 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import engine as eg
+from engine.errors import ArgumentError
 from engine import Tensor
 
-from .optimizer import Optimizer, check_hyper
+from .optimizer import Optimizer
 
 
 class SGD(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
-        check_hyper("SGD", lr=lr if not isinstance(lr, Tensor) else 0.0, momentum=momentum,
-                    weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
+            raise ArgumentError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
