@@ -3,8 +3,8 @@
 Elementwise ops run as `cupy.ElementwiseKernel`s whose bodies `backends.cprint`
 prints from each spec's sympy expression (one kernel per op and compute dtype,
 built on first use). Reductions, matmul (cuBLAS), movement and indexing use CuPy
-directly; index_add uses `cupy.add.at`; random numbers come from a device
-generator that `seed()` resets. The hot composites (softmax, log_softmax,
+directly; index_add uses `cupy.add.at`; random numbers are the engine's Philox
+stream, one elementwise kernel per draw. The hot composites (softmax, log_softmax,
 layer_norm) have hand-written fused kernels, kept here as source templates so CI
 can compile them with `nvcc` on machines without a GPU.
 
@@ -15,6 +15,7 @@ time someone asks for "cuda": without CuPy or without a GPU it raises
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import string
 from dataclasses import dataclass
@@ -263,9 +264,8 @@ class CupyBackend(Backend):
     # Methods that must run with this backend's GPU current ("cuda:N" with N given).
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
                        "reshape", "transpose", "broadcast_to", "concatenate", "pad", "where",
-                       "getitem", "index_add", "setitem", "seed", "random_normal",
-                       "random_uniform", "bernoulli", "from_dlpack", "softmax", "log_softmax",
-                       "layer_norm", "to_numpy", "matmul_out")
+                       "getitem", "index_add", "setitem", "random", "from_dlpack", "softmax",
+                       "log_softmax", "layer_norm", "to_numpy", "matmul_out")
 
     def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
         self.cp = cupy_module
@@ -277,7 +277,6 @@ class CupyBackend(Backend):
         if self._device is not None:
             for name in self._DEVICE_METHODS:
                 setattr(self, name, self._on_device(getattr(self, name)))
-        self.seed(0)
 
     def _on_device(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` run with this backend's GPU as the current CuPy device."""
@@ -454,22 +453,26 @@ class CupyBackend(Backend):
         x[index] = value
 
     # -- random ------------------------------------------------------------------
-    def seed(self, seed: int) -> None:
-        self.rng = self.cp.random.default_rng(seed)
-
-    @staticmethod
-    def _draw_dtype(dtype: Any) -> np.dtype:
-        """CuPy's generator draws float32 or float64; float16 is drawn as float32."""
-        return _F64 if np.dtype(dtype) == _F64 else _F32
-
-    def random_normal(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.standard_normal(shape, dtype=self._draw_dtype(dtype)).astype(dtype, copy=False)
-
-    def random_uniform(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.random(shape, dtype=self._draw_dtype(dtype)).astype(dtype, copy=False)
-
-    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
-        return (self.rng.random(shape, dtype=_F32) < p).astype(dtype)
+    def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:
+        """One elementwise kernel printed from the Philox spec (ops/random.py): the
+        same counters and integer bits as the CPU, so uniform and Bernoulli draws are
+        bit-identical to it (normal draws differ by the ulps of logf/cosf)."""
+        dt = np.dtype(dtype)
+        n = math.prod(shape)
+        start = self.claim_counters(n)
+        out = self.cp.empty(shape, dtype=dt)
+        if n == 0:
+            return out
+        key = ("philox", draw.name, dt)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            ins, outs, body = draw.kernel_source(dt)
+            kernel = self._kernels[key] = self.cp.ElementwiseKernel(
+                ins, outs, body, f"engine_philox_{draw.name}_{dt.name}")
+        scalars = [np.uint64(start), np.uint32(self.rng_key[0]), np.uint32(self.rng_key[1])]
+        if draw.name == "bernoulli":
+            scalars.append(np.uint32(draw.threshold(p)))
+        return kernel(*scalars, out)
 
     # -- fused kernels (optional Backend methods used by ops.fused) ----------------
     def _raw_kernel(self, kernel: FusedKernel, dtype: np.dtype) -> Any:

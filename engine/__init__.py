@@ -25,7 +25,8 @@ from .functional import abs, max, min, pow, sum  # noqa: F401  (shadow builtins 
 from .compiler import jit
 from .gradcheck import gradcheck
 from .profiler import profile
-from .state import autocast, enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
+from .state import (autocast, enable_grad, fold_in_rng, get_rng_state, is_grad_enabled, manual_seed,
+                    no_grad, set_grad_enabled, set_rng_state)
 from .tensor import Tensor
 
 
