@@ -225,3 +225,22 @@ def test_nn_load_resumes_the_dropout_stream_bit_for_bit(tmp_path):
     nn.load(tmp_path / "c.npz", m3, opt3, rng=False)   # without the stream: other masks
     _steps(m3, opt3, 3, 6)
     assert any(not np.array_equal(p.numpy(), q) for p, q in zip(m3.parameters(), want))
+
+
+def test_jit_training_resumed_with_dropout_is_bit_identical(tmp_path):
+    from engine import nn
+    from tests.test_training import _batch, _loss, _model
+    m, opt, sched = _model(capturable=True, tensor_lr=True, dropout=0.3)
+    full = nn.train(m, opt, _batch, _loss, steps=8, scheduler=sched, print_every=0, jit=True)
+    want = [p.numpy().copy() for p in m.parameters()]
+    ckpt = str(tmp_path / "run.npz")
+    m, opt, sched = _model(capturable=True, tensor_lr=True, dropout=0.3)
+    nn.train(m, opt, _batch, _loss, steps=5, scheduler=sched, print_every=0, jit=True,
+             checkpoint=ckpt)
+    eg.manual_seed(42)                                  # another process
+    m, opt, sched = _model(capturable=True, tensor_lr=True, dropout=0.3)
+    rest = nn.train(m, opt, _batch, _loss, steps=8, scheduler=sched, print_every=0, jit=True,
+                    checkpoint=ckpt, resume=True)
+    assert [r["loss"] for r in rest] == [r["loss"] for r in full[5:]]
+    for p, q in zip(m.parameters(), want):
+        np.testing.assert_array_equal(p.numpy(), q)
