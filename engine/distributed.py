@@ -15,6 +15,7 @@ others stop at once instead of waiting for the deadline.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -235,10 +236,17 @@ def broadcast(x: Tensor, root: int = 0) -> Tensor:
     return x
 
 
+def silence_other_ranks() -> None:
+    """Send the standard output of every rank but 0 to /dev/null, so a script run under
+    mpiexec prints its progress once (errors still reach stderr from every rank)."""
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
 def barrier() -> None:
     """Wait until every rank gets here (with the deadline of every collective)."""
     group().barrier()
 
 
 __all__ = ["DistributedError", "init", "is_initialized", "group", "rank", "world_size",
-           "all_reduce", "broadcast", "barrier"]
+           "all_reduce", "broadcast", "barrier", "silence_other_ranks"]

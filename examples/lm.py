@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="runs/lm", help="tokenizer, checkpoint, log, plot")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--jit", action="store_true", help="compile the training step (eg.jit)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="train data-parallel over the processes mpiexec starts, e.g. "
+                         "`mpiexec -n 2 python examples/lm.py --distributed` (needs mpi4py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, few documents and steps (what the tests run)")
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.smoke:
         _smoke(args)
+    if args.distributed:
+        eg.distributed.init()
+        eg.distributed.silence_other_ranks()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                     checkpoint=os.path.join(args.out_dir, "checkpoint.npz"),
                     checkpoint_every=args.eval_every, resume=args.resume, log=log,
                     print_every=max(1, args.eval_every // 4), seed=args.seed, jit=args.jit,
+                    distributed=args.distributed,
                     tokens_fn=lambda b: B * T)
     records = nn.read_log(log)
     val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]

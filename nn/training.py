@@ -313,7 +313,8 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
                   f"ETA {_fmt_time(eta)}", flush=True)
             window_time, window_tokens, window_steps = 0.0, 0, 0
 
-        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == steps):
+        if eval_fn is not None and (par is None or par.rank == 0) and (
+                (eval_every and done % eval_every == 0) or done == steps):
             metrics = eval_fn(model)
             model.train()
             rec.update({k: (float(v) if isinstance(v, (int, float, np.number)) else v)
@@ -337,7 +338,7 @@ class _DataParallel:
     """nn.train(distributed=True): the model wrapped in DistributedDataParallel (rank 0's
     parameters everywhere; a checkpoint to resume from is read by every rank), each update on this rank's rows of the global batch batch_fn(i) with its
     own dropout stream (the step's key folded with the rank), losses averaged over the
-    ranks, logs and checkpoints from rank 0 only. The checkpoint holds no trace of the
+    ranks, evaluation, logs and checkpoints on rank 0 only. The checkpoint holds no trace of the
     world size, so a run resumes on any number of processes."""
 
     def __init__(self, model: Any) -> None:
