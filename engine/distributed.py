@@ -126,6 +126,8 @@ class NCCLCommunicator(MPICommunicator):
         self.comm_seconds += time.perf_counter() - t0
 
     def all_reduce_array(self, backend: Any, x: Any, reduction: str) -> Any:
+        if isinstance(x, np.ndarray):               # host values (a logged loss) go over MPI
+            return super().all_reduce_array(backend, x, reduction)
         x = self.cp.ascontiguousarray(x)
         out = self.cp.empty_like(x)
         stream = self.cp.cuda.get_current_stream().ptr

@@ -46,7 +46,7 @@ def _shard(batch, rank, size):
 def _train_ddp(group, jit: bool) -> list[np.ndarray]:
     model = _model(seed=group.rank)               # differs per rank until DDP broadcasts
     ddp = nn.DistributedDataParallel(model, bucket_cap_mb=1e-4)   # several buckets
-    opt = nn.optim.Adam(model.parameters(), lr=0.05, capturable=jit)
+    opt = nn.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)   # sees the gradient's scale
 
     def step(batch):
         loss = _loss(ddp, batch)
