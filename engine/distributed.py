@@ -179,9 +179,12 @@ def init(backend: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> MPICommunic
         raise ValueError(f"distributed.init: timeout must be > 0 seconds, got {timeout}")
     if _group[0] is not None:
         return _group[0]
-    mpi = _import_mpi()
     if backend == "auto":
         backend = "nccl" if _has_gpu() else "mpi"
+    elif backend == "nccl" and not _has_gpu():
+        raise DistributedError("distributed.init(backend='nccl') needs CuPy and a CUDA GPU; "
+                               "use backend='mpi' for CPU arrays")
+    mpi = _import_mpi()
     cls = NCCLCommunicator if backend == "nccl" else MPICommunicator
     group = _group[0] = cls(mpi.COMM_WORLD, mpi, timeout)
     if group.size > 1:

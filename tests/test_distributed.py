@@ -175,5 +175,8 @@ def test_distributed_errors_before_init_and_on_bad_arguments():
             dist.rank()
     with pytest.raises(ValueError, match="backend must be 'auto', 'mpi' or 'nccl', got 'gloo'"):
         dist.init("gloo")
+    if not dist._has_gpu() and not dist.is_initialized():
+        with pytest.raises(dist.DistributedError, match="backend='nccl'.*needs CuPy and a CUDA GPU"):
+            dist.init("nccl")
     with pytest.raises(eg.OpError, match="reduction must be one of"):
         ops.REGISTRY["all_reduce"](eg.ones(2), group=SingleProcess(), reduction="max")
