@@ -330,6 +330,8 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     if print_every and steps > start:
         print(f"trained {steps - start} steps in {_fmt_time(time.perf_counter() - t0)}",
               file=sys.stdout, flush=True)
+    if par is not None:
+        par.group.barrier()               # rank 0's evaluation, log and checkpoint are written
     return history
 
 
