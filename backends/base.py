@@ -106,21 +106,29 @@ class Backend(ABC):
         """In-place `x[index] = value`."""
 
     # -- random -----------------------------------------------------------------
-    @abstractmethod
+    # The device's Philox stream (ops/random.py): a 64-bit key as two 32-bit words and
+    # the counter of the next element; every draw takes the next `size` counters.
+    rng_key: tuple[int, int] = (0, 0)
+    rng_counter: int = 0
+
     def seed(self, seed: int) -> None:
-        """Reset this device's random generator."""
+        """Restart this device's stream: key words from `seed` (mod 2^64), counter 0."""
+        s = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self.rng_key, self.rng_counter = (s & 0xFFFFFFFF, s >> 32), 0
+
+    def claim_counters(self, n: int) -> int:
+        """Reserve the next `n` counters of the stream; returns the first."""
+        start = self.rng_counter
+        if start + n > 1 << 64:
+            raise OverflowError(f"{self.name}: the random stream's 2^64 counters are used up; "
+                                f"reseed with engine.manual_seed")
+        self.rng_counter = start + n
+        return start
 
     @abstractmethod
-    def random_normal(self, shape: tuple, dtype: Any) -> Any:
-        """Standard normal samples."""
-
-    @abstractmethod
-    def random_uniform(self, shape: tuple, dtype: Any) -> Any:
-        """Uniform samples in [0, 1)."""
-
-    @abstractmethod
-    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
-        """1 with probability `p`, else 0, as `dtype`."""
+    def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:
+        """Values of `draw` (an ops.random.PhiloxDraw: uniform, normal or bernoulli with
+        probability `p`) for the next prod(shape) counters, in row-major order."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} device={self.name!r}>"

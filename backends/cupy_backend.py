@@ -3,8 +3,8 @@
 Elementwise ops run as `cupy.ElementwiseKernel`s whose bodies `backends.cprint`
 prints from each spec's sympy expression (one kernel per op and compute dtype,
 built on first use). Reductions, matmul (cuBLAS), movement and indexing use CuPy
-directly; index_add uses `cupy.add.at`; random numbers come from a device
-generator that `seed()` resets. Row programs (softmax, log_softmax, layer_norm,
+directly; index_add uses `cupy.add.at`; random numbers are the engine's Philox
+stream, one elementwise kernel per draw. Row programs (softmax, log_softmax, layer_norm,
 ...) run as CUDA kernels printed from their declarations by `backends.rowprint`
 (one block per row), so CI can compile them with `nvcc` on machines without a GPU.
 
@@ -15,6 +15,7 @@ time someone asks for "cuda": without CuPy or without a GPU it raises
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -145,8 +146,7 @@ class CupyBackend(Backend):
     # Methods that must run with this backend's GPU current ("cuda:N" with N given).
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
                        "reshape", "transpose", "broadcast_to", "concatenate", "pad", "where",
-                       "getitem", "index_add", "setitem", "seed", "random_normal",
-                       "random_uniform", "bernoulli", "from_dlpack", "run_rows", "to_numpy",
+                       "getitem", "index_add", "setitem", "random", "from_dlpack", "run_rows", "to_numpy",
                        "matmul_out")
 
     def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
@@ -338,22 +338,26 @@ class CupyBackend(Backend):
         x[index] = value
 
     # -- random ------------------------------------------------------------------
-    def seed(self, seed: int) -> None:
-        self.rng = self.cp.random.default_rng(seed)
-
-    @staticmethod
-    def _draw_dtype(dtype: Any) -> np.dtype:
-        """CuPy's generator draws float32 or float64; float16 is drawn as float32."""
-        return _F64 if np.dtype(dtype) == _F64 else _F32
-
-    def random_normal(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.standard_normal(shape, dtype=self._draw_dtype(dtype)).astype(dtype, copy=False)
-
-    def random_uniform(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.random(shape, dtype=self._draw_dtype(dtype)).astype(dtype, copy=False)
-
-    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
-        return (self.rng.random(shape, dtype=_F32) < p).astype(dtype)
+    def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:
+        """One elementwise kernel printed from the Philox spec (ops/random.py): the
+        same counters and integer bits as the CPU, so uniform and Bernoulli draws are
+        bit-identical to it (normal draws differ by the ulps of logf/cosf)."""
+        dt = np.dtype(dtype)
+        n = math.prod(shape)
+        start = self.claim_counters(n)
+        out = self.cp.empty(shape, dtype=dt)
+        if n == 0:
+            return out
+        key = ("philox", draw.name, dt)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            ins, outs, body = draw.kernel_source(dt)
+            kernel = self._kernels[key] = self.cp.ElementwiseKernel(
+                ins, outs, body, f"engine_philox_{draw.name}_{dt.name}")
+        scalars = [np.uint64(start), np.uint32(self.rng_key[0]), np.uint32(self.rng_key[1])]
+        if draw.name == "bernoulli":
+            scalars.append(np.uint32(draw.threshold(p)))
+        return kernel(*scalars, out)
 
     # -- row programs (optional Backend method used by ops.rows) -------------------
     def run_rows(self, program: Any, arrays: tuple, params: dict) -> Any:

@@ -1,6 +1,8 @@
 """The reference backend: NumPy arrays on the CPU."""
 from __future__ import annotations
 
+import ctypes
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -8,9 +10,11 @@ import sympy
 
 from ops import numpy_impls
 
-from . import host_kernels
+from . import cbuild, host_kernels
 from .base import Backend
 from .host_memory import keep_freed_memory
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 def _weak_result_dtype(args: Sequence[Any]) -> np.dtype:
     """NumPy's promotion with Python scalars weak (NEP 50), as the ufuncs do."""
@@ -43,7 +47,7 @@ class NumpyBackend(Backend):
     array_methods = True
 
     def __init__(self) -> None:
-        self.rng = np.random.default_rng(0)
+        self._philox: dict[tuple, Any] = {}
         keep_freed_memory()
 
     # -- creation and conversion ------------------------------------------------
@@ -142,14 +146,30 @@ class NumpyBackend(Backend):
         x[index] = value
 
     # -- random ------------------------------------------------------------------
-    def seed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
+    def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:
+        """The draw's C loop when a C compiler is present (uniform and Bernoulli are
+        bit-identical to the NumPy path, normal within a few ulp of libm), else NumPy."""
+        n = math.prod(shape)
+        start = self.claim_counters(n)
+        dt = np.dtype(dtype)
+        fn = self._philox_kernel(draw, dt) if n else None
+        if fn is None:
+            return draw.host(start, n, self.rng_key, dt, p=p).reshape(shape)
+        out = np.empty(shape, dt)
+        fn(ctypes.c_longlong(n), ctypes.c_ulonglong(start), ctypes.c_uint(self.rng_key[0]),
+           ctypes.c_uint(self.rng_key[1]), ctypes.c_uint(draw.threshold(p)),
+           ctypes.c_void_p(out.ctypes.data))
+        return out
 
-    def random_normal(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.standard_normal(shape, dtype=np.float64).astype(dtype, copy=False)
-
-    def random_uniform(self, shape: tuple, dtype: Any) -> Any:
-        return self.rng.random(shape, dtype=np.float64).astype(dtype, copy=False)
-
-    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> Any:
-        return (self.rng.random(shape) < p).astype(dtype)
+    def _philox_kernel(self, draw: Any, dt: np.dtype) -> Any:
+        """The compiled host loop of `draw` for float32/float64 output, or None."""
+        if dt not in (_F32, _F64) or not cbuild.available():
+            return None
+        key = (draw.name, dt)
+        if key not in self._philox:
+            name, source = draw.host_c_source(dt)
+            try:
+                self._philox[key] = getattr(cbuild.build(source), name)
+            except (RuntimeError, OSError):
+                self._philox[key] = None
+        return self._philox[key]

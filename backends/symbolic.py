@@ -246,9 +246,6 @@ class SymbolicBackend(Backend):
 
     name = "symbolic"
 
-    def __init__(self) -> None:
-        self.rng = np.random.default_rng(0)
-
     # -- creation and conversion ------------------------------------------------
     def asarray(self, data: Any, dtype: Any = None) -> SymArray:
         if isinstance(data, SymArray):
@@ -394,14 +391,9 @@ class SymbolicBackend(Backend):
         x.data[_index(index)] = _unwrap(value)
 
     # -- random -----------------------------------------------------------------
-    def seed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def random_normal(self, shape: tuple, dtype: Any) -> SymArray:
-        return _binary_rationals(self.rng.standard_normal(shape), dtype)
-
-    def random_uniform(self, shape: tuple, dtype: Any) -> SymArray:
-        return _binary_rationals(self.rng.random(shape), dtype)
-
-    def bernoulli(self, shape: tuple, p: float, dtype: Any) -> SymArray:
-        return self.asarray((self.rng.random(shape) < p).astype(dtype))
+    def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> SymArray:
+        """The engine's Philox draw in float64, as the exact binary rationals it is."""
+        n = math.prod(shape)
+        wide = np.float64 if draw.name != "bernoulli" else dtype
+        values = draw.host(self.claim_counters(n), n, self.rng_key, wide, p=p).reshape(shape)
+        return _binary_rationals(values, dtype) if draw.name != "bernoulli" else self.asarray(values)

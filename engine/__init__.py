@@ -25,9 +25,11 @@ from .errors import (DeviceError, DTypeError, EngineError, GradcheckError, GradE
 from .functional import *  # noqa: F401,F403
 from .functional import abs, max, min, pow, sum  # noqa: F401  (shadow builtins on purpose)
 from .compiler import jit
+from . import distributed
 from .gradcheck import gradcheck
 from .profiler import profile
-from .state import autocast, enable_grad, is_grad_enabled, manual_seed, no_grad, set_grad_enabled
+from .state import (autocast, enable_grad, fold_in_rng, get_rng_state, is_grad_enabled, manual_seed,
+                    no_grad, set_grad_enabled, set_rng_state)
 from .tensor import Tensor, _operand
 from .threads import get_num_threads, set_num_threads
 

@@ -7,6 +7,7 @@ they are recorded, so gradients can be differentiated again.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Sequence
 
 from ops.errors import GradError, ShapeError
@@ -16,6 +17,30 @@ from .state import phase, set_grad_enabled
 from .tensor import Tensor
 
 _GRAPH_TYPES = (Tensor, Edge)
+
+# Gradient hooks on leaves (data-parallel training reduces gradients as they become
+# final): fn(leaf) runs once the leaf's .grad holds this backward's contribution.
+# Keyed by id (Tensor's == is elementwise, so no WeakKeyDictionary); an entry goes with its leaf.
+_leaf_hooks: dict[int, list[Callable]] = {}
+_end_callbacks: list[Callable[[], None]] = []
+
+
+def register_leaf_hook(leaf: Tensor, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+    """Call fn(leaf) during every .backward() once leaf.grad is final for it; returns a
+    function that removes the hook."""
+    if leaf._ctx is not None or not leaf.requires_grad:
+        raise GradError(f"register_leaf_hook: needs a leaf that requires grad, got a tensor "
+                        f"of shape {leaf.shape} ({'non-leaf' if leaf._ctx else 'no grad'})")
+    key = id(leaf)
+    if key not in _leaf_hooks:
+        weakref.finalize(leaf, _leaf_hooks.pop, key, None)
+    _leaf_hooks.setdefault(key, []).append(fn)
+    return lambda: _leaf_hooks.get(key, [fn]).remove(fn)
+
+
+def queue_callback(fn: Callable[[], None]) -> None:
+    """Run fn() once when the backward now running has finished (hooks use it to flush)."""
+    _end_callbacks.append(fn)
 
 
 def _key(t: Any) -> int:
@@ -92,8 +117,11 @@ def _run(roots: Sequence[Tensor], grads: Sequence[Tensor], retain_graph: bool,
     previous_phase, phase.name = phase.name, "backward"
     try:
         _propagate(order, pending, captured, retain_graph, create_graph, capture)
+        while _end_callbacks:
+            _end_callbacks.pop(0)()
     finally:
         phase.name = previous_phase
+        _end_callbacks.clear()
     return captured
 
 
@@ -120,6 +148,9 @@ def _propagate(order: list, pending: dict, captured: dict, retain_graph: bool,
                         holder.grad = g_store if holder.grad is None else \
                             (holder.grad + g_store if create_graph else
                              (holder.grad + g_store).detach())
+                        if _leaf_hooks and id(holder) in _leaf_hooks:
+                            for hook in _leaf_hooks[id(holder)]:
+                                hook(holder)
                 if ctx is None:
                     continue
             inputs = ctx.inputs

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="runs/lm", help="tokenizer, checkpoint, log, plot")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--jit", action="store_true", help="compile the training step (eg.jit)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="train data-parallel over the processes mpiexec starts, e.g. "
+                         "`mpiexec -n 2 python examples/lm.py --distributed` (needs mpi4py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, few documents and steps (what the tests run)")
@@ -177,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
 def train(args: argparse.Namespace) -> dict:
     if args.smoke:
         _smoke(args)
+    if args.distributed:
+        eg.distributed.init()
+        eg.distributed.silence_other_ranks()
     t_start = time.perf_counter()
 
     corpus, name = load_text(args)
@@ -248,7 +254,7 @@ def train(args: argparse.Namespace) -> dict:
                     clip_norm=1.0, eval_fn=evaluate, eval_every=args.eval_every,
                     checkpoint=ckpt, checkpoint_every=args.eval_every, resume=args.resume,
                     log=log, print_every=max(1, args.eval_every // 4), seed=args.seed,
-                    jit=args.jit, tokens_fn=lambda b: B * T)
+                    jit=args.jit, distributed=args.distributed, tokens_fn=lambda b: B * T)
     records = nn.read_log(log)
     val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
     print(f"ours: {'pass' if val_loss < baseline else 'MISS'}: validation loss {val_loss:.3f} "

@@ -206,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="runs/translate", help="log, checkpoint, plot")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ap.add_argument("--jit", action="store_true", help="compile the training step (eg.jit)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="train data-parallel over the processes mpiexec starts, e.g. "
+                         "`mpiexec -n 2 python examples/translate.py --distributed` (needs mpi4py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, few steps (what the tests run)")
@@ -233,6 +236,9 @@ def train_and_translate(args: argparse.Namespace) -> dict:
     if args.smoke:
         args.steps, args.batch, args.d_model, args.layers, args.heads = 6, 8, 16, 1, 2
         args.heldout, args.eval_every, args.samples, args.warmup = 40, 3, 2, 2
+    if args.distributed:
+        eg.distributed.init()
+        eg.distributed.silence_other_ranks()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.perf_counter()
     vocab = Vocab()
@@ -296,6 +302,7 @@ def train_and_translate(args: argparse.Namespace) -> dict:
                     checkpoint=ckpt,
                     checkpoint_every=args.eval_every, resume=args.resume, log=log,
                     print_every=max(1, args.eval_every // 3), seed=args.seed, jit=args.jit,
+                    distributed=args.distributed,
                     tokens_fn=lambda b: int(b[0].shape[0] * (b[0].shape[1] + b[1].shape[1])))
     train_s = time.perf_counter() - t_start
     model.eval()

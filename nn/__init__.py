@@ -26,6 +26,8 @@ from .generation import beam_search, generate
 from .models import CausalLM, MaskedLM, MaskedLMHead, Seq2SeqTransformer, TransformerEmbedding
 from .module import IncompatibleKeys, Module, StateDictError
 from .parameter import Parameter
+from . import parallel
+from .parallel import DistributedDataParallel
 from .training import plot_losses, read_log, train
 from .tokenizers import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer
 from .masking import mask_tokens
@@ -44,6 +46,6 @@ __all__ = [
     "MaskedLM", "MaskedLMHead", "causal_mask", "padding_mask", "save", "load", "CheckpointError",
     "StateDictError", "IncompatibleKeys", "convert_torch_state_dict", "load_torch_state_dict",
     "functional_call", "swapped_parameters", "generation", "generate", "beam_search", "KVCache",
-    "DecoderCache", "train", "read_log", "plot_losses",
+    "DecoderCache", "train", "read_log", "plot_losses", "parallel", "DistributedDataParallel",
     "CharTokenizer", "BPETokenizer", "load_tokenizer", "TokenizerError", "mask_tokens",
 ]

@@ -6,7 +6,8 @@ reads it):
 - "optim/<index>/<name>"       optimizer state tensors (index as in state_dict());
 - "__meta__"                   a JSON string: format tag, parameter names and shapes
                                in order, optimizer hyper-parameters and scalar state,
-                               and the user's **meta.
+                               the random generators' state (see _rng_entry), and the
+                               user's **meta.
 
 The file is written to a temporary file in the same directory, flushed to disk and
 renamed over the target with os.replace (nn/files.py), so a crash leaves either the
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+import engine as eg
 from engine import Tensor
 from engine.errors import ArgumentTypeError, EngineError
 
@@ -75,7 +77,7 @@ def save(path: str | os.PathLike, model: Module, optimizer: Any = None, **meta: 
     header: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
         "params": [[k, list(v.shape), str(v.dtype)] for k, v in state.items()],
-        "meta": meta}
+        "meta": meta, **_rng_entry()}
     if optimizer is not None:
         opt_arrays, header["optimizer"] = _optimizer_entries(optimizer)
         arrays.update(opt_arrays)
@@ -156,8 +158,9 @@ def _optimizer_state(path: str, header: dict, arrays: dict, optimizer: Any) -> d
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def load(path: str | os.PathLike, model: Module, optimizer: Any = None) -> dict:
-    """Load a checkpoint written by `save` into `model` (and `optimizer`), in place.
+def load(path: str | os.PathLike, model: Module, optimizer: Any = None, rng: bool = True) -> dict:
+    """Load a checkpoint written by `save` into `model` (and `optimizer`), in place, and
+    (with `rng`) the random generators' state, so dropout continues where it stopped.
 
     Returns the user's meta dict. Raises CheckpointError naming the first mismatched
     parameter when the checkpoint was saved from another architecture; nothing is
@@ -172,4 +175,19 @@ def load(path: str | os.PathLike, model: Module, optimizer: Any = None) -> dict:
     model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
+    if rng:
+        _restore_rng(header)
     return header.get("meta", {})
+
+
+# -- random state: what makes a resumed run draw the same dropout masks -----------------------
+def _rng_entry() -> dict:
+    """The header entry holding every started device's generator key and counter."""
+    return {"rng": eg.get_rng_state()}
+
+
+def _restore_rng(header: dict) -> None:
+    """Continue the random streams saved by `save` (checkpoints from before they were
+    saved leave the generators as they are)."""
+    if "rng" in header:
+        eg.set_rng_state(header["rng"])

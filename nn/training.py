@@ -48,6 +48,7 @@ from engine.validate import validated
 from .checkpoint import load, save
 from .files import atomic_write
 from .optim.clip import clip_grad_norm_
+from .parallel import DistributedDataParallel
 
 __all__ = ["train", "read_log", "plot_losses", "step_seed"]
 
@@ -223,7 +224,7 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
           eval_every: int = 0, checkpoint: str | None = None, checkpoint_every: int = 0,
           resume: bool = False, log: str | None = None, print_every: int = 10,
           tokens_fn: Callable[[Any], int] | None = None, seed: int = 0,
-          jit: bool = False) -> list[dict]:
+          jit: bool = False, distributed: bool = False) -> list[dict]:
     """Run updates until `steps` have been completed; return this call's records.
 
     Each record: step, loss, lr (used by that update), tokens (if tokens_fn),
@@ -233,6 +234,9 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     every checkpoint_every updates and at the end; `resume=True` loads it first when
     the file exists (and starts from scratch when it does not). `print_every=0`
     prints nothing.
+
+    `distributed=True` (after engine.distributed.init()) trains data-parallel: see
+    `_DataParallel`.
     """
     if checkpoint_every and checkpoint is None:
         raise ArgumentError("train: checkpoint_every needs a checkpoint path")
@@ -241,6 +245,9 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     if jit:
         _check_jit(optimizer, scheduler)
 
+    par = _DataParallel(model) if distributed else None
+    if par is not None and par.rank != 0:
+        log, print_every = None, 0
     start = 0
     if resume and os.path.exists(checkpoint):
         meta = load(checkpoint, model, optimizer)
@@ -257,10 +264,13 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     logger = _Log(log, keep_until=start if resume else None)
 
     params = _params(optimizer)
-    eager_step = _make_step(model, optimizer, loss_fn, params, clip_norm)
+    eager_step = _make_step(model if par is None else par.model, optimizer, loss_fn, params,
+                            clip_norm)
     compiled = eg.jit(eager_step) if jit else None
 
     def save_checkpoint(done: int) -> None:
+        if par is not None and par.rank != 0:
+            return
         extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
         save(checkpoint, model, optimizer, step=done, seed=seed, **extra)
 
@@ -275,8 +285,8 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
         batch = batch_fn(i)
         lr = _lr(optimizer)
         fn = compiled if compiled is not None and i > 0 else eager_step
-        loss, norm = fn(batch)
-        loss_value = float(loss.item())
+        loss, norm = fn(batch if par is None else par.enter_step(batch))
+        loss_value = float(loss.item()) if par is None else par.mean(float(loss.item()))
         if scheduler is not None:
             scheduler.step()
         done = i + 1
@@ -304,7 +314,8 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
                   f"ETA {_fmt_time(eta)}", flush=True)
             window_time, window_tokens, window_steps = 0.0, 0, 0
 
-        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == steps):
+        if eval_fn is not None and (par is None or par.rank == 0) and (
+                (eval_every and done % eval_every == 0) or done == steps):
             metrics = eval_fn(model)
             model.train()
             rec.update({k: (float(v) if isinstance(v, (int, float, np.number)) else v)
@@ -320,4 +331,46 @@ def train(model: Any, optimizer: Any, batch_fn: Callable[[int], Any],
     if print_every and steps > start:
         print(f"trained {steps - start} steps in {_fmt_time(time.perf_counter() - t0)}",
               file=sys.stdout, flush=True)
+    if par is not None:
+        par.group.barrier()               # rank 0's evaluation, log and checkpoint are written
     return history
+
+
+# -- data parallel ----------------------------------------------------------------------------
+class _DataParallel:
+    """nn.train(distributed=True): the model wrapped in DistributedDataParallel (rank 0's
+    parameters everywhere; a checkpoint to resume from is read by every rank), each update on this rank's rows of the global batch batch_fn(i) with its
+    own dropout stream (the step's key folded with the rank), losses averaged over the
+    ranks, evaluation, logs and checkpoints on rank 0 only. The checkpoint holds no trace of the
+    world size, so a run resumes on any number of processes."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model if isinstance(model, DistributedDataParallel) else \
+            DistributedDataParallel(model)
+        self.group = self.model._group
+        self.rank, self.size = self.group.rank, self.group.size
+
+    def enter_step(self, batch: Any) -> Any:
+        eg.fold_in_rng(self.rank)
+        return _shard(batch, self.rank, self.size)
+
+    def mean(self, value: float) -> float:
+        be = eg.state.get_backend("cpu")
+        return float(self.group.all_reduce_array(be, np.array([value]), "mean")[0])
+
+
+def _shard(batch: Any, rank: int, size: int) -> Any:
+    """Rank's equal share of every tensor/array in `batch` (rows along axis 0)."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_shard(b, rank, size) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _shard(v, rank, size) for k, v in batch.items()}
+    if isinstance(batch, (Tensor, np.ndarray)):
+        n = batch.shape[0]
+        if n % size:
+            raise ValueError(f"train(distributed=True): a batch of {n} rows does not split "
+                             f"evenly over {size} processes; use a multiple of {size} so the "
+                             f"averaged gradient is the global batch's")
+        k = n // size
+        return batch[rank * k:(rank + 1) * k]
+    return batch

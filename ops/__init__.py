@@ -6,7 +6,7 @@ The fused ops (softmax, log_softmax, layer_norm) are tested against their
 composite decompositions, which stay the reference. Ops never
 import a concrete backend: they receive one from the interpreter.
 """
-from . import composite, elementwise, fused, linalg, movement, random, reduce  # noqa: F401  (registration)
+from . import collective, composite, elementwise, fused, linalg, movement, random, reduce  # noqa: F401,E501  (registration)
 from .composite import COMPOSITES
 from .elementwise import ElementwiseOp, sum_to
 from .errors import DeviceError, DTypeError, EngineError, GradError, OpError, ShapeError, TraceError

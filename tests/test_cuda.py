@@ -188,7 +188,6 @@ class FakeCupy:
 
         self.cuda = types.SimpleNamespace(
             Device=Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: device_count))
-        self.random = types.SimpleNamespace(default_rng=_FakeGenerator)
         self.ElementwiseKernel = lambda *a, **k: _FakeElementwiseKernel(fake, *a, **k)
         self.RawKernel = lambda *a, **k: _FakeRawKernel(fake, *a, **k)
         self.ReductionKernel = lambda *a, **k: _FakeReductionKernel(fake, *a, **k)
@@ -222,25 +221,6 @@ class _FakeUfunc:
         return self.call(*args, **kwargs)
 
 
-class _FakeGenerator:
-    """cupy.random.Generator: float32/float64 draws only, like CuPy's."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def _check(self, dtype):
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise TypeError(f"cupy.random: dtype {np.dtype(dtype)} is not supported")
-
-    def standard_normal(self, size=None, dtype=np.float64):
-        self._check(dtype)
-        return DevArray(np.asarray(self.rng.standard_normal(size, dtype=dtype)))
-
-    def random(self, size=None, dtype=np.float64):
-        self._check(dtype)
-        return DevArray(np.asarray(self.rng.random(size, dtype=dtype)))
-
-
 class _FakeElementwiseKernel:
     """cupy.ElementwiseKernel: typed params as CuPy checks them, broadcasting, and the
     body compiled with the system C compiler (the CUDA preamble included)."""
@@ -259,7 +239,7 @@ class _FakeElementwiseKernel:
     def __call__(self, *args):
         assert len(args) in (len(self.ins), len(self.ins) + 1), "wrong number of kernel arguments"
         args, given_out = args[:len(self.ins)], args[len(self.ins):]
-        if not any(isinstance(a, DevArray) for a in args):
+        if not any(isinstance(a, DevArray) for a in args + given_out):
             raise ValueError("Loop size is undecided.")
         arrays = []
         for (dt, pname), a in zip(self.ins, args):
@@ -272,7 +252,9 @@ class _FakeElementwiseKernel:
             else:
                 arrays.append(np.asarray(a).astype(dt))          # CScalar.apply_dtype
         self.fake.kernel_devices.append(self.fake.current_device)
-        flat = np.broadcast_arrays(*arrays)
+        if given_out:                           # CuPy takes the loop size from the output
+            arrays.append(np.empty(given_out[0].shape, np.int8))
+        flat = np.broadcast_arrays(*arrays)[:len(self.ins)]
         shape = flat[0].shape
         flat = [np.ascontiguousarray(b).reshape(-1) for b in flat]
         out = np.empty(flat[0].size, self.outs[0][0])
