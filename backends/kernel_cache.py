@@ -30,6 +30,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import warnings
 from typing import Callable
 
@@ -131,6 +132,7 @@ class Directory:
 
 _active: Directory | None = None
 _warned = False
+_choosing = threading.Lock()              # one directory per process, one warning
 
 
 def _private_fallback(reason: str) -> Directory:
@@ -149,15 +151,20 @@ def _private_fallback(reason: str) -> Directory:
 def active() -> Directory:
     """The cache directory in use (opened and checked on first use)."""
     global _active
-    if _active is None:
-        path = default_path()
-        try:
-            _active = Directory(path)
-        except UntrustedCache as e:
-            _active = _private_fallback(str(e))
-        except OSError as e:
-            _active = _private_fallback(f"cannot open {path} ({e.strerror})")
+    with _choosing:
+        if _active is None:
+            _active = _open_default()
     return _active
+
+
+def _open_default() -> Directory:
+    path = default_path()
+    try:
+        return Directory(path)
+    except UntrustedCache as e:
+        return _private_fallback(str(e))
+    except OSError as e:
+        return _private_fallback(f"cannot open {path} ({e.strerror})")
 
 
 def library(name: str, compile_to: Callable[[str], None]) -> str:
@@ -168,7 +175,10 @@ def library(name: str, compile_to: Callable[[str], None]) -> str:
     try:
         found = cache.find(name)
     except UntrustedCache as e:
-        cache = _active = _private_fallback(str(e))
+        with _choosing:
+            if _active is cache:
+                _active = _private_fallback(str(e))
+            cache = _active
         found = None
     if found is not None:
         return found
