@@ -161,6 +161,11 @@ def _c_math(expr: sympy.Expr) -> str | None:
     return needs
 
 
+def _sig(x: sympy.Expr) -> sympy.Expr:
+    """sigmoid in its overflow-free tanh form, for stable derivatives."""
+    return (1 + sympy.tanh(x / 2)) / 2
+
+
 def sum_to(g: Any, shape: tuple) -> Any:
     """Sum `g` down to `shape`: the one place where broadcasting is undone."""
     gshape = g.shape
@@ -273,6 +278,14 @@ gelu_tanh = elementwise(
     "gelu_tanh",
     lambda x: x * (1 + sympy.tanh(sympy.sqrt(2 / sympy.pi) * (x + sympy.Rational(44715, 10**6) * x ** 3))) / 2,
     float_result=True)
+silu = elementwise("silu", lambda x: x / (1 + sympy.exp(-x)),
+                   grads=lambda x, out: (_sig(x) * (1 + x * (1 - _sig(x))),),
+                   impl=lambda x: x * (1 + sympy.tanh(x / 2)) / 2,      # never overflows
+                   float_result=True, doc="x * sigmoid(x) (swish)")
+# log(1 + exp(x)) declared in its overflow-free form (equal for every real x).
+softplus = elementwise("softplus", lambda x: sympy.Max(x, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(x))),
+                       grads=lambda x, out: (1 - sympy.exp(-out),),      # sigmoid(x), from out
+                       float_result=True, domain="nonzero", doc="log(1 + exp(x)) without overflow")
 erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True, numpy=numpy_impls.erf)
 maximum = elementwise("maximum", lambda a, b: sympy.Max(a, b),       # ties share the gradient
                       grads=lambda a, b, out: (sympy.Heaviside(a - b, sympy.S.Half),

@@ -132,3 +132,40 @@ layer_norm = rows_op(
                           rng.standard_normal(4)], dict(eps=1e-3))],
     reference=_np_layer_norm,
     doc="(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance)")
+
+
+# -- rms norm ------------------------------------------------------------------------------
+
+_ms, _r = symbols("ms r")
+
+# rms_norm over the last axis: x / sqrt(mean(x^2) + eps) * w.
+RMS_NORM = RowProgram("rms_norm", rows=(_x,), cols=(_w,), params=(_eps,), steps=(
+    Step(_ms, "mean", _x ** 2),
+    Step(_r, "map", 1 / sympy.sqrt(_ms + _eps)),
+    Step(_out, "map", _x * _r * _w)))
+
+
+def _rms_norm_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, eps: float) -> tuple:
+    """dx = r * (g*w - x * r^2 * mean(g*w*x)), dw = sum(g * x * r)."""
+    x, w = inputs
+    axis = (x.ndim - 1,)
+    n = float(x.shape[-1])
+    r = rsqrt(add(div(sum_op(mul(x, x), axis=axis, keepdims=True), n), eps))
+    gx = gw = None
+    if needs[0]:
+        gxh = mul(g, w)
+        m = div(sum_op(mul(gxh, x), axis=axis, keepdims=True), n)
+        gx = mul(r, sub(gxh, mul(x, mul(mul(r, r), m))))
+    if needs[1]:
+        gw = sum_to(mul(g, mul(x, r)), tuple(w.shape))
+    return gx, gw
+
+
+rms_norm = rows_op(
+    "rms_norm", RMS_NORM, saves=(0, 1),
+    infer=lambda x, w, eps: infer_last_axis("rms_norm", x, weight=w),
+    vjp=_rms_norm_vjp,
+    sample=lambda rng: [([rng.standard_normal((3, 5)), rng.standard_normal(5)], dict(eps=1e-5)),
+                        ([rng.standard_normal((2, 3, 4)) * 10, rng.standard_normal(4)], dict(eps=1e-3))],
+    reference=lambda x, w, eps: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w,
+    doc="x / sqrt(mean(x^2) + eps) * w over the last axis")
