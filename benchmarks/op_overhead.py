@@ -35,6 +35,45 @@ def _synced(fns: dict[str, Callable[[], object]], syncs: dict[str, Callable[[], 
     return {k: wrap(f, syncs[k]) if k in syncs else f for k, f in fns.items()}
 
 
+def _jitted_step(tx: Any, tw1: Any, tw2: Any) -> Callable[[], None]:
+    """The MLP's forward and backward as one compiled call (its guards checked each call)."""
+    def fwd_bwd() -> None:
+        y = (eg.tanh(tx @ tw1) @ tw2).mean()
+        y.backward()
+
+    compiled = eg.jit(fwd_bwd)
+
+    def step() -> None:
+        compiled()
+        tw1.grad = tw2.grad = None
+    return step
+
+
+def guard_cost(repeat: int = 2000) -> tuple[int, float]:
+    """(comparisons, µs per check) of the guard of a jitted small Transformer training
+    step (forward, cross-entropy, backward, AdamW): what every compiled call pays
+    before it runs."""
+    from engine import nn
+    eg.manual_seed(0)
+    model = nn.CausalLM(vocab_size=50, d_model=32, nhead=2, num_layers=2, dim_feedforward=64, max_len=16, dropout=0.0)
+    opt = nn.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    tokens = eg.tensor(np.random.default_rng(0).integers(0, 50, (4, 16)))
+
+    def train_step() -> None:
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step = eg.jit(train_step)
+    for _ in range(3):
+        step()
+    entry = step._entry()
+    seconds = median_time(lambda: entry.guard.failed(entry.checked), repeat=repeat)
+    return entry.guard.count, seconds * 1e6
+
+
 def cases(device: str = "cpu", threads: int = 1) -> list[tuple[str, dict]]:
     """[(case, {"raw": fn, "engine": fn, "torch": fn?})] on `device`."""
     rng = np.random.default_rng(0)
@@ -67,11 +106,13 @@ def cases(device: str = "cpu", threads: int = 1) -> list[tuple[str, dict]]:
         y.backward()
         tw1.grad = tw2.grad = None
 
+    step = _jitted_step(tx, tw1, tw2)
     out = [
         ("add 64x64", dict(raw=lambda: ra + rb, engine=lambda: ta + tb)),
         ("matmul 64x64", dict(raw=lambda: ra @ rb, engine=lambda: ta @ tb)),
         ("softmax 64x64", dict(raw=lambda: _softmax(xp, ra), engine=lambda: eg.softmax(ta, -1))),
         ("MLP fwd+bwd 32x64x64x10", dict(raw=raw_mlp, engine=eg_mlp)),
+        ("jit MLP fwd+bwd 32x64x64x10", dict(raw=raw_mlp, engine=step)),
     ]
     try:
         import torch
@@ -92,6 +133,7 @@ def cases(device: str = "cpu", threads: int = 1) -> list[tuple[str, dict]]:
         out[1][1]["torch"] = lambda: pa @ pb
         out[2][1]["torch"] = lambda: torch.softmax(pa, -1)
         out[3][1]["torch"] = torch_mlp
+        out[4][1]["torch"] = torch_mlp
     except ImportError:
         pass
     return [(name, _synced(fns, syncs)) for name, fns in out]
@@ -121,6 +163,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name:28s} {t[raw]:9.1f} {t['engine']:10.1f} {t['engine'] - t[raw]:12.1f} "
               f"{t['engine'] / t[raw]:13.2f} {tt or float('nan'):9.1f} "
               f"{(t['engine'] / tt) if tt else float('nan'):13.2f}")
+    if args.device == "cpu":
+        count, us = guard_cost()
+        rows.append(dict(case="jit guard check, small Transformer step", comparisons=count, us=round(us, 2)))
+        print(f"jit guard check of a small Transformer training step: {count} comparisons, {us:.1f} us per call")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -365,6 +365,11 @@ class Generated:
         return [slots[s][:_nbytes(shape, dtype)].view(dtype).reshape(shape)
                 for s, shape, dtype in self.views]
 
+    def release(self) -> None:
+        """Drop the idle buffer sets (a later call carves new ones); a set in use by a
+        running call stays with that call."""
+        self._pool.clear()
+
     def __call__(self, inputs: list, captures: list) -> list:
         pool = self._pool
         buffers = pool.pop() if pool else self._carve()

@@ -109,9 +109,18 @@ class Compiled:
             with _TRACE_LOCK:                   # concurrent first calls: one traces
                 entry = self._find(key)
                 if entry is None:
+                    if self._last is not None:      # tracing needs memory too
+                        self._last.generated.release()
                     entry = self._compile(args, kwargs, leaves)
                     self._cache[key] = [entry] + self._cache.get(key, [])[:_VARIANTS - 1]
-        self._last = entry
+        last = self._last
+        if last is not entry:
+            # Only the program in use keeps its buffers: a program left behind (the first
+            # step's, traced before any .grad existed; eval's while training) would
+            # otherwise hold a second set of activations for good.
+            if last is not None:
+                last.generated.release()
+            self._last = entry
         return self._run(entry, leaves)
 
     def _run(self, entry: _Entry, leaves: list) -> Any:
