@@ -322,7 +322,7 @@ def test_constants_whose_repr_is_code_are_passed_as_objects(tmp_path):
     functions = [
         lambda a: a * two,                                               # one ufunc
         lambda a: ((a * two + one).abs().sqrt() - a) * a,               # a fused group (C or ufuncs)
-        lambda a: (a.reshape((LyingInt(8), LyingInt(6))) * n).transpose((LyingInt(1), LyingInt(0))),
+        lambda a: (a.reshape((LyingInt(8), LyingInt(6))) * n).permute((LyingInt(1), LyingInt(0))),
         lambda a: (a * two).sum(axis=LyingInt(1)) + float("inf") * 0 + one,
     ]
     for fn in functions:
