@@ -4,14 +4,12 @@ one attention / one cross-entropy contract: nn calls the ops versions, and the l
 stay finite (and ignored rows inert) whatever the other logits hold."""
 from __future__ import annotations
 
-import math
 
 import mpmath
 import numpy as np
 import pytest
 
 import engine as eg
-import ops
 from engine import nn
 from ops import composite as C
 

@@ -62,17 +62,20 @@ def logsumexp_closed(arrays: list, y: np.ndarray, v: np.ndarray) -> list:
     return [out]
 
 
-def cross_entropy_closed(targets: np.ndarray, smoothing: sympy.Rational) -> Callable:
-    """d mean cross-entropy: (softmax - ((1 - s) onehot + s / C)) / rows."""
+def cross_entropy_closed(targets: np.ndarray, smoothing: sympy.Rational,
+                         ignore_index: int = -100) -> Callable:
+    """d mean cross-entropy: (softmax - ((1 - s) onehot + s / C)) / rows counted, and 0
+    on the rows whose target is `ignore_index`."""
     def closed(arrays: list, y: np.ndarray, v: np.ndarray) -> list:
         (x,) = arrays
         p = stable_softmax(x)
-        classes, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
+        classes, rows = x.shape[-1], int(np.sum(targets != ignore_index))
         out = np.empty(x.shape, dtype=object)
         for r in _rows(x):
             for c in range(classes):
                 target = (1 - smoothing) * (1 if targets[r] == c else 0) + smoothing / classes
-                out[r + (c,)] = v[()] * (p[r + (c,)] - target) / rows
+                out[r + (c,)] = 0 if targets[r] == ignore_index else \
+                    v[()] * (p[r + (c,)] - target) / rows
         return [out]
     return closed
 
