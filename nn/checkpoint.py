@@ -101,6 +101,10 @@ def _read(path: str) -> tuple[dict, dict]:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except _UNREADABLE as e:
+        if "allow_pickle" in str(e):
+            raise CheckpointError(f"nn.load: cannot read {path!r}: it holds pickled Python objects, "
+                                  f"which nn.save never writes and which could run code when "
+                                  f"loaded, so they are refused") from e
         raise CheckpointError(f"nn.load: {path!r} is truncated or corrupt: "
                               f"{type(e).__name__}: {e}") from e
     if "__meta__" not in arrays:
