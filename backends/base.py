@@ -8,8 +8,13 @@ Axis arguments arrive normalised: a tuple of non-negative ints, or None for all.
 """
 from __future__ import annotations
 
+import threading
+
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
+
+
+_COUNTER_LOCK = threading.Lock()
 
 
 class Backend(ABC):
@@ -118,11 +123,12 @@ class Backend(ABC):
 
     def claim_counters(self, n: int) -> int:
         """Reserve the next `n` counters of the stream; returns the first."""
-        start = self.rng_counter
-        if start + n > 1 << 64:
-            raise OverflowError(f"{self.name}: the random stream's 2^64 counters are used up; "
-                                f"reseed with engine.manual_seed")
-        self.rng_counter = start + n
+        with _COUNTER_LOCK:                 # two threads never get the same counters
+            start = self.rng_counter
+            if start + n > 1 << 64:
+                raise OverflowError(f"{self.name}: the random stream's 2^64 counters are used up; "
+                                    f"reseed with engine.manual_seed")
+            self.rng_counter = start + n
         return start
 
     @abstractmethod
