@@ -17,12 +17,12 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from . import cprint, rowprint
-from .base import Backend
+from .array_backend import ArrayBackend
 
 INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda13]` for CUDA 13) '
                 'on a machine with an NVIDIA GPU and driver')
@@ -133,15 +133,13 @@ def reduction_preamble(in_params: str, out_params: str) -> str:
             + cprint.CUDA_PREAMBLE)
 
 
-class CupyBackend(Backend):
+class CupyBackend(ArrayBackend):
     """Raw arrays are `cupy.ndarray`s on one GPU.
 
     `cupy_module` is passed in (by `create_backend`) rather than
     imported here, so this module imports without CuPy: its kernel sources are
     compiled by CI on machines without a GPU.
     """
-
-    array_methods = True
 
     # Methods that must run with this backend's GPU current ("cuda:N" with N given).
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
@@ -150,7 +148,7 @@ class CupyBackend(Backend):
                        "matmul_out")
 
     def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
-        self.cp = cupy_module
+        self.cp = self.xp = cupy_module      # `cp` reads as CuPy in the device-only code
         self.name = device
         index = int(device.split(":", 1)[1]) if ":" in device else None
         self._device = cupy_module.cuda.Device(index) if index is not None else None
@@ -171,25 +169,8 @@ class CupyBackend(Backend):
         return run
 
     # -- creation and conversion ------------------------------------------------
-    def asarray(self, data: Any, dtype: Any = None) -> Any:
-        if isinstance(data, self.cp.ndarray):
-            return data if dtype is None else data.astype(dtype, copy=False)
-        return self.cp.asarray(np.asarray(data, dtype=dtype))
-
     def to_numpy(self, x: Any) -> Any:
         return self.cp.asnumpy(x)
-
-    def full(self, shape: tuple, value: Any, dtype: Any) -> Any:
-        return self.cp.full(shape, value, dtype=dtype)
-
-    def arange(self, start: Any, stop: Any, step: Any, dtype: Any) -> Any:
-        return self.cp.arange(start, stop, step, dtype=dtype)
-
-    def astype(self, x: Any, dtype: Any) -> Any:
-        return x.astype(dtype, copy=False)
-
-    def copy(self, x: Any) -> Any:
-        return x.copy()
 
     def from_dlpack(self, obj: Any) -> Any:
         """A CuPy array sharing memory with a CUDA DLPack producer (PyTorch, CuPy, ...)."""
@@ -272,17 +253,7 @@ class CupyBackend(Backend):
                 in_params, out_params, body, name=name, preamble=cprint.CUDA_PREAMBLE)
         return self._on_device(kern) if self._device is not None else kern
 
-    # -- reductions and linear algebra -------------------------------------------
-    def sum(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
-        if x.dtype == _F16:                 # accumulate in float32, round once
-            return self.cp.sum(x, axis=axis, dtype=_F32, keepdims=keepdims).astype(_F16)
-        if x.dtype.kind in "bi":
-            return self.cp.sum(x, axis=axis, dtype=_I64, keepdims=keepdims)
-        return self.cp.sum(x, axis=axis, keepdims=keepdims)
-
-    def max(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
-        return self.cp.max(x, axis=axis, keepdims=keepdims)
-
+    # -- linear algebra ---------------------------------------------------------
     def matmul(self, a: Any, b: Any) -> Any:
         return self.cp.matmul(a, b)         # cuBLAS; float16 accumulates in float32
 
@@ -290,29 +261,7 @@ class CupyBackend(Backend):
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""
         return self.cp.matmul(a, b) if out is None else self.cp.matmul(a, b, out=out)
 
-    # -- movement ----------------------------------------------------------------
-    def reshape(self, x: Any, shape: tuple) -> Any:
-        return self.cp.reshape(x, shape)
-
-    def transpose(self, x: Any, axes: tuple) -> Any:
-        return self.cp.transpose(x, axes)
-
-    def broadcast_to(self, x: Any, shape: tuple) -> Any:
-        return self.cp.broadcast_to(x, shape)
-
-    def concatenate(self, xs: Sequence[Any], axis: int) -> Any:
-        return self.cp.concatenate(list(xs), axis=axis)
-
-    def pad(self, x: Any, pad_width: tuple, value: Any) -> Any:
-        return self.cp.pad(x, pad_width, mode="constant", constant_values=value)
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return self.cp.where(cond, a, b)
-
     # -- indexing ----------------------------------------------------------------
-    def getitem(self, x: Any, index: tuple) -> Any:
-        return x[index]
-
     def index_add(self, shape: tuple, index: tuple, values: Any, advanced: bool) -> Any:
         cp = self.cp
         dt = values.dtype
@@ -333,9 +282,6 @@ class CupyBackend(Backend):
         if work == _U64 and dt != _U64:
             out = out.view(_I64)
         return out != 0 if dt.kind == "b" else out.astype(dt, copy=False)
-
-    def setitem(self, x: Any, index: tuple, value: Any) -> None:
-        x[index] = value
 
     # -- random ------------------------------------------------------------------
     def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:

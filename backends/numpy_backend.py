@@ -11,7 +11,7 @@ import sympy
 from ops import numpy_impls
 
 from . import cbuild, host_kernels
-from .base import Backend
+from .array_backend import ArrayBackend
 from .host_memory import keep_freed_memory
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -42,32 +42,16 @@ def lambdify_numpy(spec: Any) -> Callable[..., Any]:
     return run
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(ArrayBackend):
     name = "cpu"
-    array_methods = True
+    xp = np
 
     def __init__(self) -> None:
         self._philox: dict[tuple, Any] = {}
         keep_freed_memory()
 
-    # -- creation and conversion ------------------------------------------------
-    def asarray(self, data: Any, dtype: Any = None) -> Any:
-        return np.asarray(data, dtype=dtype)
-
     def to_numpy(self, x: Any) -> Any:
         return x
-
-    def full(self, shape: tuple, value: Any, dtype: Any) -> Any:
-        return np.full(shape, value, dtype=dtype)
-
-    def arange(self, start: Any, stop: Any, step: Any, dtype: Any) -> Any:
-        return np.arange(start, stop, step, dtype=dtype)
-
-    def astype(self, x: Any, dtype: Any) -> Any:
-        return x.astype(dtype, copy=False)
-
-    def copy(self, x: Any) -> Any:
-        return np.array(x, copy=True)
 
     # -- elementwise -------------------------------------------------------------
     def elementwise_fn(self, spec: Any) -> Callable[..., Any]:
@@ -75,15 +59,7 @@ class NumpyBackend(Backend):
         that it computes the expression), else its lambdified expression."""
         return spec.numpy if spec.numpy is not None else lambdify_numpy(spec)
 
-    # -- reductions and linear algebra -------------------------------------------
-    def sum(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
-        if x.dtype == np.float16:               # accumulate in float32, round once
-            return np.sum(x, axis=axis, dtype=np.float32, keepdims=keepdims).astype(np.float16)
-        return np.sum(x, axis=axis, keepdims=keepdims)
-
-    def max(self, x: Any, axis: tuple | None, keepdims: bool) -> Any:
-        return np.max(x, axis=axis, keepdims=keepdims)
-
+    # -- linear algebra ------------------------------------------------------------
     def matmul(self, a: Any, b: Any) -> Any:
         if a.dtype == np.float16 and b.dtype == np.float16:
             # float32 accumulation (NumPy has no float16 BLAS), rounded once.
@@ -107,29 +83,7 @@ class NumpyBackend(Backend):
             return out
         return np.matmul(a, b, out=out)
 
-    # -- movement ----------------------------------------------------------------
-    def reshape(self, x: Any, shape: tuple) -> Any:
-        return np.reshape(x, shape)
-
-    def transpose(self, x: Any, axes: tuple) -> Any:
-        return np.transpose(x, axes)
-
-    def broadcast_to(self, x: Any, shape: tuple) -> Any:
-        return np.broadcast_to(x, shape)
-
-    def concatenate(self, xs: Sequence[Any], axis: int) -> Any:
-        return np.concatenate(xs, axis=axis)
-
-    def pad(self, x: Any, pad_width: tuple, value: Any) -> Any:
-        return np.pad(x, pad_width, mode="constant", constant_values=value)
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return np.where(cond, a, b)
-
     # -- indexing ----------------------------------------------------------------
-    def getitem(self, x: Any, index: tuple) -> Any:
-        return x[index]
-
     def index_add(self, shape: tuple, index: tuple, values: Any, advanced: bool) -> Any:
         if advanced and len(index) == 1 and isinstance(index[0], np.ndarray):
             out = host_kernels.scatter_add_rows(shape, index[0], values)
@@ -141,9 +95,6 @@ class NumpyBackend(Backend):
         else:
             out[index] = values
         return out
-
-    def setitem(self, x: Any, index: tuple, value: Any) -> None:
-        x[index] = value
 
     # -- random ------------------------------------------------------------------
     def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> Any:
