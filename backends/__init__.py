@@ -31,11 +31,11 @@ def get_backend(device: str) -> Backend:
     be = _instances.get(device)
     if be is not None:
         return be
-    name = device.split(":", 1)[0]
-    if name not in _factories:
+    family = device.split(":", 1)[0]
+    if family not in _factories:
         raise ValueError(
             f"unknown device {device!r}; known devices: {sorted(_factories)}")
-    be = _instances[device] = _factories[name](device)
+    be = _instances[device] = _factories[family](device)
     return be
 
 

@@ -301,7 +301,7 @@ class CupyBackend(ArrayBackend):
             kernel = self._kernels[key] = self.cp.ElementwiseKernel(
                 ins, outs, body, f"engine_philox_{draw.name}_{dt.name}")
         scalars = [np.uint64(start), np.uint32(self.rng_key[0]), np.uint32(self.rng_key[1])]
-        if draw.name == "bernoulli":
+        if draw.thresholded:
             scalars.append(np.uint32(draw.threshold(p)))
         return kernel(*scalars, out)
 

@@ -394,6 +394,6 @@ class SymbolicBackend(Backend):
     def random(self, draw: Any, shape: tuple, dtype: Any, p: float = 0.0) -> SymArray:
         """The engine's Philox draw in float64, as the exact binary rationals it is."""
         n = math.prod(shape)
-        wide = np.float64 if draw.name != "bernoulli" else dtype
+        wide = dtype if draw.thresholded else np.float64      # 0/1 values are exact in any dtype
         values = draw.host(self.claim_counters(n), n, self.rng_key, wide, p=p).reshape(shape)
-        return _binary_rationals(values, dtype) if draw.name != "bernoulli" else self.asarray(values)
+        return self.asarray(values) if draw.thresholded else _binary_rationals(values, dtype)

@@ -160,7 +160,10 @@ def explain_failure(op: ops.Op, args: tuple, params: dict, err: Exception) -> Ex
 
 _SCALARS = (float, int, bool)
 _NUMPY_SCALARS = frozenset(np.sctypeDict.values()) - {np.ndarray}
-_INPLACE_OPS = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "div"}
+# In-place updates: the op combining the old value with the new one (None: the new
+# value replaces the old, as `copy_` does).
+INPLACE_OPS = {"copy": None, "+=": ops.elementwise.add, "-=": ops.elementwise.sub,
+               "*=": ops.elementwise.mul, "/=": ops.elementwise.div}
 
 
 class EagerInterpreter:
@@ -181,11 +184,9 @@ class EagerInterpreter:
         """In-place update of t's buffer: `t op= value`, or `t[index] = value`."""
         raw = value._data if isinstance(value, Tensor) else value
         be = t._backend
-        if name == "copy":
-            be.setitem(t._data, (Ellipsis,), raw)
-        elif index is None:
-            op = ops.REGISTRY[_INPLACE_OPS[name]]
-            be.setitem(t._data, (Ellipsis,), op.forward(be, t._data, raw))
+        if index is None:
+            op = INPLACE_OPS[name]
+            be.setitem(t._data, (Ellipsis,), raw if op is None else op.forward(be, t._data, raw))
         else:
             spec, tensors = index
             be.setitem(t._data, ops.movement.index_tuple(spec, tuple(x._data for x in tensors)), raw)
@@ -198,7 +199,7 @@ class EagerInterpreter:
         check(t.numpy())
 
     def apply(self, op: ops.Op, args: tuple, params: dict) -> Tensor:
-        if autocast_state.dtype is not None and op.name in AUTOCAST_OPS:
+        if autocast_state.dtype is not None and op.autocast == "lower":
             args = _autocast(args, autocast_state.dtype)
         backend = None
         needs_grad = False
@@ -262,13 +263,11 @@ class EagerInterpreter:
         return t
 
 
-# Ops that run in the low-precision dtype inside `eg.autocast` (their inputs are cast,
-# recorded as cast ops so gradients flow back to float32 parameters). Everything
-# else keeps float32: softmax, layer norm, reductions and losses need the range.
-AUTOCAST_OPS = frozenset({"matmul"})
-
-
 def _autocast(args: tuple, dtype: Any) -> tuple:
+    """The float tensor inputs of an op of autocast class "lower" (ops/spec.py: matmul)
+    cast to the low-precision dtype, recorded as cast ops so gradients flow back to
+    float32 parameters. The other ops keep float32: softmax, layer norm, reductions
+    and losses need the range."""
     cast = ops.REGISTRY["cast"]
     return tuple(cast(a, dtype=dtype) if isinstance(a, Tensor) and a.dtype.kind == "f"
                  and a.dtype != dtype else a for a in args)

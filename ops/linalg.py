@@ -66,7 +66,7 @@ def _rows(x: Any) -> int:
 
 
 matmul = register(Op(
-    "matmul", kind="matmul", saves=(0, 1),
+    "matmul", kind="matmul", saves=(0, 1), contraction=True, autocast="lower",
     forward=lambda be, a, b: be.matmul(a, b),
     infer=_infer_matmul, vjp=_matmul_vjp,
     sample=lambda rng: [

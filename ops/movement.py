@@ -16,6 +16,31 @@ def _dt(x: Any) -> np.dtype:
     return np.dtype(x.dtype)
 
 
+# -- traits the compiler reads (ops/spec.py) ---------------------------------------------------
+
+def _same_shape(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
+    """No-op test of reshape-like ops: nothing changes when the shape does not."""
+    return tuple(in_shape) == tuple(out_shape)
+
+
+def _always(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
+    return True
+
+
+def _outer_params(inner: dict, outer: dict) -> dict:
+    """Compose rule of ops whose result depends only on the outer call (reshape of a reshape)."""
+    return dict(outer)
+
+
+def _identity_axes(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
+    return tuple(params["axes"]) == tuple(range(len(params["axes"])))
+
+
+def _compose_axes(inner: dict, outer: dict) -> dict:
+    """transpose(transpose(x, a), b) == transpose(x, a[b])."""
+    return {"axes": tuple(inner["axes"][i] for i in outer["axes"])}
+
+
 # -- reshape / transpose / broadcast_to -----------------------------------------------------
 
 def _infer_reshape(x: Any, shape: tuple) -> tuple:
@@ -27,6 +52,7 @@ def _infer_reshape(x: Any, shape: tuple) -> tuple:
 
 reshape = register(Op(
     "reshape", kind="movement", view=True, saves=(),
+    no_op_when=_same_shape, compose=_outer_params, keeps_matrices=True, method="reshape",
     forward=lambda be, x, shape: be.reshape(x, shape),
     infer=_infer_reshape,
     vjp=lambda g, out, inputs, needs, shape: (reshape(g, shape=tuple(inputs[0].shape)),),
@@ -52,6 +78,8 @@ def _inverse_permutation(axes: tuple) -> tuple:
 
 transpose = register(Op(
     "transpose", kind="movement", view=True, saves=(),
+    no_op_when=_identity_axes, compose=_compose_axes, permutation=lambda params: tuple(params["axes"]),
+    method="transpose",
     forward=lambda be, x, axes: be.transpose(x, axes),
     infer=_infer_transpose,
     vjp=lambda g, out, inputs, needs, axes: (transpose(g, axes=_inverse_permutation(axes)),),
@@ -75,6 +103,7 @@ def _broadcast_to_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, shape: tupl
 
 broadcast_to = register(Op(
     "broadcast_to", kind="movement", view=True, saves=(),
+    no_op_when=_same_shape, compose=_outer_params, keeps_matrices=True,
     forward=lambda be, x, shape: be.broadcast_to(x, shape),
     infer=_infer_broadcast_to, vjp=_broadcast_to_vjp,
     sample=lambda rng: [([rng.standard_normal((3, 1))], dict(shape=(2, 3, 4))),
@@ -247,7 +276,8 @@ def _cast_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, dtype: Any) -> tupl
 
 
 cast = register(Op(
-    "cast", kind="elementwise_cast", saves=(),
+    "cast", kind="elementwise_cast", saves=(), may_alias=True,
+    no_op_when=_always,                # when the dtype is kept (the compiler checks it)
     forward=lambda be, x, dtype: be.astype(x, dtype),
     infer=lambda x, dtype: (tuple(x.shape), np.dtype(dtype)),
     vjp=_cast_vjp,
@@ -256,7 +286,7 @@ cast = register(Op(
     reference=lambda x, dtype: x.astype(dtype)))
 
 stop_gradient = register(Op(
-    "stop_gradient", kind="movement", view=True,
+    "stop_gradient", kind="movement", view=True, no_op_when=_always,
     forward=lambda be, x: x,
     infer=lambda x: (tuple(x.shape), _dt(x)),
     vjp=None,

@@ -140,10 +140,13 @@ class PhiloxDraw:
     integer bits and the same float operations in the same order."""
 
     name: str                      # "uniform", "normal" or "bernoulli"
+    # 0/1 values from comparing a word against the threshold of a probability p
+    # (Bernoulli): exact in every dtype, and the kernel takes the threshold as a scalar.
+    thresholded: bool = False
 
     def check_dtype(self, dtype: Any) -> np.dtype:
         dt = np.dtype(dtype)
-        if self.name != "bernoulli" and dt not in MANTISSA_BITS:
+        if not self.thresholded and dt not in MANTISSA_BITS:
             raise DTypeError(f"random_{self.name}: dtype {dt} is not a float dtype "
                              f"(float16, float32 or float64)")
         return dt
@@ -158,7 +161,7 @@ class PhiloxDraw:
         """n values (flat) for counters start.. under `key`, computed with NumPy."""
         dt = self.check_dtype(dtype)
         words = philox_words(start, n, key)
-        if self.name == "bernoulli":
+        if self.thresholded:
             return (_bits(words, np.dtype(np.float32), 0) < np.uint64(self.threshold(p))).astype(dt)
         ct = _compute_dtype(dt)
         scale = ct.type(2.0 ** -MANTISSA_BITS[dt])
@@ -190,7 +193,7 @@ class PhiloxDraw:
                     f"({words[first + 1]} >> {64 - b}))")
 
         ins = "uint64 start, uint32 k0, uint32 k1"
-        if self.name == "bernoulli":
+        if self.thresholded:
             ins += ", uint32 threshold"
             lines.append(f"out0 = {bits(np.dtype(np.float32), 0)} < threshold;")
         else:
@@ -227,7 +230,8 @@ def _ctype_name(dt: np.dtype) -> str:
     return "bool" if dt.kind == "b" else dt.name
 
 
-UNIFORM, NORMAL, BERNOULLI = PhiloxDraw("uniform"), PhiloxDraw("normal"), PhiloxDraw("bernoulli")
+UNIFORM, NORMAL = PhiloxDraw("uniform"), PhiloxDraw("normal")
+BERNOULLI = PhiloxDraw("bernoulli", thresholded=True)
 
 
 def _shape_dtype(shape: tuple, dtype: object, **_: object) -> tuple:

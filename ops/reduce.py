@@ -51,14 +51,14 @@ def _sample(rng: np.random.Generator) -> list:
 
 
 sum = register(Op(
-    "sum", kind="reduction",
+    "sum", kind="reduction", reduction="sum",
     forward=lambda be, x, axis, keepdims: be.sum(x, axis, keepdims),
     infer=lambda x, axis, keepdims: (_infer_reduce("sum", x, axis, keepdims), _sum_dtype(x.dtype)),
     vjp=_sum_vjp, sample=_sample, saves=(),
     reference=lambda x, axis, keepdims: np.sum(x, axis=axis, keepdims=keepdims)))
 
 max = register(Op(
-    "max", kind="reduction",
+    "max", kind="reduction", reduction="max",
     forward=lambda be, x, axis, keepdims: be.max(x, axis, keepdims),
     infer=lambda x, axis, keepdims: (_infer_reduce("max", x, axis, keepdims), np.dtype(x.dtype)),
     vjp=_max_vjp, sample=_sample, saves=(0, -1),

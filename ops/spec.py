@@ -11,6 +11,9 @@ from typing import Any, Callable
 
 REGISTRY: dict[str, "Op"] = {}
 
+# The autocast classes an op may declare (None: run in the inputs' dtypes).
+AUTOCAST_CLASSES = (None, "lower")
+
 
 def _no_dispatcher(op: "Op", args: tuple, params: dict) -> Any:
     raise RuntimeError(f"{op.name}: no interpreter is installed; `import engine` first")
@@ -37,15 +40,43 @@ class Op:
            checks only these for in-place changes: any other non-leaf input reaches
            the VJP as a data-less edge (shape, dtype, ndim, device only; reading its
            value raises), and so may the output unless -1 is listed.
+
+    Traits: what the engine, the compiler and the backends read instead of the op's name.
+    autocast: "lower" runs the op in the low-precision dtype inside `eg.autocast` (its
+           float inputs are cast); None keeps its inputs' dtypes.
+    no_op_when(params, in_shape, out_shape) -> bool: the op returns its first input
+           unchanged when this holds (the compiler drops it, but only where the output
+           also has the input's shape and dtype).
+    compose(inner, outer) -> params: op(op(x, **inner), **outer) == op(x, **params), so
+           the compiler folds a chain of the op into one node.
+    permutation(params) -> axes: output axis i is input axis axes[i] (a transpose).
+    keeps_matrices: when the last two axes keep their sizes, every trailing matrix of the
+           output is one of the input's (reshape, broadcast_to): a zero band survives.
+    contraction: the op is `a @ b` with NumPy's matmul rules (BLAS may write it into a
+           buffer; the compiler may compute it block by block).
+    reduction: the monoid a reduction folds with over `axis` ("sum", "max"), or None.
+    may_alias: the output may be the input array itself although the op is no view
+           (astype to the dtype it has), so buffers must not be reused under it.
+    method: the array method computing the op from its one parameter (`x.reshape(shape)`),
+           which generated code calls inline on backends whose arrays have NumPy's methods.
     """
 
     __slots__ = ("name", "kind", "forward", "vjp", "infer", "view", "random",
-                 "sample", "reference", "doc", "saves", "_impls", "__dict__")
+                 "sample", "reference", "doc", "saves", "autocast", "no_op_when", "compose",
+                 "permutation", "keeps_matrices", "contraction", "reduction", "may_alias",
+                 "method", "_impls", "__dict__")
 
     def __init__(self, name: str, *, kind: str, forward: Callable, infer: Callable,
                  vjp: Callable | None = None, view: bool = False, random: bool = False,
                  sample: Callable | None = None, reference: Callable | None = None,
-                 saves: tuple[int, ...] | None = None, doc: str = "") -> None:
+                 saves: tuple[int, ...] | None = None, doc: str = "",
+                 autocast: str | None = None, no_op_when: Callable | None = None,
+                 compose: Callable | None = None, permutation: Callable | None = None,
+                 keeps_matrices: bool = False, contraction: bool = False,
+                 reduction: str | None = None, may_alias: bool = False,
+                 method: str | None = None) -> None:
+        if autocast not in AUTOCAST_CLASSES:
+            raise ValueError(f"op {name!r}: autocast must be one of {AUTOCAST_CLASSES}, got {autocast!r}")
         self.name = name
         self.kind = kind
         self.forward = forward
@@ -57,6 +88,15 @@ class Op:
         self.reference = reference
         self.doc = doc
         self.saves = saves
+        self.autocast = autocast
+        self.no_op_when = no_op_when
+        self.compose = compose
+        self.permutation = permutation
+        self.keeps_matrices = keeps_matrices
+        self.contraction = contraction
+        self.reduction = reduction
+        self.may_alias = may_alias
+        self.method = method
         self._impls: dict[int, Callable] = {}
 
     @property

@@ -43,7 +43,7 @@ def band_matmuls(program: Program) -> Program:
             zeros[n.out] = band
     nodes = []
     for n in program.nodes:
-        op = _banded(n, zeros) if getattr(n.op, "name", "") == "matmul" else None
+        op = _banded(n, zeros) if getattr(n.op, "contraction", False) else None
         nodes.append(Node(op, n.inputs, {}, n.out) if op is not None else n)
     return program.copy(nodes=nodes)
 
@@ -127,14 +127,15 @@ def _zero_band(n: Node, masks: dict, zeros: dict) -> Band | None:
     """The band where node n's value is exactly zero, if its inputs make one."""
     import sympy
     op = n.op
-    if getattr(op, "name", "") == "transpose" and n.inputs[0] in zeros:
-        axes, nd = tuple(n.params["axes"]), len(n.out.shape)
+    permutation = getattr(op, "permutation", None)
+    if permutation is not None and n.inputs[0] in zeros:
+        axes, nd = tuple(permutation(n.params)), len(n.out.shape)
         if nd >= 2 and sorted(axes[-2:]) == [nd - 2, nd - 1]:
             side, off = zeros[n.inputs[0]]
             swapped = axes[-2:] == (nd - 1, nd - 2)
             return ({"U": "L", "L": "U"}[side] if swapped else side), off
         return None
-    if getattr(op, "name", "") == "reshape" and n.inputs[0] in zeros:
+    if getattr(op, "keeps_matrices", False) and n.inputs[0] in zeros:
         src = n.inputs[0]
         same_matrix = len(n.out.shape) >= 2 and tuple(n.out.shape[-2:]) == tuple(src.shape[-2:])
         return zeros[src] if same_matrix else None
@@ -210,6 +211,7 @@ class BandedMatmul:
     kind = "banded_matmul"
     random = False
     view = False
+    contraction = True             # still a @ b (ops/spec.py): it may write a transposed buffer
 
     def __init__(self, how: str, blocks: tuple, fills: tuple, shape: tuple, dtype: Any,
                  work: float) -> None:

@@ -24,7 +24,6 @@ from .passes import FusedElementwise, FusedReduction, FusedRowOp, single_group
 from .rows import find_row_groups
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
-_INLINE_METHODS = {"reshape": "shape", "transpose": "axes"}   # op -> its one parameter
 
 
 def literal(value: Any, ns: dict) -> str:
@@ -215,10 +214,9 @@ def _transposed_outputs(program: Program) -> dict:
     found = {}
     for n in program.nodes:
         users = readers.get(n.out, [])
-        is_matmul = getattr(n.op, "name", "") == "matmul" or isinstance(n.op, BandedMatmul)
-        if (is_matmul and len(users) == 1 and n.out not in outputs
-                and getattr(users[0].op, "name", "") == "transpose"):
-            axes = tuple(users[0].params["axes"])
+        permutation = getattr(users[0].op, "permutation", None) if len(users) == 1 else None
+        if getattr(n.op, "contraction", False) and permutation is not None and n.out not in outputs:
+            axes = tuple(permutation(users[0].params))
             inverse = tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
             found[n.out] = (tuple(users[0].out.shape), inverse)
     return found
@@ -227,7 +225,7 @@ def _transposed_outputs(program: Program) -> dict:
 def _aliases(node: Node) -> bool:
     op = node.op
     return getattr(op, "view", False) or getattr(op, "kind", "") in _ALIASING_KINDS or \
-        getattr(op, "name", "") == "cast"
+        getattr(op, "may_alias", False)
 
 
 def alias_roots(program: Program) -> dict:
@@ -409,7 +407,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 k = ckernels.plan_row(n.op, n.inputs, n.out)
             elif isinstance(n.op, ElementwiseOp) and n.out.dtype.kind == "f":
                 k = ckernels.plan_group(*single_group(n), n.out)
-            elif getattr(n.op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
+            elif getattr(n.op, "reduction", None) == "sum" and isinstance(n.inputs[0], Value):
                 # A plain sum as a reduction of the empty group (vectorised C loop).
                 plain = FusedReduction(FusedElementwise([], 1), n.params["axis"], n.params["keepdims"],
                                        n.inputs[0].shape)
@@ -449,7 +447,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ufunc", _ufunc(n.op, backend, n.inputs, n.out))
         elif isinstance(n.op, BandedMatmul):
             capable[n.out] = ("matmul", functools.partial(n.op.run, backend))
-        elif getattr(n.op, "name", "") == "matmul" and hasattr(backend, "matmul_out"):
+        elif getattr(n.op, "contraction", False) and hasattr(backend, "matmul_out"):
             capable[n.out] = ("matmul", backend.matmul_out)
     donated = _donations(program, capable, roots) if plan else {}
     row_groups = {last: g for last, g in row_groups.items() if ("rows", last) in c_runner
@@ -497,9 +495,9 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
                 shape, inverse = transposed[n.out]
                 dest = f"{dest}.reshape({literal(shape, ns)}).transpose({literal(inverse, ns)})"
             lines.append(f"    {out} = _f{k}({', '.join(args)}, {dest or 'None'})")
-        elif getattr(backend, "array_methods", False) and n.op.name in _INLINE_METHODS:
-            param = _INLINE_METHODS[n.op.name]
-            lines.append(f"    {out} = {args[0]}.{n.op.name}({literal(n.params[param], ns)})")
+        elif getattr(backend, "array_methods", False) and getattr(n.op, "method", None):
+            (param,) = n.params.values()          # a method op has exactly one parameter
+            lines.append(f"    {out} = {args[0]}.{n.op.method}({literal(param, ns)})")
         else:
             ns[f"_f{k}"] = functools.partial(n.op.forward, backend, **n.params)
             lines.append(f"    {out} = _f{k}({', '.join(args)})")

@@ -9,6 +9,7 @@ import numpy as np
 
 from ops.elementwise import ElementwiseOp
 
+from .identities import elementwise_identity
 from .ir import Node, Program, Value
 
 
@@ -100,65 +101,41 @@ def constant_fold(program: Program, backend: Any) -> Program:
 
 # -- algebraic simplification ----------------------------------------------------------------------------
 
-def _is(v: Any, c: float) -> bool:
-    return not isinstance(v, Value) and not isinstance(v, bool) and v == c
-
-
-def _identity_rewrite(n: Node, producers: dict) -> Any:
-    """A Value or node equal to n's result, or None."""
-    name = getattr(n.op, "name", "")
-    a = n.inputs
-    out = n.out
-
-    def same(v: Any) -> bool:
-        return isinstance(v, Value) and v.shape == out.shape and v.dtype == out.dtype
-
-    if name == "mul":
-        if _is(a[1], 1) and same(a[0]):
-            return a[0]
-        if _is(a[0], 1) and same(a[1]):
-            return a[1]
-    elif name in ("add", "sub") and _is(a[1], 0) and same(a[0]):
-        return a[0]
-    elif name == "add" and _is(a[0], 0) and same(a[1]):
-        return a[1]
-    elif name == "div" and _is(a[1], 1) and same(a[0]):
-        return a[0]
-    elif name == "neg":
-        p = producers.get(a[0])
-        if p is not None and getattr(p.op, "name", "") == "neg" and same(p.inputs[0]):
-            return p.inputs[0]
-    elif name in ("reshape", "broadcast_to", "stop_gradient", "cast") and same(a[0]):
-        return a[0]
-    elif name == "transpose":
-        if tuple(n.params["axes"]) == tuple(range(len(out.shape))) and same(a[0]):
-            return a[0]
-        p = producers.get(a[0])
-        if p is not None and getattr(p.op, "name", "") == "transpose":
-            inner, outer = p.params["axes"], n.params["axes"]
-            composed = tuple(inner[i] for i in outer)
-            if composed == tuple(range(len(composed))) and same(p.inputs[0]):
-                return p.inputs[0]
-            return Node(n.op, (p.inputs[0],), {"axes": composed}, out)
-    if name == "reshape":
-        p = producers.get(a[0])
-        if p is not None and getattr(p.op, "name", "") == "reshape":
-            return Node(n.op, (p.inputs[0],), dict(n.params), out)
+def _identity_rewrite(n: Node, producers: dict, constants: dict) -> Any:
+    """A Value or node equal to n's result, or None. Read from the ops' traits
+    (ops/spec.py): elementwise identities derived from their expressions, `no_op_when`,
+    and `compose` for a chain of the same op. Never drops a change of shape or dtype."""
+    op, a, out = n.op, n.inputs, n.out
+    found = elementwise_identity(n, producers, constants)
+    if found is not None:
+        return found
+    x = a[0] if a else None
+    if not isinstance(x, Value):
+        return None
+    no_op = getattr(op, "no_op_when", None)
+    if no_op is not None and x.shape == out.shape and x.dtype == out.dtype \
+            and no_op(n.params, x.shape, out.shape):
+        return x
+    compose = getattr(op, "compose", None)
+    p = producers.get(x)
+    if compose is not None and p is not None and p.op is op:
+        return Node(op, (p.inputs[0],), compose(p.params, n.params), out)
     return None
 
 
 def simplify(program: Program) -> Program:
-    """x*1, x+0, x-0, x/1, -(-x), identity reshape/broadcast/cast/transpose,
-    transpose chains composed, reshape chains collapsed, stop_gradient dropped."""
+    """Nodes equal to one of their inputs dropped (x*1, x+0, x-0, x/1, -(-x), identity
+    reshape/broadcast/cast/transpose, stop_gradient), chains of one op composed
+    (transposes, reshapes, broadcasts): see `_identity_rewrite`."""
     mapping: dict = {}
     producers: dict = {}
     nodes = []
     for n in program.nodes:
         n = n.with_inputs(tuple(mapping.get(a, a) if isinstance(a, Value) else a for a in n.inputs))
-        r = _identity_rewrite(n, producers)
+        r = _identity_rewrite(n, producers, program.constants)
         while isinstance(r, Node):
             n = r
-            r = _identity_rewrite(n, producers)
+            r = _identity_rewrite(n, producers, program.constants)
         if isinstance(r, Value):
             mapping[n.out] = r
             continue
@@ -311,7 +288,7 @@ def fuse_reductions(program: Program) -> Program:
     """Merge a sum with the elementwise group (or single elementwise op) it reads,
     when that value has no other use."""
     return _absorb_producer(
-        program, lambda n: getattr(n.op, "name", "") == "sum",
+        program, lambda n: getattr(n.op, "reduction", None) == "sum",
         lambda n, group, p: FusedReduction(group, n.params["axis"], n.params["keepdims"], p.out.shape))
 
 

@@ -76,7 +76,7 @@ def _step(n: Any) -> RowStep | None:
         return RowStep("map", group, inputs, n.out)
     if isinstance(op, FusedReduction):
         group, inputs, in_shape, axis, keepdims = op.group, tuple(n.inputs), op.in_shape, op.axis, op.keepdims
-    elif getattr(op, "name", "") == "sum" and isinstance(n.inputs[0], Value):
+    elif getattr(op, "reduction", None) == "sum" and isinstance(n.inputs[0], Value):
         group, inputs = FusedElementwise([], 1), (n.inputs[0],)
         in_shape, axis, keepdims = n.inputs[0].shape, n.params["axis"], n.params["keepdims"]
     else:

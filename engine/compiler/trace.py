@@ -108,12 +108,10 @@ class TraceInterpreter(EagerInterpreter):
             raise TraceError(
                 f"in-place {name} on an existing .grad (shape {t.shape}) inside jit: a compiled "
                 f"call replaces .grad with a new tensor; assign it instead (p.grad = p.grad * s)")
-        from ..dispatch import _INPLACE_OPS
+        from ..dispatch import INPLACE_OPS
+        op = INPLACE_OPS[name]
         with no_grad():
-            if name == "copy":
-                new = _as_tensor_like(t, value)
-            else:
-                new = ops.REGISTRY[_INPLACE_OPS[name]](t, value)
+            new = _as_tensor_like(t, value) if op is None else op(t, value)
         self.remember(t)
         t._data = new._data
 
