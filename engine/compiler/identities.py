@@ -7,11 +7,12 @@ nodes producing its inputs (neg(neg(x))). When the result is a bare input symbol
 node is that input in exact arithmetic.
 
 sympy reasons about finite reals; floats are not those (lerp(a, b, 0) is `a` to
-sympy but NaN in IEEE arithmetic when b is infinite, and exp(log(x)) rounds). So a
-derived identity is then checked by running the ops on the CPU on probes of the
-real dtypes (zeros of both signs, ones, the extremes, subnormals, infinities, NaN,
-random values), and kept only where every result equals the input (values equal, NaN
-where the input is NaN). Each derivation is cached by the pattern it depends on:
+sympy but NaN in IEEE arithmetic when b is infinite, and exp(log(x)) rounds). So an
+identity also has to hold when the ops run on the CPU on probes of the real dtypes
+(zeros of both signs, ones, the extremes, subnormals, infinities, NaN, random values,
+the pattern's constants): every result must equal the input (values equal, NaN where
+the input is NaN). The probes run first, being cheap and rejecting nearly every
+pattern; sympy confirms the rest. Each derivation is cached by the pattern it depends on:
 the ops, where each constant sits and its exact value, which inputs are the same
 value, and every input's dtype.
 """
@@ -31,6 +32,7 @@ from .ir import Node, Value
 # {pattern: index of the leaf the node equals, or None}
 _DERIVED: dict = {}
 MAX_PROBES = 1 << 16           # probe rows for nodes with many distinct inputs
+MAX_CACHED = 1 << 14           # patterns remembered
 
 
 def elementwise_identity(n: Node, producers: dict, constants: dict) -> Value | None:
@@ -134,6 +136,8 @@ def _identity(op: ElementwiseOp, args: tuple, leaves: list) -> int | None:
     dtypes = tuple(v.dtype for v in leaves)
     key = (op, args, dtypes)
     if key not in _DERIVED:
+        if len(_DERIVED) >= MAX_CACHED:      # constants that change between traces
+            _DERIVED.clear()
         _DERIVED[key] = _derive(op, args, dtypes)
     return _DERIVED[key]
 
