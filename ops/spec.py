@@ -42,6 +42,8 @@ class Op:
            value raises), and so may the output unless -1 is listed.
 
     Traits: what the engine, the compiler and the backends read instead of the op's name.
+    (Elementwise ops need none for identities: engine/compiler/identities.py derives
+    x*1 = x and the like from their sympy expressions.)
     autocast: "lower" runs the op in the low-precision dtype inside `eg.autocast` (its
            float inputs are cast); None keeps its inputs' dtypes.
     no_op_when(params, in_shape, out_shape) -> bool: the op returns its first input

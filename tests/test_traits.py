@@ -176,3 +176,17 @@ def test_an_unknown_autocast_class_is_refused():
     with pytest.raises(ValueError, match=re.escape("op 'probe': autocast must be one of")):
         ops.Op("probe", kind="elementwise", forward=lambda be, x: x, infer=lambda x: (x.shape, x.dtype),
                autocast="half")
+
+
+def test_zero_bands_follow_reshape_broadcast_and_transpose_traits():
+    from engine.compiler.bands import _zero_band
+    src = Value((2, 64, 64), np.float64)
+    zeros = {src: ("U", 0)}
+
+    def band(op, params, shape):
+        return _zero_band(Node(R[op], (src,), params, Value(shape, np.float64)), {}, zeros)
+    assert band("reshape", {"shape": (1, 2, 64, 64)}, (1, 2, 64, 64)) == ("U", 0)
+    assert band("broadcast_to", {"shape": (3, 2, 64, 64)}, (3, 2, 64, 64)) == ("U", 0)
+    assert band("reshape", {"shape": (2, 32, 128)}, (2, 32, 128)) is None     # rows regrouped
+    assert band("transpose", {"axes": (0, 2, 1)}, (2, 64, 64)) == ("L", 0)
+    assert band("transpose", {"axes": (1, 0, 2)}, (64, 2, 64)) is None
