@@ -2,20 +2,19 @@
 
 Backends register a factory by device name; a factory runs on first use, so an
 optional backend (CuPy) costs nothing until asked for and can explain what is
-missing when it cannot start.
+missing when it cannot start. That is why CuPy's module is the one imported inside
+its factory; the NumPy and symbolic backends need only required libraries.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .base import Backend
+from .base import Backend, BackendUnavailable
+from .numpy_backend import NumpyBackend
+from .symbolic import SymbolicBackend
 
 _factories: dict[str, Callable[[], Backend]] = {}
 _instances: dict[str, Backend] = {}
-
-
-class BackendUnavailable(RuntimeError):
-    """The device exists in principle but cannot start here (missing library or hardware)."""
 
 
 def register_backend(name: str, factory: Callable[[str], Backend]) -> None:
@@ -45,17 +44,15 @@ def loaded_backends() -> list[Backend]:
 
 
 def _numpy_factory(device: str) -> Backend:
-    from .numpy_backend import NumpyBackend
     return NumpyBackend()
 
 
 def _symbolic_factory(device: str) -> Backend:
-    from .symbolic import SymbolicBackend
     return SymbolicBackend()
 
 
 def _cupy_factory(device: str) -> Backend:
-    from .cupy_backend import create_backend
+    from .cupy_backend import create_backend     # imports CuPy: optional, so only when asked
     return create_backend(device)
 
 

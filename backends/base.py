@@ -17,6 +17,10 @@ from typing import Any, Callable, Sequence
 _COUNTER_LOCK = threading.Lock()
 
 
+class BackendUnavailable(RuntimeError):
+    """The device exists in principle but cannot start here (missing library or hardware)."""
+
+
 class Backend(ABC):
     """Primitives on raw arrays of one device."""
 

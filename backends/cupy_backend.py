@@ -23,6 +23,7 @@ import numpy as np
 
 from . import cprint, rowprint
 from .array_backend import ArrayBackend
+from .base import BackendUnavailable
 
 INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda13]` for CUDA 13) '
                 'on a machine with an NVIDIA GPU and driver')
@@ -347,7 +348,6 @@ def create_backend(device: str = "cuda") -> CupyBackend:
     Raises BackendUnavailable, saying what is missing and how to install it, when
     CuPy cannot be imported or no usable GPU is present.
     """
-    from . import BackendUnavailable
     try:
         import cupy
     except Exception as e:            # ImportError, or CuPy failing to load CUDA libraries

@@ -8,12 +8,11 @@
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import ops
 
-from . import autograd, dispatch  # noqa: F401  (dispatch installs the interpreter)
+from . import autograd, dispatch, tensor as _tensor_module  # noqa: F401  (dispatch installs the interpreter)
 from .autograd import grad as autograd_grad
 from .autograd import grad_fn as grad
 from .autograd import value_and_grad
@@ -32,15 +31,18 @@ from .state import (autocast, enable_grad, fold_in_rng, get_rng_state, is_grad_e
                     no_grad, set_grad_enabled, set_rng_state)
 from .tensor import Tensor, _operand
 from .threads import get_num_threads, set_num_threads
+from . import symbolic
+from .symbolic import verify_gradients
+
+# The one call from Tensor up the layering (docs/design.md, "Layering"): Tensor.backward
+# runs autograd, which is built on Tensor.
+_tensor_module.set_backward(autograd.backward)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "nn":                  # `from engine import nn`, without an import cycle
+    if name == "nn":      # `from engine import nn`: nn is built on engine, so named on first use
         import nn
         return nn
-    if name in ("symbolic", "verify_gradients"):   # on first use: keeps `python -m engine.symbolic` clean
-        symbolic = importlib.import_module("engine.symbolic")
-        return symbolic if name == "symbolic" else symbolic.verify_gradients
     op = ops.REGISTRY.get(name)
     if op is not None:                # any other registered op: eg.<name>(tensors..., **params)
         return _registered(op)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from ops.errors import GradError, ShapeError
 
+from .creation import ones_like, tensor, zeros_like
 from .dispatch import Edge, Node
 from .state import phase, set_grad_enabled
 from .tensor import Tensor
@@ -186,10 +187,8 @@ def _root_grad(t: Tensor, grad: Any) -> Tensor:
         if t.size != 1:
             raise GradError(f"backward on a tensor of shape {t.shape} needs a gradient "
                             f"argument; only single-element outputs get an implicit 1")
-        from .creation import ones_like
         return ones_like(t)
     if not isinstance(grad, Tensor):
-        from .creation import tensor
         grad = tensor(grad, dtype=t.dtype, device=t.device)
     if grad.shape != t.shape:
         raise ShapeError(f"backward: gradient of shape {grad.shape} for an output of "
@@ -244,7 +243,6 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
     nums = _argnums(argnums)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        from .creation import tensor
         args = list(args)
         nested = False
         for i in nums:
@@ -261,12 +259,10 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
             raise GradError(f"grad: the function must return a single-element tensor, got "
                             f"{getattr(value, 'shape', type(value).__name__)}")
         if not value.requires_grad:
-            from .creation import zeros_like
             gs = tuple(zeros_like(args[i]) for i in nums)
         else:
             gs = grad(value, [args[i] for i in nums], create_graph=nested,
                       allow_unused=True)
-            from .creation import zeros_like
             gs = tuple(zeros_like(args[i]) if g is None else g for i, g in zip(nums, gs))
         out_g = gs[0] if isinstance(argnums, int) else gs
         if not nested:

@@ -1,4 +1,5 @@
-"""Making tensors: from data, from other libraries, and from nothing."""
+"""Making tensors: from data, from other libraries, and from nothing. (`tensor` and
+`transfer`, which Tensor's own methods use, are defined with Tensor in engine/tensor.py.)"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -7,47 +8,15 @@ import numpy as np
 
 import ops
 from ops.dtypes import as_dtype
-from ops.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ops.errors import ArgumentError, DeviceError
 
 from .state import DEFAULT_FLOAT, get_backend
-from .tensor import Tensor
+from .tensor import Tensor, tensor, transfer  # noqa: F401  (made with Tensor; public here)
 from .validate import integer, nonnegative_int
 
 float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 int8, int16, int32, int64 = (np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
 uint8, bool_ = np.dtype(np.uint8), np.dtype(bool)
-
-
-def _infer_dtype(data: Any) -> np.dtype | None:
-    """Python floats become float32 (the default); arrays keep their dtype."""
-    if isinstance(data, (np.ndarray, np.generic)) or hasattr(data, "__array_interface__"):
-        return None
-    arr = np.asarray(data)
-    if arr.dtype.kind == "f":
-        return DEFAULT_FLOAT
-    return None
-
-
-def tensor(data: Any, dtype: Any = None, device: str = "cpu",
-           requires_grad: bool = False) -> Tensor:
-    """A new tensor holding a copy of `data` (lists, scalars, NumPy arrays, tensors)."""
-    if isinstance(data, Tensor):
-        src = data.detach().to(device)
-        arr = src._backend.copy(src._data)
-        if dtype is not None:
-            arr = src._backend.astype(arr, as_dtype(dtype))
-        return Tensor(arr, src._backend, requires_grad=requires_grad)
-    dtype = None if dtype is None else as_dtype(dtype)
-    be = get_backend(device)
-    try:
-        host = np.array(data, dtype=_infer_dtype(data) if dtype is None else dtype, copy=True)
-    except ValueError as e:                      # ragged nesting, unparsable strings
-        raise ShapeError(f"tensor: cannot make a tensor of {type(data).__name__} data: "
-                         f"{e}") from None
-    if host.dtype.kind not in "biufc":
-        raise DTypeError(f"tensor: data of NumPy dtype {host.dtype} ({type(data).__name__}) "
-                         f"is not numbers; tensors hold bool, integer or floating values")
-    return Tensor(be.asarray(host), be, requires_grad=requires_grad)
 
 
 def from_numpy(arr: np.ndarray) -> Tensor:
@@ -65,17 +34,6 @@ def from_dlpack(obj: Any) -> Tensor:
                           f"{device_type}; only CPU (1) and CUDA (2, 13) memory can be shared")
     be = get_backend("cuda" if int(device_id) == 0 else f"cuda:{int(device_id)}")
     return Tensor(be.from_dlpack(obj), be)
-
-
-def transfer(t: Tensor, device: str) -> Tensor:
-    """Copy to another device. A leaf stays a leaf (requires_grad kept); moving a tensor
-    from the middle of a graph would cut it, so that is refused."""
-    if t._ctx is not None and t.requires_grad:
-        raise DeviceError(f"cannot move a non-leaf tensor (made by {t.grad_fn}) from {t.device} "
-                          f"to {device}: move the leaves (parameters, inputs) before computing")
-    target = get_backend(device)
-    host = t._backend.to_numpy(t._data)
-    return Tensor(target.asarray(host), target, requires_grad=t.requires_grad)
 
 
 def _dims(shape: Sequence[Any], where: str) -> tuple:

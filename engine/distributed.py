@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+import ops
 from ops.errors import EngineError
 
 from .tensor import Tensor
@@ -227,7 +228,6 @@ def world_size() -> int:
 def all_reduce(x: Tensor, op: str = "sum") -> Tensor:
     """Sum ("sum") or mean ("mean") of `x` over every rank, as a new tensor (an op: it
     works under eg.jit and is differentiable)."""
-    import ops
     return ops.REGISTRY["all_reduce"](x, group=group(), reduction=op)
 
 

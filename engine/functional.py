@@ -17,6 +17,7 @@ from ops.dtypes import as_dtype
 from ops.errors import ArgumentTypeError, ShapeError
 from ops.shapes import normalize_axis
 
+from .creation import full, tensor
 from .tensor import Tensor, _operand, torch_names
 from .validate import nonnegative, positive_int
 
@@ -79,7 +80,6 @@ def _x(x: Any) -> Tensor:
     """A tensor argument: tensors as they are, array-likes converted (NumPy's rule)."""
     if isinstance(x, Tensor):
         return x
-    from .creation import tensor
     return tensor(x)
 
 
@@ -159,7 +159,6 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     eps = nonnegative("eps", eps, "layer_norm")
     x = _x(x)
     if weight is None or bias is None:
-        from .creation import full
         d = x.shape[-1]
         weight = full((d,), 1.0, x.dtype, x.device) if weight is None else weight
         bias = full((d,), 0.0, x.dtype, x.device) if bias is None else bias

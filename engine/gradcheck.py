@@ -5,7 +5,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .autograd import grad as autograd_grad
+from .autograd import _topological, grad as autograd_grad
+from .creation import tensor
 from .dispatch import Edge, Node
 from .errors import GradcheckError
 from .state import keep_graph_inputs, no_grad
@@ -14,7 +15,6 @@ from .tensor import Tensor
 
 def _as_float64(x: Any) -> Any:
     if isinstance(x, Tensor) and np.dtype(x.dtype).kind == "f":
-        from .creation import tensor
         return tensor(x.numpy().astype(np.float64), device=x.device, requires_grad=True)
     return x
 
@@ -26,12 +26,10 @@ def _projected(f: Callable[..., Tensor], args: list, cot: np.ndarray | None) -> 
         raise TypeError(f"gradcheck: the function must return a tensor, got {type(out).__name__}")
     if cot is None:
         cot = np.random.default_rng(0).standard_normal(out.shape)
-    from .creation import tensor
     return out, (out * tensor(cot, dtype=out.dtype, device=out.device)).sum(), cot
 
 
 def _numeric(f: Callable[..., Tensor], args: list, i: int, cot: np.ndarray, eps: float) -> np.ndarray:
-    from .creation import tensor
     x = args[i]
     base = x.numpy().astype(np.float64)
     num = np.zeros(base.shape)          # C order: num.reshape(-1) below must be a view
@@ -52,7 +50,6 @@ def _numeric(f: Callable[..., Tensor], args: list, i: int, cot: np.ndarray, eps:
 
 def _graph_nodes(out: Tensor) -> list[tuple[Tensor, Node]]:
     """Nodes of out's graph in the order they were computed."""
-    from .autograd import _topological
     return [(t, t._ctx) for t in reversed(_topological([out])) if isinstance(t._ctx, Node)]
 
 

@@ -20,10 +20,26 @@ from ops.errors import (ArgumentError, ArgumentTypeError, DeviceError, DTypeErro
                         ShapeError, TraceError)
 from ops.shapes import normalize_axis
 
-from .state import grad_mode, interpreters
+from .state import DEFAULT_FLOAT, get_backend, grad_mode, interpreters
 
 
 _TORCH_NAMES = (("dim", "axis"), ("keepdim", "keepdims"))
+
+
+def _autograd_not_installed(t: "Tensor", *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("Tensor.backward: autograd is not installed; `import engine` first")
+
+
+# `Tensor.backward` runs autograd, which sits above this module (it makes tensors and
+# reads dispatch's graph nodes). Like `ops.set_dispatcher` for op calls, this is the
+# one call from Tensor up the layering: engine/__init__.py installs autograd.backward
+# here (docs/design.md, "Layering").
+_backward: list[Callable[..., None]] = [_autograd_not_installed]
+
+
+def set_backward(fn: Callable[..., None]) -> None:
+    """Install the function `Tensor.backward` calls (done once by `engine`)."""
+    _backward[0] = fn
 
 
 def torch_names(fn: Callable) -> Callable:
@@ -127,8 +143,7 @@ class Tensor:
     def backward(self, grad: Any = None, retain_graph: bool = False,
                  create_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's .grad (see autograd.backward)."""
-        from .autograd import backward
-        backward(self, grad, retain_graph=retain_graph, create_graph=create_graph)
+        _backward[0](self, grad, retain_graph=retain_graph, create_graph=create_graph)
 
     def detach(self) -> "Tensor":
         """The same data as a new leaf that does not require grad (shares memory)."""
@@ -211,7 +226,6 @@ class Tensor:
         if dtype is not None and as_dtype(dtype) != self.dtype:
             out = ops.REGISTRY["cast"](out, dtype=as_dtype(dtype))
         if device is not None and device != self.device:
-            from .creation import transfer
             out = transfer(out, device)
         return out
 
@@ -356,7 +370,6 @@ class Tensor:
     def argmax(self, axis: int | None = None) -> "Tensor":
         """Indices of the maxima (not differentiable; computed on the device)."""
         data = self._concrete("argmax")
-        from .creation import tensor
         return tensor(np.argmax(np.asarray(data), axis=axis), device=self.device)
 
     def any(self) -> bool:
@@ -491,8 +504,50 @@ def _operand(o: Any, like: Tensor | None = None) -> Any:
         return o
     if isinstance(o, np.generic):
         return o.item()
-    from .creation import tensor
     return tensor(o, device=like.device if like is not None else "cpu")
+
+
+def _infer_dtype(data: Any) -> np.dtype | None:
+    """Python floats become float32 (the default); arrays keep their dtype."""
+    if isinstance(data, (np.ndarray, np.generic)) or hasattr(data, "__array_interface__"):
+        return None
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f":
+        return DEFAULT_FLOAT
+    return None
+
+
+def tensor(data: Any, dtype: Any = None, device: str = "cpu",
+           requires_grad: bool = False) -> Tensor:
+    """A new tensor holding a copy of `data` (lists, scalars, NumPy arrays, tensors)."""
+    if isinstance(data, Tensor):
+        src = data.detach().to(device)
+        arr = src._backend.copy(src._data)
+        if dtype is not None:
+            arr = src._backend.astype(arr, as_dtype(dtype))
+        return Tensor(arr, src._backend, requires_grad=requires_grad)
+    dtype = None if dtype is None else as_dtype(dtype)
+    be = get_backend(device)
+    try:
+        host = np.array(data, dtype=_infer_dtype(data) if dtype is None else dtype, copy=True)
+    except ValueError as e:                      # ragged nesting, unparsable strings
+        raise ShapeError(f"tensor: cannot make a tensor of {type(data).__name__} data: "
+                         f"{e}") from None
+    if host.dtype.kind not in "biufc":
+        raise DTypeError(f"tensor: data of NumPy dtype {host.dtype} ({type(data).__name__}) "
+                         f"is not numbers; tensors hold bool, integer or floating values")
+    return Tensor(be.asarray(host), be, requires_grad=requires_grad)
+
+
+def transfer(t: Tensor, device: str) -> Tensor:
+    """Copy to another device. A leaf stays a leaf (requires_grad kept); moving a tensor
+    from the middle of a graph would cut it, so that is refused."""
+    if t._ctx is not None and t.requires_grad:
+        raise DeviceError(f"cannot move a non-leaf tensor (made by {t.grad_fn}) from {t.device} "
+                          f"to {device}: move the leaves (parameters, inputs) before computing")
+    target = get_backend(device)
+    host = t._backend.to_numpy(t._data)
+    return Tensor(target.asarray(host), target, requires_grad=t.requires_grad)
 
 
 def resolve_shape(shape: tuple, size: int, old: tuple) -> tuple:
@@ -518,7 +573,6 @@ def resolve_shape(shape: tuple, size: int, old: tuple) -> tuple:
 
 def parse_index(index: Any, x: Tensor) -> tuple[tuple, list]:
     """A user index -> (static spec, index tensors), see ops.movement."""
-    from .creation import tensor
     if not isinstance(index, tuple):
         index = (index,)
     spec: list[tuple] = []

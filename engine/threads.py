@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from threadpoolctl import ThreadpoolController
+
 from backends import cparallel
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -23,8 +25,7 @@ _blas_limits = None          # kept: threadpoolctl's record of the limits set
 
 
 def _limit_blas(n: int) -> None:
-    global _blas_limits
-    from threadpoolctl import ThreadpoolController      # scans the loaded libraries: ~10 ms
+    global _blas_limits          # ThreadpoolController() scans the loaded libraries: ~10 ms
     _blas_limits = ThreadpoolController().limit(limits=n, user_api="blas")
 
 

@@ -14,18 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .arrays import to_numpy
 from .attention import MultiheadAttention
 from .layers import Linear
 from .module import Module, StateDictError
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A torch tensor (any device, with or without grad), Tensor or array -> NumPy array."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
-    elif hasattr(x, "numpy"):
-        x = x.numpy()
-    return np.asarray(x)
 
 
 def _mha_sources(prefix: str, m: MultiheadAttention, torch_sd: Mapping[str, Any]) -> dict:

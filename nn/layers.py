@@ -17,6 +17,7 @@ from engine.validate import positive_int
 
 from . import functional as F
 from . import init
+from .arrays import to_numpy
 from .module import Module
 from .parameter import Parameter
 
@@ -64,7 +65,6 @@ class Linear(Module):
 
     def load_torch(self, weight: Any, bias: Any = None) -> "Linear":
         """Load torch.nn.Linear weights: `weight` is (out, in) and is transposed here."""
-        from .interop import to_numpy
         w = to_numpy(weight)
         if w.shape != (self.out_features, self.in_features):
             raise ShapeError(f"Linear.load_torch: torch weight of shape {w.shape} does not fit "

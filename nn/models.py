@@ -26,6 +26,7 @@ from engine import Tensor
 from engine.errors import ArgumentError, DTypeError, ShapeError
 
 from .containers import ModuleList
+from .functional import activation_fn
 from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import Module
 from .parameter import Parameter
@@ -254,7 +255,6 @@ class MaskedLMHead(Module):
     def __init__(self, d_model: int, activation: Any = "gelu", layer_norm_eps: float = 1e-5,
                  dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
-        from .functional import activation_fn
         self.dense = Linear(d_model, d_model, True, dtype, device)
         self.norm = LayerNorm(d_model, layer_norm_eps, dtype=dtype, device=device)
         self.activation = activation_fn(activation)

@@ -10,6 +10,7 @@ from engine import Tensor
 from engine.errors import ShapeError
 
 from . import init
+from .layers import Dropout
 from .module import Module
 from .parameter import Parameter
 
@@ -51,7 +52,6 @@ class PositionalEncoding(Module):
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0,
                  dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
-        from .layers import Dropout
         self.d_model, self.max_len = int(d_model), int(max_len)
         table = sinusoidal_table(max_len, d_model).astype(dtype or eg.float32)
         self.register_buffer("pe", eg.tensor(table, device=device), persistent=False)
@@ -72,7 +72,6 @@ class LearnedPositionalEmbedding(Module):
     def __init__(self, max_len: int, d_model: int, dropout: float = 0.0, init_std: float = 0.02,
                  dtype: Any = None, device: str = "cpu") -> None:
         super().__init__()
-        from .layers import Dropout
         self.d_model, self.max_len = int(d_model), int(max_len)
         self.init_std = float(init_std)
         self.weight = Parameter(eg.zeros(max_len, d_model, dtype=dtype or eg.float32, device=device))

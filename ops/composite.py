@@ -21,9 +21,10 @@ from .errors import DTypeError, ShapeError
 from .fused import log_softmax as fused_log_softmax, softmax as fused_softmax
 from .linalg import matmul
 from .elementwise import where
+from .extrema import max as max_op
 from .movement import cast, concatenate, getitem, reshape, stop_gradient, transpose
 from .random import arange, bernoulli
-from .reduce import max as max_op, sum as sum_op
+from .reduce import sum as sum_op
 from .shapes import normalize_axis, prod, reduced_shape
 
 NEG_INF = float("-inf")

@@ -4,7 +4,8 @@ From the expression come the forward (a backend lambdifies it, or uses a native
 function the tests prove equal), the derivative (`sympy.diff`, or a stable form
 written with `out` that the tests prove equal to it), the C source of fused
 kernels, and the symbolic evaluation. Broadcasting is undone in one place:
-`_elementwise_vjp` sums each input's gradient back to the input's shape.
+`ElementwiseOp._vjp` sums each input's gradient back to the input's shape with
+`sum_to` (ops/reduce.py, which the elementwise ops therefore sit above).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 import sympy
 
 from . import numpy_impls, sympy_ops
-from . import movement as _movement, reduce as _reduce
 from .errors import DTypeError
+from .reduce import sum_to
 from .shapes import broadcast_shapes, shape_of
 from .spec import Op, register
 
@@ -164,18 +165,6 @@ def _c_math(expr: sympy.Expr) -> str | None:
 def _sig(x: sympy.Expr) -> sympy.Expr:
     """sigmoid in its overflow-free tanh form, for stable derivatives."""
     return (1 + sympy.tanh(x / 2)) / 2
-
-
-def sum_to(g: Any, shape: tuple) -> Any:
-    """Sum `g` down to `shape`: the one place where broadcasting is undone."""
-    gshape = g.shape
-    if gshape == shape:
-        return g
-    lead = len(gshape) - len(shape)
-    axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape)
-                                      if d == 1 and gshape[i + lead] != 1)
-    out = _reduce.sum(g, axis=axes, keepdims=False) if axes else g
-    return _movement.reshape(out, shape=shape) if out.shape != shape else out
 
 
 # -- test sampling ------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import sympy
 
-from .elementwise import add, div, exp, mul, rsqrt, sub, sum_to
-from .reduce import sum as sum_op
+from .elementwise import add, div, exp, mul, rsqrt, sub
+from .reduce import sum as sum_op, sum_to
 from .rows import RowProgram, Step, finite_or, infer_axis, infer_last_axis, nonzero_or, rows_op, symbols
 
 NEG_INF = float("-inf")

@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ShapeError
-from . import elementwise as _elementwise, movement as _movement
+from .movement import reshape, transpose
+from .reduce import sum_to
 from .shapes import broadcast_shapes
 from .spec import Op, register
 
@@ -27,13 +28,12 @@ def _infer_matmul(a: Any, b: Any) -> tuple:
 
 def _swap_last(x: Any) -> Any:
     axes = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
-    return _movement.transpose(x, axes=axes)
+    return transpose(x, axes=axes)
 
 
 def _matmul_vjp(g: Any, out: Any, inputs: tuple, needs: tuple) -> tuple:
     """dA = g @ B^T, dB = A^T @ g, summed over broadcast batch dims; 1-D operands are
     treated as a row (left) or column (right) and squeezed back."""
-    sum_to, reshape = _elementwise.sum_to, _movement.reshape
     a, b = inputs
     a2 = reshape(a, shape=(1, a.shape[0])) if a.ndim == 1 else a
     b2 = reshape(b, shape=(b.shape[0], 1)) if b.ndim == 1 else b

@@ -1,5 +1,6 @@
-"""Movement and selection ops: reshape, transpose, broadcast, concatenate, pad,
-indexing, cast, stop_gradient. Each VJP is written with other ops."""
+"""Movement and selection ops: reshape, transpose, concatenate, pad, indexing, cast,
+stop_gradient. Each VJP is written with ops of this module (`broadcast_to`, whose VJP
+is a sum, lives with `sum` in ops/reduce.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from .errors import DTypeError, ShapeError
-from . import elementwise as _elementwise
 from .shapes import broadcast_shapes, prod
 from .spec import Op, register
 
@@ -18,7 +18,7 @@ def _dt(x: Any) -> np.dtype:
 
 # -- traits the compiler reads (ops/spec.py) ---------------------------------------------------
 
-def _same_shape(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
+def same_shape(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
     """No-op test of reshape-like ops: nothing changes when the shape does not."""
     return tuple(in_shape) == tuple(out_shape)
 
@@ -27,7 +27,7 @@ def _always(params: dict, in_shape: tuple, out_shape: tuple) -> bool:
     return True
 
 
-def _outer_params(inner: dict, outer: dict) -> dict:
+def outer_params(inner: dict, outer: dict) -> dict:
     """Compose rule of ops whose result depends only on the outer call (reshape of a reshape)."""
     return dict(outer)
 
@@ -41,7 +41,7 @@ def _compose_axes(inner: dict, outer: dict) -> dict:
     return {"axes": tuple(inner["axes"][i] for i in outer["axes"])}
 
 
-# -- reshape / transpose / broadcast_to -----------------------------------------------------
+# -- reshape / transpose -----------------------------------------------------
 
 def _infer_reshape(x: Any, shape: tuple) -> tuple:
     if prod(shape) != prod(x.shape) or any(d < 0 for d in shape):
@@ -52,7 +52,7 @@ def _infer_reshape(x: Any, shape: tuple) -> tuple:
 
 reshape = register(Op(
     "reshape", kind="movement", view=True, saves=(),
-    no_op_when=_same_shape, compose=_outer_params, keeps_matrices=True, method="reshape",
+    no_op_when=same_shape, compose=outer_params, keeps_matrices=True, method="reshape",
     forward=lambda be, x, shape: be.reshape(x, shape),
     infer=_infer_reshape,
     vjp=lambda g, out, inputs, needs, shape: (reshape(g, shape=tuple(inputs[0].shape)),),
@@ -86,29 +86,6 @@ transpose = register(Op(
     sample=lambda rng: [([rng.standard_normal((2, 3, 4))], dict(axes=(2, 0, 1))),
                         ([rng.standard_normal((3, 5))], dict(axes=(1, 0)))],
     reference=lambda x, axes: np.transpose(x, axes)))
-
-
-def _infer_broadcast_to(x: Any, shape: tuple) -> tuple:
-    xs = tuple(x.shape)
-    ok = len(shape) >= len(xs) and all(
-        d == s or d == 1 for d, s in zip(xs[::-1], shape[::-1]))
-    if not ok:
-        raise ShapeError(f"broadcast_to: cannot broadcast shape {xs} to {shape}")
-    return shape, _dt(x)
-
-
-def _broadcast_to_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, shape: tuple) -> tuple:
-    return (_elementwise.sum_to(g, tuple(inputs[0].shape)),)
-
-
-broadcast_to = register(Op(
-    "broadcast_to", kind="movement", view=True, saves=(),
-    no_op_when=_same_shape, compose=_outer_params, keeps_matrices=True,
-    forward=lambda be, x, shape: be.broadcast_to(x, shape),
-    infer=_infer_broadcast_to, vjp=_broadcast_to_vjp,
-    sample=lambda rng: [([rng.standard_normal((3, 1))], dict(shape=(2, 3, 4))),
-                        ([rng.standard_normal(())], dict(shape=(2, 2)))],
-    reference=lambda x, shape: np.broadcast_to(x, shape)))
 
 
 # -- concatenate / pad ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import sympy
 
 from ops.elementwise import ElementwiseOp
 
@@ -98,7 +99,6 @@ def _group_of(n: Node) -> tuple[FusedElementwise, tuple, tuple] | None:
 def _on_band(n: Node, band: Band, masks: dict, zeros: dict) -> Any:
     """Node n's per-element expression at the entries of `band` (masks there at their value,
     known-zero inputs 0), or None when it is not an elementwise computation."""
-    import sympy
     found = _group_of(n)
     if found is None:
         return None
@@ -125,7 +125,6 @@ def _candidate_bands(n: Node, masks: dict, zeros: dict) -> list[Band]:
 
 def _zero_band(n: Node, masks: dict, zeros: dict) -> Band | None:
     """The band where node n's value is exactly zero, if its inputs make one."""
-    import sympy
     op = n.op
     permutation = getattr(op, "permutation", None)
     if permutation is not None and n.inputs[0] in zeros:

@@ -22,6 +22,7 @@ from backends.cbuild import address, available, vector_math
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
 from .ir import Value
+from .rows import value_kind
 
 # Below this many elements the per-call cost of ctypes exceeds what fusion saves.
 MIN_ELEMENTS = 1 << 15
@@ -246,7 +247,6 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
     fixed here (never by the thread count): each block sums its rows into a partial row
     of the scratch, and the partials are added up in block order once all are done, so
     the result is the same on any number of threads."""
-    from .rows import value_kind
     ct = storage_ctype(dtype, "c")
     space = group.space
     n = space[-1]

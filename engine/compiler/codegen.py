@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from backends.cprint import c_expression, expression_kernel_source
 from ops.elementwise import ElementwiseOp
 
 from . import ckernels
 from .bands import BandedMatmul
 from .ir import Node, Program, Value
 from .passes import FusedElementwise, FusedReduction, FusedRowOp, single_group
-from .rows import find_row_groups
+from .rows import find_row_groups, value_kind
 
 _ALIASING_KINDS = {"movement", "index"}      # may return views of an input
 
@@ -84,7 +85,6 @@ def cuda_group_source(group: FusedElementwise, dtype: Any,
                       in_dtypes: list | None = None) -> tuple[str, str, str]:
     """(in_params, out_params, body) of a CUDA elementwise kernel computing a fused
     group, printed from its sympy expression by the same printer as the op kernels."""
-    from backends.cprint import expression_kernel_source
     expr, symbols = group.expression()
     return expression_kernel_source(expr, symbols, dtype, in_dtypes=in_dtypes)
 
@@ -107,7 +107,6 @@ def gpu_group_kernel(group: FusedElementwise, inputs: tuple, out: Value,
 def cuda_reduction_source(red: FusedReduction, dtype: Any) -> tuple[str, str, str, str]:
     """(in_params, out_params, map_expr, identity) of a `cupy.ReductionKernel` summing a
     fused group: the group's expression is the map, `a + b` the reduction."""
-    from backends.cprint import c_expression
     expr, symbols = red.group.expression()
     dt = np.dtype(dtype)
     map_expr = c_expression(expr, {s: f"in{i}" for i, s in enumerate(symbols)}, dt)
@@ -154,7 +153,6 @@ def _donations_stream(group: Any, donated: dict, roots: dict) -> bool:
     """Can the group write its donated values straight into the buffers they replace?
     Only if it reads each such buffer, if at all, as whole rows in its own layout (row
     r is read before row r is written, and no other row is touched)."""
-    from .rows import value_kind
     targets = {donated[v] for v in group.stored if v in donated}
     return all(value_kind(x.shape, group.space) == "full" and roots.get(x, x) is x
                for x in group.inputs if roots.get(x, x) in targets)

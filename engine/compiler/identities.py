@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import sympy
 
+from backends import get_backend
 from ops.elementwise import ElementwiseOp
 
 from .ir import Node, Value
@@ -172,7 +173,6 @@ def _equal_on_probes(op: ElementwiseOp, args: tuple, dtypes: tuple) -> list[int]
     """The leaves that running the ops (NumPy backend) reproduces exactly on every probe:
     same dtype, equal values, NaN where the leaf is NaN. The pattern's constants join
     every leaf's probes (where(x != c, x, 0) differs from x only at c)."""
-    from backends import get_backend
     columns = _probe_columns(dtypes, _constants_of(args))
     if columns is None:
         return []

@@ -30,7 +30,7 @@ from ..tensor import Tensor
 from .codegen import Generated, generate
 from .guards import Guard, build_guard, find_sources, reachable_tensors
 from .ir import Program
-from .passes import run_passes
+from .pipeline import run_passes
 from .trace import Traced, flatten, statics, trace, unflatten
 
 # Tracing rebinds the data of tensors the function updates until it is done: one

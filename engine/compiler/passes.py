@@ -1,11 +1,11 @@
 """Optimisation passes. Each is a pure function Program -> Program that preserves
-results; `run_passes` applies them in order and records what each did."""
+results; `pipeline.run_passes` applies them in order and records what each did."""
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import numpy as np
+import sympy
 
 from ops.elementwise import ElementwiseOp
 
@@ -167,7 +167,6 @@ class FusedElementwise:
     def expression(self) -> tuple[Any, tuple]:
         """The whole group as one sympy expression of symbols in0..in{n-1}: each
         step's (stable) spec expression with its arguments substituted."""
-        import sympy
         symbols = tuple(sympy.Symbol(f"in{i}", real=True) for i in range(self.n_inputs))
         vals: list = []
         for op, args in self.steps:
@@ -370,33 +369,3 @@ def single_group(p: Node) -> tuple[FusedElementwise, tuple]:
         else:
             args.append(a)
     return FusedElementwise([(p.op, tuple(args))], len(inputs)), tuple(inputs)
-
-
-# -- the pipeline -------------------------------------------------------------------------------------------
-
-def run_passes(program: Program, backend: Any, fuse: bool = True) -> tuple[Program, list]:
-    """All passes in order; returns the program and per-pass statistics."""
-    pipeline: list[tuple[str, Callable[[Program], Program]]] = [
-        ("dce", dce), ("constant_fold", lambda p: constant_fold(p, backend)), ("simplify", simplify),
-        ("cse", cse), ("dce", dce)]
-    if fuse:
-        pipeline += [("fuse_elementwise", fuse_elementwise), ("fuse_reductions", fuse_reductions),
-                     ("fuse_row_prologues", fuse_row_prologues)]
-        if backend.name == "cpu":
-            # not on a GPU: each block would be one more launch, and launches bound its step
-            from .bands import band_matmuls
-            pipeline.append(("band_matmuls", band_matmuls))
-    stats = []
-    debug = int(os.environ.get("ENGINE_DEBUG", "0") or 0)
-    if debug >= 1:
-        print(f"== traced program ({len(program.nodes)} nodes)\n{program}")
-    for name, fn in pipeline:
-        before = program.nodes
-        program = fn(program)
-        kept = {id(n) for n in before}
-        stats.append(dict(name=name, nodes_before=len(before), nodes_after=len(program.nodes),
-                          rewritten=sum(id(n) not in kept for n in program.nodes)))
-        if debug >= 2:
-            print(f"== after {name} ({len(before)} -> {len(program.nodes)} nodes)\n{program}")
-    return program, stats
-

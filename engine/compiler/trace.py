@@ -17,7 +17,8 @@ import numpy as np
 import ops
 from ops.errors import TraceError
 
-from ..dispatch import EagerInterpreter, interpret
+from ..creation import full
+from ..dispatch import INPLACE_OPS, EagerInterpreter, interpret
 from ..state import no_grad
 from ..tensor import Tensor
 from .ir import Node, Program, Value
@@ -108,7 +109,6 @@ class TraceInterpreter(EagerInterpreter):
             raise TraceError(
                 f"in-place {name} on an existing .grad (shape {t.shape}) inside jit: a compiled "
                 f"call replaces .grad with a new tensor; assign it instead (p.grad = p.grad * s)")
-        from ..dispatch import INPLACE_OPS
         op = INPLACE_OPS[name]
         with no_grad():
             new = _as_tensor_like(t, value) if op is None else op(t, value)
@@ -168,7 +168,6 @@ class TraceInterpreter(EagerInterpreter):
 
 def _as_tensor_like(t: Tensor, value: Any) -> Tensor:
     """`value` with t's shape and dtype (what copying it into t's buffer would store)."""
-    from ..creation import full
     if not isinstance(value, Tensor):
         return full(t.shape, value, t.dtype, t.device)
     if value.dtype != t.dtype:
