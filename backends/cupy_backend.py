@@ -367,14 +367,14 @@ class CupyBackend(Backend):
         cp = self.cp
         x = arrays[0]
         axis = params[program.axis] if program.axis else x.ndim - 1
-        n_rows, n_floats = len(program.rows), len(program.rows) + len(program.cols)
-        dt = np.result_type(*(a.dtype for a in arrays[:n_floats]))
+        n_rows, n_floats = len(program.rows), len(program.rows) + len(program.cols) + len(program.scalars)
+        dt = np.result_type(*(a.dtype for a in arrays[:n_floats - len(program.scalars)]))
         if x.ndim == 0 or dt not in FUSED_DTYPES:
             dt = _F32
         last = axis == x.ndim - 1
         moved = [cp.ascontiguousarray(a.astype(dt, copy=False) if last else cp.moveaxis(a.astype(dt), axis, -1))
                  for a in arrays[:n_rows]]
-        cols = [cp.ascontiguousarray(c.astype(dt, copy=False)) for c in arrays[n_rows:n_floats]]
+        cols = [cp.ascontiguousarray(c.astype(dt, copy=False)) for c in arrays[n_rows:n_floats]]  # and per-row
         index = [cp.ascontiguousarray(i.astype(np.int64, copy=False)) for i in arrays[n_floats:]]
         y = cp.empty(moved[0].shape[:-1] if program.reduces else moved[0].shape, dtype=dt)
         if moved[0].size:

@@ -1,8 +1,11 @@
 """Row programs (ops/rows.py) printed as host C and CUDA kernels.
 
 A row program is a list of steps over one row: reductions (max / sum / mean of an
-expression) giving row scalars, and maps (sympy expressions of the row's values and
-earlier row scalars). The printers read the program as data (duck-typed: `.steps`
+expression) giving row scalars, picks (a row expression at the column a per-row index
+names, NaN outside the row: the kernel never reads past it) and maps (sympy
+expressions of the row's values, the column index, earlier row scalars and per-row
+inputs). The output is a row, or one value per row (a reducing program: its row maps
+are inlined into the reductions that read them). The printers read the program as data (duck-typed: `.steps`
 with `.name`, `.how`, `.expr`; `.rows`, `.cols`, `.params`), so this module imports
 nothing above the backends; expressions go through `backends.cprint`, the printer of
 every elementwise kernel.
@@ -91,7 +94,7 @@ def _scalar(sym: Any) -> str:
 
 
 def _row_symbols(program: Any) -> set:
-    full = set(program.rows) | set(program.cols)
+    full = set(program.rows) | set(program.cols) | ({program.column} if program.column is not None else set())
     for st in program.steps:
         if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
             full.add(st.name)
@@ -152,7 +155,7 @@ def _pick_guard(index: str, n: str) -> str:
 
 
 def c_row_function(program: Any, dtype: Any) -> str:
-    """`static inline void rowfn_<name>_<t>(rows..., cols..., params..., indices..., T* y,
+    """`static inline void rowfn_<name>_<t>(rows..., cols..., params..., scalars..., indices..., T* y,
     long long n)`: the program on one row of length n (inputs read, output written at
     y: a row, or one value for a reducing program)."""
     dt = np.dtype(dtype)
@@ -171,14 +174,19 @@ def c_row_function(program: Any, dtype: Any) -> str:
     pointer = {v: f"p_{v}" for v in tuple(program.rows) + tuple(program.cols)}
     pointer.update({v: "y" for v in stored})
     args = [f"const {t}* restrict p_{v}" for v in tuple(program.rows) + tuple(program.cols)]
-    args += [f"{t} {_scalar(v)}" for v in program.params] + [f"long long {_scalar(v)}" for v in program.indices]
+    args += [f"{t} {_scalar(v)}" for v in tuple(program.params) + tuple(program.scalars)]
+    args += [f"long long {_scalar(v)}" for v in program.indices]
     args += [f"{t}* restrict y", "long long n"]
     lines = [f"static inline void {_rowfn_name(program, dt)}({', '.join(args)}) {{"]
 
     def names(index: str) -> dict:
         out = {v: f"{p}[{index}]" for v, p in pointer.items()}
         out.update({st.name: _scalar(st.name) for st in program.steps if st.name not in row})
-        out.update({v: _scalar(v) for v in tuple(program.params) + tuple(program.indices)})
+        out.update({v: _scalar(v) for v in tuple(program.params) + tuple(program.scalars) + tuple(program.indices)})
+        if program.column is not None:
+            out[program.column] = index
+        if program.length is not None:
+            out[program.length] = f"(({t})n)"
         return out
 
     def elementwise(expr: Any, dest: str) -> list[str]:
@@ -253,17 +261,19 @@ def _exp_fast_path(arg: str, dest: str, t: str, s: str, f: str) -> list[str]:
 
 def c_rows_source(program: Any, dtype: Any) -> str:
     """The helpers, the per-row function and `void rows_<name>_<t>(long long rows, long
-    long n, const T* rows_inputs..., const T* cols..., const long long* indices...,
+    long n, const T* rows_inputs..., const T* cols..., const T* scalars..., const long long* indices...,
     double params..., T* y)`; y holds one value per row for a reducing program."""
     dt = np.dtype(dtype)
     t = _TYPES[dt][0] if dt in _TYPES else None
     fn = c_row_function(program, dt)
     ins = tuple(program.rows) + tuple(program.cols)
     args = ["long long rows", "long long n"] + [f"const {t}* restrict p_{v}" for v in ins]
+    args += [f"const {t}* restrict p_{v}" for v in program.scalars]
     args += [f"const long long* restrict p_{v}" for v in program.indices]
     args += [f"double {_scalar(v)}" for v in program.params] + [f"{t}* restrict y"]
     call = [f"p_{v} + r * n" for v in program.rows] + [f"p_{v}" for v in program.cols]
-    call += [f"({t}){_scalar(v)}" for v in program.params] + [f"p_{v}[r]" for v in program.indices]
+    call += [f"({t}){_scalar(v)}" for v in program.params]
+    call += [f"p_{v}[r]" for v in tuple(program.scalars) + tuple(program.indices)]
     call += ["y + r" if _reduces(program) else "y + r * n", "n"]
     body = [f"for (long long r = lo; r < hi; ++r) {_rowfn_name(program, dt)}({', '.join(call)});"]
     loop = cparallel.parallel_function(rows_function_name(program, dt), args, "rows", "rows * n", body)
@@ -272,7 +282,8 @@ def c_rows_source(program: Any, dtype: Any) -> str:
 
 def row_call(program: Any, dtype: Any, row: str, out: str, n: str) -> str:
     """A C statement running a one-input program on the row at `row` into `out`."""
-    if len(program.rows) != 1 or program.cols or program.params or program.indices or _reduces(program):
+    if len(program.rows) != 1 or program.cols or program.params or program.scalars or program.indices \
+            or _reduces(program):
         raise CPrintError(f"row program {program.name}: only one-input programs with a row output "
                           f"run on a scratch row")
     return f"{_rowfn_name(program, dtype)}({row}, {out}, {n});"
@@ -284,7 +295,7 @@ class CudaRowKernel:
     """A row program as a CUDA kernel, one block per row (grid-stride over rows): the
     same interface as a hand-written kernel template (`params`, `kernel_name`, `source`).
 
-    `params` are (role, name) pairs: "in" (a row or column input), "index" (an int64
+    `params` are (role, name) pairs: "in" (a row, column or per-row input), "index" (an int64
     input with one value per row), "out" (rows, or one value per row for a reducing
     program), "i64" (rows, cols) and "acc" (a scalar parameter, in the accumulation type).
     """
@@ -294,7 +305,7 @@ class CudaRowKernel:
     def __init__(self, program: Any) -> None:
         self.program = program
         self.name = program.name
-        ins = tuple(program.rows) + tuple(program.cols)
+        ins = tuple(program.rows) + tuple(program.cols) + tuple(program.scalars)
         self.params = tuple(("in", f"p_{v}") for v in ins) + tuple(("index", f"p_{v}") for v in program.indices) \
             + (("out", "y"), ("i64", "rows"), ("i64", "cols")) + tuple(("acc", _scalar(v)) for v in program.params)
 
@@ -320,7 +331,11 @@ class CudaRowKernel:
             out = {v: load(f"p_{v}r[{index}]") for v in prog.rows}
             out.update({v: load(f"p_{v}[{index}]") for v in prog.cols})
             out.update({st.name: _scalar(st.name) for st in prog.steps if st.name not in row})
-            out.update({v: _scalar(v) for v in tuple(prog.params) + tuple(prog.indices)})
+            out.update({v: _scalar(v) for v in tuple(prog.params) + tuple(prog.scalars) + tuple(prog.indices)})
+            if prog.column is not None:
+                out[prog.column] = index
+            if prog.length is not None:
+                out[prog.length] = f"(({acc})cols)"
             return out
 
         decl = []
@@ -331,6 +346,7 @@ class CudaRowKernel:
                  f"  __shared__ {acc} buf[ENGINE_BLOCK];",
                  "  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {"]
         lines += [f"    const {store_t}* p_{v}r = p_{v} + r * cols;" for v in prog.rows]
+        lines += [f"    const {acc} {_scalar(v)} = {load(f'p_{v}[r]')};" for v in prog.scalars]
         lines += [f"    const long long {_scalar(v)} = p_{v}[r];" for v in prog.indices]
         lines.append(f"    {store_t}* yr = y + r * cols;" if not _reduces(prog) else "")
         loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"

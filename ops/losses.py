@@ -6,7 +6,8 @@ product, so a -inf at another class gives no 0 * -inf: the loss is finite whenev
 the target's entry is. Label smoothing's uniform part sums only the classes that are
 not -inf (PyTorch's loss is +inf there). A row whose target is `ignore_index` gives
 exactly 0 whatever its entries hold (NaN, inf): the mask is the program's last step,
-and the VJPs mask their rows the same way. The reduction over rows (mean, sum) is an
+and their gradients (row programs too, reading the cotangent as a per-row input and the
+column index) give exactly 0 there. The reduction over rows (mean, sum) is an
 ordinary sum, in ops.composite.
 """
 from __future__ import annotations
@@ -16,12 +17,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from .elementwise import add, eq, mul, ne, sub, where
 from .errors import DTypeError, ShapeError
-from .fused import softmax
-from .movement import cast, reshape
-from .random import arange
-from .reduce import sum as sum_op
 from .rows import RowProgram, Step, finite_or, nonzero_or, rows_op, symbols
 
 NEG_INF = float("-inf")
@@ -56,50 +52,6 @@ NLL = RowProgram("nll_per_row", rows=(_x,), indices=(_t,), params=(_s, _ign), st
     Step(_xt, "pick", _x, at=_t),
     Step(_fx, "mean", _FINITE_X),
     Step(_out, "map", _masked(-_xt, -(1 - _s) * _xt - _s * _fx))))
-
-
-def _target_weights(x: Any, t: Any, label_smoothing: float) -> Any:
-    """The smoothed target distribution of each row: (1 - s) at the target, plus s / C
-    at every class not at -inf."""
-    classes = x.shape[-1]
-    hot = eq(reshape(t, shape=tuple(t.shape) + (1,)),
-             arange(start=0, stop=classes, step=1, dtype=np.dtype(np.int64), device=_device(x)))
-    weights = where(hot, 1.0 - label_smoothing, 0.0)
-    if label_smoothing:
-        weights = add(weights, where(eq(x, NEG_INF), 0.0, label_smoothing / classes))
-    return weights
-
-
-def _device(x: Any) -> str:
-    return getattr(x, "device", "cpu")
-
-
-def _row_grad(g: Any, d: Any, t: Any, ignore_index: int) -> Any:
-    """g per row times d, exactly 0 on ignored rows (whatever d holds there)."""
-    kept = tuple(t.shape) + (1,)
-    return where(reshape(ne(t, ignore_index), shape=kept), mul(d, reshape(g, shape=kept)), 0.0)
-
-
-def _cross_entropy_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, ignore_index: int,
-                       label_smoothing: float) -> tuple:
-    """dx = g * (softmax(x) * sum(w) - w), w the smoothed target distribution (sum(w) is
-    1 without smoothing). An ignored row's entries are replaced by 0 first, so no inf
-    or NaN there is even computed."""
-    x, t = inputs
-    kept = tuple(t.shape) + (1,)
-    x = where(reshape(ne(t, ignore_index), shape=kept), x, 0.0)
-    w = _target_weights(x, t, label_smoothing)
-    p = softmax(x, axis=x.ndim - 1)
-    if label_smoothing:
-        p = mul(p, sum_op(w, axis=(x.ndim - 1,), keepdims=True))
-    return _row_grad(g, sub(p, w), t, ignore_index), None
-
-
-def _nll_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, ignore_index: int,
-             label_smoothing: float) -> tuple:
-    """dx = -g * w, w the smoothed target distribution."""
-    x, t = inputs
-    return _row_grad(g, mul(_target_weights(x, t, label_smoothing), -1.0), t, ignore_index), None
 
 
 def _infer(name: str) -> Any:
@@ -141,6 +93,94 @@ def _samples(rng: np.random.Generator) -> list:
             ([masked, np.array([1, -100, 3])], dict(ignore_index=-100, label_smoothing=0.2)),
             ([rng.standard_normal((2, 2, 3)) * 3, np.array([[0, 2], [1, 1]])],
              dict(ignore_index=1, label_smoothing=0.1))]
+
+
+# -- gradients, as row programs too -------------------------------------------------------
+# d loss / dx_j = g * (softmax(x)_j * sum(w) - w_j) (cross-entropy) or -g * w_j (nll),
+# w the smoothed target distribution: (1 - s) at the target, s / C at each class not
+# at -inf. 0 on an ignored row whatever it holds.
+_g, _j, _n, _e, _sm = symbols("g j n e sm")
+_HOT = sympy.Piecewise((1 - _s, sympy.Eq(_j, _t)), (0, True))
+_W = _HOT + _s / _n * _FINITE_ONE
+
+
+def _grad_masked(plain: sympy.Expr, smoothed: sympy.Expr) -> sympy.Expr:
+    return sympy.Piecewise((0, sympy.Eq(_t, _ign)), (plain, sympy.Eq(_s, 0)), (smoothed, True))
+
+
+CROSS_ENTROPY_GRAD = RowProgram(
+    "cross_entropy_per_row_grad", rows=(_x,), scalars=(_g,), indices=(_t,), params=(_s, _ign),
+    column=_j, length=_n, steps=(
+        Step(_m0, "max", _x),
+        Step(_m, "map", finite_or(_m0, 0)),
+        Step(_e, "map", sympy.exp(_x - _m)),
+        Step(_s0, "sum", _e),
+        Step(_sm, "map", nonzero_or(_s0, 1)),
+        Step(_ff, "mean", _FINITE_ONE),
+        Step(_out, "map", _grad_masked(_g * (_e / _sm - _HOT.subs(_s, 0)),
+                                       _g * (_e / _sm * (1 - _s + _s * _ff) - _W)))))
+
+NLL_GRAD = RowProgram(
+    "nll_per_row_grad", rows=(_x,), scalars=(_g,), indices=(_t,), params=(_s, _ign),
+    column=_j, length=_n, steps=(
+        Step(_out, "map", _grad_masked(-_g * _HOT.subs(_s, 0), -_g * _W)),))
+
+
+def _np_weights(x: np.ndarray, t: np.ndarray, label_smoothing: float) -> np.ndarray:
+    hot = np.arange(x.shape[-1]) == t[..., None]
+    w = np.where(hot, 1.0 - label_smoothing, 0.0)
+    return w + (np.where(np.isneginf(x), 0.0, label_smoothing / x.shape[-1]) if label_smoothing else 0.0)
+
+
+def _np_cross_entropy_grad(x: np.ndarray, g: np.ndarray, t: np.ndarray, ignore_index: int,
+                           label_smoothing: float) -> np.ndarray:
+    w = _np_weights(x, t, label_smoothing)
+    p = np.exp(_np_log_softmax(x))
+    return np.where((t != ignore_index)[..., None], g[..., None] * (p * w.sum(-1, keepdims=True) - w), 0.0)
+
+
+def _np_nll_grad(x: np.ndarray, g: np.ndarray, t: np.ndarray, ignore_index: int,
+                 label_smoothing: float) -> np.ndarray:
+    return np.where((t != ignore_index)[..., None], -g[..., None] * _np_weights(x, t, label_smoothing), 0.0)
+
+
+def _infer_grad(name: str) -> Any:
+    def infer(x: Any, g: Any, t: Any, ignore_index: int, label_smoothing: float) -> tuple:
+        _infer(name)(x, t, ignore_index, label_smoothing)
+        if tuple(g.shape) != tuple(t.shape) or np.dtype(g.dtype).kind != "f":
+            raise ShapeError(f"{name}: the cotangent must be floating with one value per row, shape "
+                             f"{tuple(t.shape)}; got {g.dtype} shape {tuple(g.shape)}")
+        return tuple(x.shape), np.dtype(x.dtype)
+    return infer
+
+
+def _grad_samples(rng: np.random.Generator) -> list:
+    return [([x, rng.standard_normal(t.shape), t], p) for (x, t), p in _samples(rng)]
+
+
+cross_entropy_per_row_grad = rows_op(
+    "cross_entropy_per_row_grad", CROSS_ENTROPY_GRAD, vjp=None, saves=None,
+    infer=_infer_grad("cross_entropy_per_row_grad"), sample=_grad_samples, reference=_np_cross_entropy_grad,
+    doc="the VJP of cross_entropy_per_row: g * (softmax(x) * sum(w) - w), w the smoothed targets")
+
+nll_per_row_grad = rows_op(
+    "nll_per_row_grad", NLL_GRAD, vjp=None, saves=None, infer=_infer_grad("nll_per_row_grad"),
+    sample=_grad_samples, reference=_np_nll_grad,
+    doc="the VJP of nll_per_row: -g * w, w the smoothed targets")
+
+
+def _cross_entropy_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, ignore_index: int,
+                       label_smoothing: float) -> tuple:
+    """dx = g * (softmax(x) * sum(w) - w): one printed row kernel."""
+    x, t = inputs
+    return cross_entropy_per_row_grad(x, g, t, ignore_index=ignore_index, label_smoothing=label_smoothing), None
+
+
+def _nll_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, ignore_index: int,
+             label_smoothing: float) -> tuple:
+    """dx = -g * w: one printed row kernel."""
+    x, t = inputs
+    return nll_per_row_grad(x, g, t, ignore_index=ignore_index, label_smoothing=label_smoothing), None
 
 
 cross_entropy_per_row = rows_op(

@@ -61,9 +61,12 @@ class Step:
 @dataclass
 class RowProgram:
     """Steps over one row. `rows` are inputs with the row's shape, `cols` vectors of
-    the row's length (a layer norm's weight), `indices` integer inputs with one value
-    per row (a target class; their shape is the rows' without the row axis), `params`
-    scalar op parameters (eps). Inputs come in that order: rows, cols, indices. The
+    the row's length (a layer norm's weight), `scalars` float inputs with one value
+    per row (a cotangent) and `indices` integer ones (a target class), both of the
+    rows' shape without the row axis; `params` scalar op parameters (eps); `column`,
+    if given, the symbol a map reads as the column's index (0..n-1), and `length` the
+    row's length n. Inputs come in
+    that order: rows, cols, scalars, indices. The
     last step is the output: a row, or one value per row when it does not vary along
     the row (`reduces`). `axis`: the op parameter naming the row axis (None: the
     last axis)."""
@@ -74,11 +77,15 @@ class RowProgram:
     params: tuple = ()
     axis: str | None = None
     indices: tuple = ()
+    scalars: tuple = ()
+    column: sympy.Symbol | None = None
+    length: sympy.Symbol | None = None
     _maps: dict = field(default_factory=dict, repr=False)
     _impls: dict = field(default_factory=dict, repr=False)     # backends' compiled kernels
 
     def __post_init__(self) -> None:
-        known = set(self.rows) | set(self.cols) | set(self.params) | set(self.indices)
+        known = set(self.rows) | set(self.cols) | set(self.params) | set(self.indices) | set(self.scalars)
+        known |= {v for v in (self.column, self.length) if v is not None}
         for st in self.steps:
             if st.how not in KINDS:
                 raise ValueError(f"row program {self.name}: step {st.name} has unknown kind "
@@ -112,7 +119,7 @@ class RowProgram:
         return any(s in free for s in self.row_symbols())
 
     def row_symbols(self) -> set:
-        full = set(self.rows) | set(self.cols)
+        full = set(self.rows) | set(self.cols) | ({self.column} if self.column is not None else set())
         for st in self.steps:
             if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
                 full.add(st.name)
@@ -144,18 +151,25 @@ def evaluate(program: RowProgram, be: Any, arrays: Sequence[Any], params: dict) 
     """Run `program` step by step with backend `be`'s primitives: reductions with
     `be.max` / `be.sum` over the row axis (kept), maps as elementwise ops, picks as
     advanced indexing. A reducing program's output has the row axis removed."""
-    n_rows, n_cols = len(program.rows), len(program.cols)
+    n_rows, n_floats = len(program.rows), len(program.rows) + len(program.cols)
+    n_scalars = len(program.scalars)
     x = arrays[0]
     axis = params[program.axis] if program.axis else x.ndim - 1
     kept = tuple(1 if d == axis else s for d, s in enumerate(x.shape))
     env: dict = dict(zip(program.rows, arrays[:n_rows]))
-    env.update(zip(program.cols, arrays[n_rows:n_rows + n_cols]))
+    env.update(zip(program.cols, arrays[n_rows:n_floats]))
+    env.update({s: be.reshape(a, kept) for s, a in zip(program.scalars, arrays[n_floats:n_floats + n_scalars])})
     env.update({s: params[str(s)] for s in program.params})
     # Index inputs as the row scalars they are (float64, so a class index compares
-    # exactly); picks read the integer values.
-    index = {s: be.reshape(a, kept) for s, a in zip(program.indices, arrays[n_rows + n_cols:])}
+    # exactly); picks read the integer values. The column index likewise.
+    index = {s: be.reshape(a, kept) for s, a in zip(program.indices, arrays[n_floats + n_scalars:])}
     env.update({s: be.astype(a, np.dtype(np.float64)) for s, a in index.items()})
     n = float(x.shape[axis])
+    if program.length is not None:
+        env[program.length] = n
+    if program.column is not None:
+        columns = be.arange(0, int(n), 1, np.dtype(np.float64))
+        env[program.column] = be.reshape(columns, tuple(int(n) if d == axis else 1 for d in range(len(kept))))
     for st in program.steps:
         if st.how == "map":
             op, args = program.map_op(st)
@@ -175,7 +189,7 @@ def evaluate(program: RowProgram, be: Any, arrays: Sequence[Any], params: dict) 
             total = be.sum(value, (axis,), True)
             env[st.name] = total if st.how == "sum" else _MEAN.forward(be, total, n)
     out = env[program.out.name]
-    dtype = np.result_type(*(a.dtype for a in arrays[:n_rows + n_cols]))
+    dtype = np.result_type(*(a.dtype for a in arrays[:n_floats]))
     if not program.reduces:
         return out if out.dtype == dtype else be.astype(out, dtype)
     out = out if out.dtype == dtype else be.astype(out, dtype)
@@ -210,8 +224,8 @@ class RowOp(Op):
 
     __slots__ = ()
 
-    def __init__(self, name: str, program: RowProgram, *, vjp: Callable, infer: Callable,
-                 saves: tuple, sample: Callable, reference: Callable, doc: str = "") -> None:
+    def __init__(self, name: str, program: RowProgram, *, vjp: Callable | None, infer: Callable,
+                 saves: tuple | None, sample: Callable, reference: Callable, doc: str = "") -> None:
         super().__init__(name, kind="rows", forward=self._forward, infer=infer, vjp=vjp,
                          saves=saves, sample=sample, reference=reference, doc=doc)
         self.rows = program
@@ -231,7 +245,7 @@ class RowOp(Op):
         """Is the output exactly 0 where a single-input program's input is -inf (and
         the row's reductions finite)? True for softmax: masked entries stay zero."""
         prog = self.rows
-        if len(prog.rows) != 1 or prog.cols or prog.indices or prog.reduces:
+        if len(prog.rows) != 1 or prog.cols or prog.scalars or prog.indices or prog.reduces:
             return False
         return prog.inlined(prog.out.expr).xreplace({prog.rows[0]: -sympy.oo}) == 0
 

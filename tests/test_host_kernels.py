@@ -50,11 +50,12 @@ def _case(op, dtype, rng, masked=True, **overrides):
     prog = op.rows
     x = _rows(dtype, rng) if masked else (rng.standard_normal((3, 4, 70)) * 4 + 1).astype(dtype)
     cols = [rng.standard_normal(x.shape[-1]).astype(dtype) for _ in prog.cols]
+    per_row = [rng.standard_normal(x.shape[:-1]).astype(dtype) for _ in prog.scalars]
     indices = [_targets(x.shape, rng) for _ in prog.indices]
     params = {str(p): overrides.get(str(p), PARAMS[str(p)]) for p in prog.params}
     if prog.axis:
         params[prog.axis] = x.ndim - 1
-    return [x] + cols + indices, params
+    return [x] + cols + per_row + indices, params
 
 
 def _reference(op, arrays, params):
