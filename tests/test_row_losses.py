@@ -104,6 +104,11 @@ def test_a_pick_step_is_declared_with_its_index():
         RowProgram("bad", rows=(x,), indices=(t,), steps=(Step(v, "map", x, at=t),))
     with pytest.raises(ValueError, match="row expression"):
         RowProgram("bad", rows=(x,), indices=(t,), steps=(Step(v, "pick", sympy.Integer(1), at=t),))
+    x2, t2 = np.zeros((2, 3)), np.array([0, 1])
+    params = dict(ignore_index=0, label_smoothing=0.0)
+    assert host_kernels.run_rows(R["nll_per_row"].rows, (x2, t2.astype(np.float64)), params) is None  # float index
+    assert host_kernels.run_rows(R["nll_per_row"].rows, (x2, t2[:1]), params) is None    # not one per row
+    assert host_kernels.run_rows(R["nll_per_row_grad"].rows, (x2, np.zeros(3), t2), params) is None  # cotangent
     with pytest.raises(TypeError, match="expected 2 arrays"):
         host_kernels.run_rows(R["nll_per_row"].rows, (np.zeros((2, 3)),), dict(ignore_index=0, label_smoothing=0.0))
 
