@@ -309,28 +309,31 @@ class CupyBackend(ArrayBackend):
     # -- row programs (optional Backend method used by ops.rows) -------------------
     def run_rows(self, program: Any, arrays: tuple, params: dict) -> Any:
         """A row program (ops/rows.py) as its printed CUDA kernel, one block per row; the
-        row axis is moved last (and made contiguous) when it is not."""
+        row axis is moved last (and made contiguous) when it is not. Index inputs (one
+        per row) go as int64; a reducing program gives one value per row."""
         cp = self.cp
         x = arrays[0]
         axis = params[program.axis] if program.axis else x.ndim - 1
-        dt = np.result_type(*(a.dtype for a in arrays))
+        n_rows, n_floats = len(program.rows), len(program.rows) + len(program.cols) + len(program.scalars)
+        dt = np.result_type(*(a.dtype for a in arrays[:n_floats - len(program.scalars)]))
         if x.ndim == 0 or dt not in FUSED_DTYPES:
             dt = _F32
-        n_rows = len(program.rows)
         last = axis == x.ndim - 1
         moved = [cp.ascontiguousarray(a.astype(dt, copy=False) if last else cp.moveaxis(a.astype(dt), axis, -1))
                  for a in arrays[:n_rows]]
-        cols = [cp.ascontiguousarray(c.astype(dt, copy=False)) for c in arrays[n_rows:]]
-        y = cp.empty(moved[0].shape, dtype=dt)
-        if y.size:
-            n = y.shape[-1]
-            rows = y.size // n
+        cols = [cp.ascontiguousarray(c.astype(dt, copy=False)) for c in arrays[n_rows:n_floats]]  # and per-row
+        index = [cp.ascontiguousarray(i.astype(np.int64, copy=False)) for i in arrays[n_floats:]]
+        y = cp.empty(moved[0].shape[:-1] if program.reduces else moved[0].shape, dtype=dt)
+        if moved[0].size:
+            n = moved[0].shape[-1]
+            rows = moved[0].size // n
             grid, block = launch_config(rows, n)
             acc = np.float64 if dt == _F64 else np.float32
             self._row_kernel(program, dt)(
                 (grid,), (block,),
-                (*moved, *cols, y, np.int64(rows), np.int64(n), *(acc(params[str(p)]) for p in program.params)))
-        return y if last else cp.moveaxis(y, -1, axis)
+                (*moved, *cols, *index, y, np.int64(rows), np.int64(n),
+                 *(acc(params[str(p)]) for p in program.params)))
+        return y if last or program.reduces else cp.moveaxis(y, -1, axis)
 
     def _row_kernel(self, program: Any, dtype: np.dtype) -> Any:
         """The RawKernel of `program` in `dtype`, compiled once (cached on the program)."""

@@ -87,23 +87,36 @@ def _rows_library(program: Any, dtype: np.dtype) -> Any:
 def run_rows(program: Any, arrays: tuple, params: dict) -> np.ndarray | None:
     """`program` over the rows of its inputs as one C call, or None where the kernel
     does not apply: rows along the last axis of C-contiguous float32/float64 arrays
-    of one dtype, with at least one element."""
+    of one dtype, with at least one element. Per-row inputs (a cotangent) have the
+    rows' dtype, index inputs are read as int64; a reducing program's output has the
+    row axis removed."""
+    n_rows, n_cols = len(program.rows), len(program.rows) + len(program.cols)
+    n_floats = n_cols + len(program.scalars)
+    if len(arrays) != n_floats + len(program.indices):
+        raise TypeError(f"row program {program.name}: expected {n_floats + len(program.indices)} arrays "
+                        f"(rows {program.rows}, columns {program.cols}, per-row {program.scalars}, "
+                        f"indices {program.indices}), got {len(arrays)}")
     x = arrays[0]
     axis = params[program.axis] if program.axis else x.ndim - 1
+    floats, indices = arrays[:n_floats], arrays[n_floats:]
     if (x.dtype not in _TYPES or x.ndim == 0 or axis != x.ndim - 1 or x.size == 0
-            or any(type(a) is not np.ndarray or a.dtype != x.dtype for a in arrays)):
+            or any(type(a) is not np.ndarray or a.dtype != x.dtype for a in floats)
+            or any(type(a) is not np.ndarray or a.dtype.kind not in "iu" or a.shape != x.shape[:-1]
+                   for a in indices)
+            or any(a.shape != x.shape[:-1] for a in floats[n_cols:])):
         return None
-    n_rows = len(program.rows)
-    if not all(a.flags.c_contiguous and a.shape == x.shape for a in arrays[:n_rows]):
+    if not all(a.flags.c_contiguous and a.shape == x.shape for a in floats[:n_rows]):
         return None
     fn = _rows_library(program, x.dtype)
     if fn is None:
         return None
-    cols = [np.ascontiguousarray(c) for c in arrays[n_rows:]]
-    y = np.empty_like(x)
+    cols = [np.ascontiguousarray(c) for c in floats[n_rows:]]        # columns, then per-row scalars
+    index = [np.ascontiguousarray(i, dtype=np.int64) for i in indices]
+    y = np.empty(x.shape[:-1] if program.reduces else x.shape, dtype=x.dtype)
     n = x.shape[-1]
-    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), *(_ptr(a) for a in arrays[:n_rows]),
-       *(_ptr(c) for c in cols), *(ctypes.c_double(params[str(p)]) for p in program.params), _new(y))
+    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), *(_ptr(a) for a in floats[:n_rows]),
+       *(_ptr(c) for c in cols), *(_ptr(i) for i in index),
+       *(ctypes.c_double(params[str(p)]) for p in program.params), _new(y))
     return y
 
 

@@ -1,8 +1,11 @@
 """Row programs (ops/rows.py) printed as host C and CUDA kernels.
 
 A row program is a list of steps over one row: reductions (max / sum / mean of an
-expression) giving row scalars, and maps (sympy expressions of the row's values and
-earlier row scalars). The printers read the program as data (duck-typed: `.steps`
+expression) giving row scalars, picks (a row expression at the column a per-row index
+names, NaN outside the row: the kernel never reads past it) and maps (sympy
+expressions of the row's values, the column index, earlier row scalars and per-row
+inputs). The output is a row, or one value per row (a reducing program: its row maps
+are inlined into the reductions that read them). The printers read the program as data (duck-typed: `.steps`
 with `.name`, `.how`, `.expr`; `.rows`, `.cols`, `.params`), so this module imports
 nothing above the backends; expressions go through `backends.cprint`, the printer of
 every elementwise kernel.
@@ -91,7 +94,7 @@ def _scalar(sym: Any) -> str:
 
 
 def _row_symbols(program: Any) -> set:
-    full = set(program.rows) | set(program.cols)
+    full = set(program.rows) | set(program.cols) | ({program.column} if program.column is not None else set())
     for st in program.steps:
         if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
             full.add(st.name)
@@ -126,28 +129,64 @@ def rows_function_name(program: Any, dtype: Any) -> str:
     return f"rows_{program.name}_{_TYPES[np.dtype(dtype)][1]}"
 
 
+def _reduces(program: Any) -> bool:
+    """Is the output one value per row (it does not vary along the row)?"""
+    out = program.out
+    return out.how != "map" or not (sympy.sympify(out.expr).free_symbols & _row_symbols(program))
+
+
+def _inliner(program: Any, names: set) -> Any:
+    """A function substituting the map steps in `names` into an expression (repeatedly)."""
+    maps = {st.name: sympy.sympify(st.expr) for st in program.steps if st.how == "map" and st.name in names}
+
+    def expand(e: Any) -> sympy.Expr:
+        e = sympy.sympify(e)
+        for _ in program.steps:
+            nxt = e.xreplace(maps)
+            if nxt == e:
+                break
+            e = nxt
+        return e
+    return expand
+
+
+def _pick_guard(index: str, n: str) -> str:
+    return f"({index} >= 0 && {index} < {n})"
+
+
 def c_row_function(program: Any, dtype: Any) -> str:
-    """`static inline void rowfn_<name>_<t>(rows..., cols..., params..., T* y, long long n)`:
-    the program on one row of length n (inputs read, output written at y)."""
+    """`static inline void rowfn_<name>_<t>(rows..., cols..., params..., scalars..., indices..., T* y,
+    long long n)`: the program on one row of length n (inputs read, output written at
+    y: a row, or one value for a reducing program)."""
     dt = np.dtype(dtype)
     if dt not in _TYPES:
         raise CPrintError(f"row program {program.name}: no C kernel for dtype {dt}")
     t, s, f = _TYPES[dt]
     row = _row_symbols(program)
-    stored = [st.name for st in program.steps[:-1] if st.how == "map" and st.name in row]
+    reduces = _reduces(program)
+    # A full-row intermediate lives in the output row; a reducing program has none, so
+    # its row maps are inlined where they are read.
+    stored = [] if reduces else [st.name for st in program.steps[:-1] if st.how == "map" and st.name in row]
     if len(stored) > 1:
         raise CPrintError(f"row program {program.name}: at most one full-row intermediate fits the "
                           f"output row, got {[str(v) for v in stored]}")
+    expand = _inliner(program, row - set(stored))
     pointer = {v: f"p_{v}" for v in tuple(program.rows) + tuple(program.cols)}
     pointer.update({v: "y" for v in stored})
     args = [f"const {t}* restrict p_{v}" for v in tuple(program.rows) + tuple(program.cols)]
-    args += [f"{t} {_scalar(v)}" for v in program.params] + [f"{t}* restrict y", "long long n"]
+    args += [f"{t} {_scalar(v)}" for v in tuple(program.params) + tuple(program.scalars)]
+    args += [f"long long {_scalar(v)}" for v in program.indices]
+    args += [f"{t}* restrict y", "long long n"]
     lines = [f"static inline void {_rowfn_name(program, dt)}({', '.join(args)}) {{"]
 
     def names(index: str) -> dict:
         out = {v: f"{p}[{index}]" for v, p in pointer.items()}
         out.update({st.name: _scalar(st.name) for st in program.steps if st.name not in row})
-        out.update({v: _scalar(v) for v in program.params})
+        out.update({v: _scalar(v) for v in tuple(program.params) + tuple(program.scalars) + tuple(program.indices)})
+        if program.column is not None:
+            out[program.column] = index
+        if program.length is not None:
+            out[program.length] = f"(({t})n)"
         return out
 
     def elementwise(expr: Any, dest: str) -> list[str]:
@@ -158,10 +197,16 @@ def c_row_function(program: Any, dtype: Any) -> str:
         return [f"  for (long long j = 0; j < n; ++j) {dest}[j] = {c_expression(expr, names('j'), dt)};"]
 
     for st in program.steps:
-        expr = sympy.sympify(st.expr)
+        expr = expand(st.expr)
         v = _scalar(st.name)
-        if st.how == "max":
+        if st.how == "max" and expr in pointer:
             lines.append(f"  const {t} {v} = row_max_{s}({pointer[expr]}, n);")
+        elif st.how == "max":
+            body = c_expression(expr, names("j"), dt)
+            lines += [f"  {t} {v} = -INFINITY;", "  {", "    int nan = 0;",
+                      f"    for (long long j = 0; j < n; ++j) {{ const {t} a = {body}; "
+                      f"{v} = a > {v} ? a : {v}; nan |= a != a; }}",
+                      f"    if (nan) {v} = NAN;", "  }"]
         elif st.how in ("sum", "mean"):
             per = f" / ({t})n" if st.how == "mean" else ""
             if expr in pointer:
@@ -176,10 +221,18 @@ def c_row_function(program: Any, dtype: Any) -> str:
                           f"    {t} tail = 0;",
                           f"    for (; j < n; ++j) {{ const long long jj = j; tail += {body}; }}",
                           f"    {v} = (acc[0] + tail){per};", "  }"]
-        elif st.name in row or st is program.out:
-            lines += elementwise(expr, "y")
+        elif st.how == "pick":
+            at = _scalar(st.at)
+            lines.append(f"  const {t} {v} = {_pick_guard(at, 'n')} ? {c_expression(expr, names(at), dt)} : NAN;")
+        elif st.name in row:
+            if not reduces:
+                lines += elementwise(expr, "y")
+        elif st is program.out:
+            lines.append(f"  y[0] = {c_expression(expr, names('0'), dt)};")
         else:
             lines.append(f"  const {t} {v} = {c_expression(expr, names('0'), dt)};")
+    if reduces and program.out.how != "map":
+        lines.append(f"  y[0] = {_scalar(program.out.name)};")
     return "\n".join(lines + ["}"]) + "\n"
 
 
@@ -208,15 +261,20 @@ def _exp_fast_path(arg: str, dest: str, t: str, s: str, f: str) -> list[str]:
 
 def c_rows_source(program: Any, dtype: Any) -> str:
     """The helpers, the per-row function and `void rows_<name>_<t>(long long rows, long
-    long n, const T* rows_inputs..., const T* cols..., double params..., T* y)`."""
+    long n, const T* rows_inputs..., const T* cols..., const T* scalars..., const long long* indices...,
+    double params..., T* y)`; y holds one value per row for a reducing program."""
     dt = np.dtype(dtype)
     t = _TYPES[dt][0] if dt in _TYPES else None
     fn = c_row_function(program, dt)
     ins = tuple(program.rows) + tuple(program.cols)
     args = ["long long rows", "long long n"] + [f"const {t}* restrict p_{v}" for v in ins]
+    args += [f"const {t}* restrict p_{v}" for v in program.scalars]
+    args += [f"const long long* restrict p_{v}" for v in program.indices]
     args += [f"double {_scalar(v)}" for v in program.params] + [f"{t}* restrict y"]
     call = [f"p_{v} + r * n" for v in program.rows] + [f"p_{v}" for v in program.cols]
-    call += [f"({t}){_scalar(v)}" for v in program.params] + ["y + r * n", "n"]
+    call += [f"({t}){_scalar(v)}" for v in program.params]
+    call += [f"p_{v}[r]" for v in tuple(program.scalars) + tuple(program.indices)]
+    call += ["y + r" if _reduces(program) else "y + r * n", "n"]
     body = [f"for (long long r = lo; r < hi; ++r) {_rowfn_name(program, dt)}({', '.join(call)});"]
     loop = cparallel.parallel_function(rows_function_name(program, dt), args, "rows", "rows * n", body)
     return c_helpers(dt) + fn + loop
@@ -224,8 +282,10 @@ def c_rows_source(program: Any, dtype: Any) -> str:
 
 def row_call(program: Any, dtype: Any, row: str, out: str, n: str) -> str:
     """A C statement running a one-input program on the row at `row` into `out`."""
-    if len(program.rows) != 1 or program.cols or program.params:
-        raise CPrintError(f"row program {program.name}: only one-input programs run on a scratch row")
+    if len(program.rows) != 1 or program.cols or program.params or program.scalars or program.indices \
+            or _reduces(program):
+        raise CPrintError(f"row program {program.name}: only one-input programs with a row output "
+                          f"run on a scratch row")
     return f"{_rowfn_name(program, dtype)}({row}, {out}, {n});"
 
 
@@ -235,8 +295,9 @@ class CudaRowKernel:
     """A row program as a CUDA kernel, one block per row (grid-stride over rows): the
     same interface as a hand-written kernel template (`params`, `kernel_name`, `source`).
 
-    `params` are (role, name) pairs: "in" (a row or column input), "out", "i64" (rows,
-    cols) and "acc" (a scalar parameter, in the accumulation type).
+    `params` are (role, name) pairs: "in" (a row, column or per-row input), "index" (an int64
+    input with one value per row), "out" (rows, or one value per row for a reducing
+    program), "i64" (rows, cols) and "acc" (a scalar parameter, in the accumulation type).
     """
 
     DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -244,9 +305,9 @@ class CudaRowKernel:
     def __init__(self, program: Any) -> None:
         self.program = program
         self.name = program.name
-        ins = tuple(program.rows) + tuple(program.cols)
-        self.params = tuple(("in", f"p_{v}") for v in ins) + (("out", "y"), ("i64", "rows"), ("i64", "cols")) \
-            + tuple(("acc", _scalar(v)) for v in program.params)
+        ins = tuple(program.rows) + tuple(program.cols) + tuple(program.scalars)
+        self.params = tuple(("in", f"p_{v}") for v in ins) + tuple(("index", f"p_{v}") for v in program.indices) \
+            + (("out", "y"), ("i64", "rows"), ("i64", "cols")) + tuple(("acc", _scalar(v)) for v in program.params)
 
     def kernel_name(self, dtype: Any) -> str:
         return f"engine_rows_{self.name}_{np.dtype(dtype).name}"
@@ -264,33 +325,30 @@ class CudaRowKernel:
         load = (lambda p: f"engine_h2f({p})") if half else (lambda p: p)
         store = "engine_f2h" if half else f"({store_t})"
         row = _row_symbols(prog)
-        inline = {st.name: st.expr for st in prog.steps[:-1] if st.how == "map" and st.name in row}
-
-        def expand(e: Any) -> sympy.Expr:
-            e = sympy.sympify(e)
-            for _ in prog.steps:
-                nxt = e.xreplace(inline)
-                if nxt == e:
-                    break
-                e = nxt
-            return e
+        expand = _inliner(prog, row)
 
         def names(index: str) -> dict:
             out = {v: load(f"p_{v}r[{index}]") for v in prog.rows}
             out.update({v: load(f"p_{v}[{index}]") for v in prog.cols})
             out.update({st.name: _scalar(st.name) for st in prog.steps if st.name not in row})
-            out.update({v: _scalar(v) for v in prog.params})
+            out.update({v: _scalar(v) for v in tuple(prog.params) + tuple(prog.scalars) + tuple(prog.indices)})
+            if prog.column is not None:
+                out[prog.column] = index
+            if prog.length is not None:
+                out[prog.length] = f"(({acc})cols)"
             return out
 
         decl = []
         for role, n in self.params:
-            decl.append({"in": f"const {store_t}* __restrict__", "out": f"{store_t}* __restrict__",
-                         "i64": "long long", "acc": acc}[role] + f" {n}")
+            decl.append({"in": f"const {store_t}* __restrict__", "index": "const long long* __restrict__",
+                         "out": f"{store_t}* __restrict__", "i64": "long long", "acc": acc}[role] + f" {n}")
         lines = [f'extern "C" __global__ void {self.kernel_name(dt)}({", ".join(decl)}) {{',
                  f"  __shared__ {acc} buf[ENGINE_BLOCK];",
                  "  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {"]
         lines += [f"    const {store_t}* p_{v}r = p_{v} + r * cols;" for v in prog.rows]
-        lines.append(f"    {store_t}* yr = y + r * cols;")
+        lines += [f"    const {acc} {_scalar(v)} = {load(f'p_{v}[r]')};" for v in prog.scalars]
+        lines += [f"    const long long {_scalar(v)} = p_{v}[r];" for v in prog.indices]
+        lines.append(f"    {store_t}* yr = y + r * cols;" if not _reduces(prog) else "")
         loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
         for st in prog.steps:
             v = _scalar(st.name)
@@ -304,7 +362,12 @@ class CudaRowKernel:
                     per = f" / ({acc})cols" if st.how == "mean" else ""
                     lines += [f"    {acc} {v} = 0;", f"    {loop} {v} += {body};",
                               f"    {v} = engine_block_sum({v}, buf){per};"]
-            elif st is prog.out:
+            elif st.how == "pick":
+                at = _scalar(st.at)
+                value = c_expression(expand(st.expr), names(at), compute)
+                lines.append(f"    const {acc} {v} = {_pick_guard(at, 'cols')} ? {value} : "
+                             f"{c_expression(sympy.nan, {}, compute)};")
+            elif st is prog.out and st.name in row:
                 hoisted: list = []
                 body = _hoist(expand(st.expr), row, hoisted)
                 lines += [f"    const {acc} {_scalar(h)} = {c_expression(e, names('j'), compute)};"
@@ -313,7 +376,9 @@ class CudaRowKernel:
                 lines.append(f"    {loop} yr[j] = {store}({c_expression(body, scope, compute)});")
             elif st.name not in row:
                 lines.append(f"    const {acc} {v} = {c_expression(st.expr, names('0'), compute)};")
-        return "\n".join(lines + ["  }", "}"]) + "\n"
+        if _reduces(prog):
+            lines.append(f"    if (threadIdx.x == 0) y[r] = {store}({_scalar(prog.out.name)});")
+        return "\n".join(line for line in lines + ["  }", "}"] if line) + "\n"
 
 
 def cuda_rows_source(program: Any, dtype: Any, prelude: str) -> str:

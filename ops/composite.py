@@ -18,7 +18,8 @@ import numpy as np
 
 from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, ne, neg, rsqrt, sub
 from .errors import DTypeError, ShapeError
-from .fused import log_softmax as fused_log_softmax, softmax as fused_softmax
+from .fused import logsumexp as fused_logsumexp, softmax as fused_softmax
+from .losses import cross_entropy_per_row, nll_per_row
 from .linalg import matmul
 from .elementwise import where
 from .extrema import max as max_op
@@ -127,13 +128,20 @@ def _shift(x: Any, axes: tuple | None) -> Any:
 
 
 def logsumexp(x: Any, axis: Any = -1, keepdims: bool = False) -> Any:
+    """The row program of ops.fused over one axis; several axes (or None: all) are
+    moved last and flattened into one. An empty slice gives -inf (as PyTorch)."""
     axes = _axes("logsumexp", x, axis)
     x = _float(x)
-    m = _shift(x, axes)
-    s = sum_op(exp(sub(x, m)), axis=axes, keepdims=True)
-    empty = eq(s, 0.0)
-    out = where(empty, NEG_INF, add(log(where(empty, 1.0, s)), m))
-    return out if keepdims else reshape(out, shape=reduced_shape(tuple(x.shape), axes, False))
+    axes = tuple(range(x.ndim)) if axes is None else axes
+    shape = tuple(x.shape)
+    if _count(x, axes) == 0:
+        return add(sum_op(x, axis=axes, keepdims=keepdims), NEG_INF)     # sum of nothing: 0
+    if len(axes) == 1:
+        return fused_logsumexp(x, axis=axes[0], keepdims=keepdims)
+    rest = tuple(d for d in range(x.ndim) if d not in axes)
+    flat = reshape(transpose(x, axes=rest + axes), shape=tuple(shape[d] for d in rest) + (_count(x, axes),))
+    out = fused_logsumexp(flat, axis=len(rest), keepdims=False)
+    return reshape(out, shape=reduced_shape(shape, axes, keepdims))
 
 
 def softmax(x: Any, axis: int = -1) -> Any:
@@ -280,6 +288,17 @@ def _check_loss_args(name: str, arg: str, scores: Any, targets: Any, reduction: 
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
+def _reduce_loss(loss: Any, targets: Any, ignore_index: int, reduction: str) -> Any:
+    """Per-row losses summed, or averaged over the rows that are not ignored."""
+    if reduction == "none":
+        return loss
+    total = sum_op(loss, axis=None, keepdims=False)
+    if reduction == "sum":
+        return total
+    count = sum_op(cast(ne(targets, ignore_index), dtype=np.dtype(loss.dtype)), axis=None, keepdims=False)
+    return div(total, maximum(count, 1.0))
+
+
 def nll_loss(log_probs: Any, targets: Any, ignore_index: int = -100, reduction: str = "mean",
              label_smoothing: float = 0.0) -> Any:
     """Negative log-likelihood of integer targets (...) given log-probabilities (..., C).
@@ -288,44 +307,29 @@ def nll_loss(log_probs: Any, targets: Any, ignore_index: int = -100, reduction: 
     distribution is (1 - s) onehot + s / C; a row whose target is `ignore_index`
     contributes 0, and "mean" divides by the number of the other rows (a batch with
     every row ignored gives 0 with gradient 0, where PyTorch gives NaN).
-    The target's log-probability is picked by index, never multiplied by a one-hot
-    row, so the loss is finite whenever the target's log-probability is: a -inf at
-    another class (a masked class) gives no 0 * -inf. With smoothing such a class
-    is left out of the uniform part, where PyTorch's loss is +inf.
+    Per row it is the row program `ops.losses.nll_per_row`: the target's
+    log-probability is picked by index, never multiplied by a one-hot row, so the loss
+    is finite whenever the target's log-probability is (a -inf at another class gives
+    no 0 * -inf); with smoothing such a class is left out of the uniform part, where
+    PyTorch's loss is +inf. An ignored row gives 0 whatever it holds. A target outside
+    [0, C) that is not ignored gives NaN (nn checks the values first and names them).
     """
     _check_loss_args("nll_loss", "log_probs", log_probs, targets, reduction, label_smoothing)
-    classes = log_probs.shape[-1]
-    valid = ne(targets, ignore_index)
-    index = expand_dims(where(valid, targets, 0), -1)            # in range even where ignored
-    picked = reshape(take_along_axis(log_probs, index, -1), shape=tuple(targets.shape))
-    loss = neg(picked)
-    if label_smoothing:
-        finite = where(eq(log_probs, NEG_INF), 0.0, log_probs)
-        uniform = sum_op(finite, axis=(log_probs.ndim - 1,), keepdims=False)
-        loss = sub(mul(loss, 1.0 - label_smoothing), mul(uniform, label_smoothing / classes))
-    loss = where(valid, loss, 0.0)
-    if reduction == "none":
-        return loss
-    total = sum_op(loss, axis=None, keepdims=False)
-    if reduction == "sum":
-        return total
-    count = sum_op(cast(valid, dtype=np.dtype(loss.dtype)), axis=None, keepdims=False)
-    return div(total, maximum(count, 1.0))
+    loss = nll_per_row(log_probs, targets, ignore_index=ignore_index, label_smoothing=float(label_smoothing))
+    return _reduce_loss(loss, targets, ignore_index, reduction)
 
 
 def cross_entropy(logits: Any, targets: Any, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean") -> Any:
-    """nll_loss(log_softmax(logits)) with classes on the last axis (see nll_loss).
-
-    An ignored row's logits are replaced by 0 before the softmax, so whatever they
-    hold (NaN, inf) changes neither the loss nor any gradient. The gradient with
-    respect to the logits is (softmax - target distribution) / rows.
+    """nll_loss(log_softmax(logits)) with classes on the last axis (see nll_loss), as one
+    row program (`ops.losses.cross_entropy_per_row`): whatever an ignored row holds
+    (NaN, inf) changes neither the loss nor any gradient. The gradient with respect to
+    the logits is (softmax - target distribution) / rows.
     """
     _check_loss_args("cross_entropy", "logits", logits, targets, reduction, label_smoothing)
-    valid = ne(targets, ignore_index)
-    x = where(expand_dims(valid, -1), logits, 0.0)
-    return nll_loss(fused_log_softmax(x, axis=x.ndim - 1), targets, ignore_index, reduction,
-                    label_smoothing)
+    loss = cross_entropy_per_row(logits, targets, ignore_index=ignore_index,
+                                 label_smoothing=float(label_smoothing))
+    return _reduce_loss(loss, targets, ignore_index, reduction)
 
 
 # -- the composite registry (the test plan for composites) --------------------------------------

@@ -1,5 +1,5 @@
-"""Fused ops: softmax, log_softmax and layer_norm as single primitives, each declared
-as a row program (ops/rows.py).
+"""Fused ops: softmax, log_softmax, logsumexp, layer_norm and rms_norm as single
+primitives, each declared as a row program (ops/rows.py).
 
 Their decompositions into primitives (ops.composite) waste memory traffic and
 Python dispatch: each intermediate is a full array and a tape node. As row-program
@@ -18,6 +18,8 @@ import numpy as np
 import sympy
 
 from .elementwise import add, div, exp, mul, rsqrt, sub
+from .errors import ShapeError
+from .movement import reshape
 from .reduce import sum as sum_op, sum_to
 from .rows import RowProgram, Step, finite_or, infer_axis, infer_last_axis, nonzero_or, rows_op, symbols
 
@@ -49,6 +51,15 @@ LAYER_NORM = RowProgram("layer_norm", rows=(_x,), cols=(_w, _b), params=(_eps,),
     Step(_var, "mean", (_x - _mu) ** 2),
     Step(_rstd, "map", 1 / sympy.sqrt(_var + _eps)),
     Step(_out, "map", (_x - _mu) * _rstd * _w + _b)))
+
+
+# logsumexp: log(sum(exp(x - m))) + m with the shift m taken as 0 where the max is
+# infinite, as PyTorch: a row of all -inf gives -inf, a +inf gives +inf, a NaN NaN.
+LOGSUMEXP = RowProgram("logsumexp", rows=(_x,), axis="axis", steps=(
+    Step(_m0, "max", _x),
+    Step(_m, "map", sympy.Piecewise((0, sympy.Eq(sympy.Abs(_m0), sympy.oo)), (_m0, True))),
+    Step(_s0, "sum", sympy.exp(_x - _m)),
+    Step(_out, "map", sympy.Piecewise((-sympy.oo, sympy.Eq(_s0, 0)), (_m + sympy.log(_s0), True)))))
 
 
 def _softmax_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: int) -> tuple:
@@ -86,6 +97,32 @@ log_softmax = rows_op(
     vjp=_log_softmax_vjp, sample=_axis_samples,
     reference=lambda x, axis: np.log(_np_softmax(x, axis)),
     doc="x - logsumexp(x); a row of all -inf gives -inf")
+
+
+def _kept(shape: tuple, axis: int) -> tuple:
+    return tuple(1 if d == axis else n for d, n in enumerate(shape))
+
+
+def _logsumexp_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: int, keepdims: bool) -> tuple:
+    """dx = softmax(x) * g (0 on a row of all -inf, where softmax is 0)."""
+    x, = inputs
+    return (mul(softmax(x, axis=axis), reshape(g, shape=_kept(tuple(x.shape), axis))),)
+
+
+def _infer_logsumexp(x: Any, axis: int, keepdims: bool) -> tuple:
+    shape, dtype = infer_axis("logsumexp", x, axis)
+    if shape[axis] == 0:
+        raise ShapeError(f"logsumexp: axis {axis} of shape {shape} is empty (a row needs a value)")
+    return (_kept(shape, axis) if keepdims else shape[:axis] + shape[axis + 1:]), dtype
+
+
+logsumexp = rows_op(
+    "logsumexp", LOGSUMEXP, saves=(0,), infer=_infer_logsumexp, vjp=_logsumexp_vjp,
+    sample=lambda rng: [([rng.standard_normal((3, 5))], dict(axis=1, keepdims=False)),
+                        ([rng.standard_normal((2, 3, 4))], dict(axis=0, keepdims=True)),
+                        ([rng.standard_normal((4,)) * 30], dict(axis=0, keepdims=False))],
+    reference=lambda x, axis, keepdims: np.logaddexp.reduce(x, axis=axis, keepdims=keepdims),
+    doc="log(sum(exp(x))) over `axis`; a row of all -inf gives -inf, a +inf gives +inf")
 
 
 # -- layer norm -----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Row programs: per-row reductions plus elementwise sympy, declared once.
 
-softmax, log_softmax, layer_norm and rms_norm are each a short list of steps over
-one row: a reduction of the row (`max`, `sum`, `mean` of an expression) gives a row
-scalar, a `map` step an expression of the row values and earlier row scalars. The
-same declaration is what runs everywhere:
+softmax, log_softmax, logsumexp, layer_norm, rms_norm and the per-row losses are
+each a short list of steps over one row: a reduction of the row (`max`, `sum`,
+`mean` of an expression) gives a row scalar, a `pick` the row expression's value at
+the column a per-row integer input names (a target class), a `map` step an
+expression of the row values and earlier row scalars. The output is a row (softmax)
+or a row scalar (logsumexp, a loss). The same declaration is what runs everywhere:
 
 - `evaluate` runs it step by step on any backend's primitives (NumPy and CuPy when
   no kernel applies, and the symbolic backend, so `verify_gradients` proves this
@@ -21,11 +23,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import sympy
 
-from .elementwise import ElementwiseOp
+from .elementwise import ElementwiseOp, ge, logical_and, lt
 from .errors import DTypeError, ShapeError
 from .spec import Op, register
 
 REDUCTIONS = ("max", "sum", "mean")
+KINDS = REDUCTIONS + ("pick", "map")
 
 
 def symbols(names: str) -> tuple[sympy.Symbol, ...]:
@@ -46,33 +49,47 @@ def finite_or(v: sympy.Expr, replacement: Any) -> sympy.Expr:
 
 @dataclass(frozen=True)
 class Step:
-    """`name = how(expr)`: a reduction over the row (max / sum / mean) or a map."""
+    """`name = how(expr)`: a reduction over the row (max / sum / mean), a map, or a
+    pick: the row expression `expr` at the column given by the index input `at` (NaN
+    where that column is outside the row, so an unmasked bad index is never silent)."""
     name: sympy.Symbol
     how: str
     expr: sympy.Expr
+    at: sympy.Symbol | None = None
 
 
 @dataclass
 class RowProgram:
     """Steps over one row. `rows` are inputs with the row's shape, `cols` vectors of
-    the row's length (a layer norm's weight), `params` scalar op parameters (eps).
-    The last step is the output. `axis`: the op parameter naming the row axis (None:
-    the last axis)."""
+    the row's length (a layer norm's weight), `scalars` float inputs with one value
+    per row (a cotangent) and `indices` integer ones (a target class), both of the
+    rows' shape without the row axis; `params` scalar op parameters (eps); `column`,
+    if given, the symbol a map reads as the column's index (0..n-1), and `length` the
+    row's length n. Inputs come in
+    that order: rows, cols, scalars, indices. The
+    last step is the output: a row, or one value per row when it does not vary along
+    the row (`reduces`). `axis`: the op parameter naming the row axis (None: the
+    last axis)."""
     name: str
     rows: tuple
     steps: tuple
     cols: tuple = ()
     params: tuple = ()
     axis: str | None = None
+    indices: tuple = ()
+    scalars: tuple = ()
+    column: sympy.Symbol | None = None
+    length: sympy.Symbol | None = None
     _maps: dict = field(default_factory=dict, repr=False)
     _impls: dict = field(default_factory=dict, repr=False)     # backends' compiled kernels
 
     def __post_init__(self) -> None:
-        known = set(self.rows) | set(self.cols) | set(self.params)
+        known = set(self.rows) | set(self.cols) | set(self.params) | set(self.indices) | set(self.scalars)
+        known |= {v for v in (self.column, self.length) if v is not None}
         for st in self.steps:
-            if st.how not in REDUCTIONS + ("map",):
+            if st.how not in KINDS:
                 raise ValueError(f"row program {self.name}: step {st.name} has unknown kind "
-                                 f"{st.how!r} (expected one of {REDUCTIONS + ('map',)})")
+                                 f"{st.how!r} (expected one of {KINDS})")
             unknown = sympy.sympify(st.expr).free_symbols - known
             if unknown:
                 raise ValueError(f"row program {self.name}: step {st.name} reads {sorted(map(str, unknown))} "
@@ -80,11 +97,21 @@ class RowProgram:
             if st.how == "max" and not self.is_row(st.expr):
                 raise ValueError(f"row program {self.name}: max reduces a row value by name, "
                                  f"got {st.expr}")
+            if (st.how == "pick") != (st.at is not None) or (st.at is not None and st.at not in self.indices):
+                raise ValueError(f"row program {self.name}: step {st.name} ({st.how}) needs `at` exactly "
+                                 f"when it picks, naming one of the index inputs {self.indices}; got {st.at}")
+            if st.how == "pick" and not self.is_row(st.expr):
+                raise ValueError(f"row program {self.name}: pick takes a row expression, got {st.expr}")
             known.add(st.name)
 
     @property
     def out(self) -> Step:
         return self.steps[-1]
+
+    @property
+    def reduces(self) -> bool:
+        """Is the output one value per row (logsumexp, a loss) rather than a row?"""
+        return self.out.how != "map" or not self.is_row(self.out.expr)
 
     def is_row(self, expr: Any) -> bool:
         """Does `expr` vary along the row (reads a row/column input or a row step)?"""
@@ -92,7 +119,7 @@ class RowProgram:
         return any(s in free for s in self.row_symbols())
 
     def row_symbols(self) -> set:
-        full = set(self.rows) | set(self.cols)
+        full = set(self.rows) | set(self.cols) | ({self.column} if self.column is not None else set())
         for st in self.steps:
             if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
                 full.add(st.name)
@@ -122,14 +149,27 @@ class RowProgram:
 
 def evaluate(program: RowProgram, be: Any, arrays: Sequence[Any], params: dict) -> Any:
     """Run `program` step by step with backend `be`'s primitives: reductions with
-    `be.max` / `be.sum` over the row axis (kept), maps as elementwise ops."""
-    n_rows = len(program.rows)
+    `be.max` / `be.sum` over the row axis (kept), maps as elementwise ops, picks as
+    advanced indexing. A reducing program's output has the row axis removed."""
+    n_rows, n_floats = len(program.rows), len(program.rows) + len(program.cols)
+    n_scalars = len(program.scalars)
     x = arrays[0]
     axis = params[program.axis] if program.axis else x.ndim - 1
+    kept = tuple(1 if d == axis else s for d, s in enumerate(x.shape))
     env: dict = dict(zip(program.rows, arrays[:n_rows]))
-    env.update(zip(program.cols, arrays[n_rows:]))
+    env.update(zip(program.cols, arrays[n_rows:n_floats]))
+    env.update({s: be.reshape(a, kept) for s, a in zip(program.scalars, arrays[n_floats:n_floats + n_scalars])})
     env.update({s: params[str(s)] for s in program.params})
+    # Index inputs as the row scalars they are (float64, so a class index compares
+    # exactly); picks read the integer values. The column index likewise.
+    index = {s: be.reshape(a, kept) for s, a in zip(program.indices, arrays[n_floats + n_scalars:])}
+    env.update({s: be.astype(a, np.dtype(np.float64)) for s, a in index.items()})
     n = float(x.shape[axis])
+    if program.length is not None:
+        env[program.length] = n
+    if program.column is not None:
+        columns = be.arange(0, int(n), 1, np.dtype(np.float64))
+        env[program.column] = be.reshape(columns, tuple(int(n) if d == axis else 1 for d in range(len(kept))))
     for st in program.steps:
         if st.how == "map":
             op, args = program.map_op(st)
@@ -141,12 +181,36 @@ def evaluate(program: RowProgram, be: Any, arrays: Sequence[Any], params: dict) 
         else:
             op, args = program.map_op(Step(st.name, "map", expr))
             value = op.forward(be, *(env[a] for a in args))
-        if st.how == "max":
+        if st.how == "pick":
+            env[st.name] = _pick(be, value, index[st.at], axis, int(n))
+        elif st.how == "max":
             env[st.name] = be.max(value, (axis,), True)
         else:
             total = be.sum(value, (axis,), True)
             env[st.name] = total if st.how == "sum" else _MEAN.forward(be, total, n)
-    return env[program.out.name]
+    out = env[program.out.name]
+    dtype = np.result_type(*(a.dtype for a in arrays[:n_floats]))
+    if not program.reduces:
+        return out if out.dtype == dtype else be.astype(out, dtype)
+    out = out if out.dtype == dtype else be.astype(out, dtype)
+    return be.reshape(out, kept[:axis] + kept[axis + 1:])
+
+
+def _pick(be: Any, value: Any, at: Any, axis: int, n: int) -> Any:
+    """value[..., at, ...] along `axis` (`at` with that axis kept, size 1); NaN where
+    `at` is outside [0, n)."""
+    inside = logical_and.forward(be, ge.forward(be, at, 0), lt.forward(be, at, n))
+    safe = be.where(inside, at, 0)
+    shape = tuple(at.shape)
+    value = be.broadcast_to(value, shape[:axis] + (n,) + shape[axis + 1:])
+    index = []
+    for d, size in enumerate(shape):
+        if d == axis:
+            index.append(safe)
+        else:
+            r = be.arange(0, size, 1, np.dtype(np.int64))
+            index.append(be.reshape(r, tuple(size if e == d else 1 for e in range(len(shape)))))
+    return be.where(inside, be.getitem(value, tuple(index)), float("nan"))
 
 
 _A, _B = symbols("a b")
@@ -160,8 +224,8 @@ class RowOp(Op):
 
     __slots__ = ()
 
-    def __init__(self, name: str, program: RowProgram, *, vjp: Callable, infer: Callable,
-                 saves: tuple, sample: Callable, reference: Callable, doc: str = "") -> None:
+    def __init__(self, name: str, program: RowProgram, *, vjp: Callable | None, infer: Callable,
+                 saves: tuple | None, sample: Callable, reference: Callable, doc: str = "") -> None:
         super().__init__(name, kind="rows", forward=self._forward, infer=infer, vjp=vjp,
                          saves=saves, sample=sample, reference=reference, doc=doc)
         self.rows = program
@@ -169,14 +233,19 @@ class RowOp(Op):
     def _forward(self, be: Any, *arrays: Any, **params: Any) -> Any:
         kernel = getattr(be, "run_rows", None)
         out = None if kernel is None else kernel(self.rows, arrays, params)
-        return out if out is not None else evaluate(self.rows, be, arrays, params)
+        out = out if out is not None else evaluate(self.rows, be, arrays, params)
+        if self.rows.reduces and params.get("keepdims"):
+            x = arrays[0]
+            axis = params[self.rows.axis] if self.rows.axis else x.ndim - 1
+            out = be.reshape(out, tuple(1 if d == axis else s for d, s in enumerate(x.shape)))
+        return out
 
     @property
     def zero_at_neg_inf(self) -> bool:
         """Is the output exactly 0 where a single-input program's input is -inf (and
         the row's reductions finite)? True for softmax: masked entries stay zero."""
         prog = self.rows
-        if len(prog.rows) != 1 or prog.cols:
+        if len(prog.rows) != 1 or prog.cols or prog.scalars or prog.indices or prog.reduces:
             return False
         return prog.inlined(prog.out.expr).xreplace({prog.rows[0]: -sympy.oo}) == 0
 

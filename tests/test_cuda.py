@@ -312,6 +312,10 @@ class _FakeRawKernel:
                 assert isinstance(a, DevArray) and a.dtype == self.dtype and a.flags.c_contiguous, \
                     f"{pname}: needs a contiguous {self.dtype} device array, got {a!r}"
                 host.append(a.a)
+            elif role == "index":
+                assert isinstance(a, DevArray) and a.dtype == np.int64 and a.flags.c_contiguous, \
+                    f"{pname}: needs a contiguous int64 device array, got {a!r}"
+                host.append(a.a)
             else:
                 assert type(a) is want[role], f"{pname}: needs {want[role].__name__}, got {type(a)}"
                 host.append(a.item())

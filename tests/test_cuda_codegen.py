@@ -388,7 +388,8 @@ _EMU_CTYPES = {"float16": ("engine_half_t", "float"), "float32": ("float", "floa
 def _emu_wrapper(kernel: CudaRowKernel, dtype: str) -> str:
     """A C entry point `emu_<kernel>(grid, block, params...)` launching the kernel."""
     t, a = _EMU_CTYPES[dtype]
-    decl = {"in": f"const {t}*", "out": f"{t}*", "i64": "long long", "acc": a, "i32": "int"}
+    decl = {"in": f"const {t}*", "index": "const long long*", "out": f"{t}*", "i64": "long long", "acc": a,
+            "i32": "int"}
     kname = kernel.kernel_name(dtype)
     fields = " ".join(f"{decl[r]} {n};" for r, n in kernel.params)
     names = ", ".join(n for _, n in kernel.params)
@@ -420,6 +421,7 @@ def emu(tmp_path_factory):
 def _launch(lib, kernel: CudaRowKernel, dtype: str, grid: int, block: int, args: list) -> None:
     acc = ctypes.c_double if dtype == "float64" else ctypes.c_float
     conv = {"in": lambda v: v.ctypes.data_as(ctypes.c_void_p),
+            "index": lambda v: v.ctypes.data_as(ctypes.c_void_p),
             "out": lambda v: v.ctypes.data_as(ctypes.c_void_p),
             "i64": ctypes.c_longlong, "acc": acc, "i32": ctypes.c_int}
     fn = getattr(lib, f"emu_{kernel.kernel_name(dtype)}")
@@ -451,19 +453,28 @@ def test_printed_row_kernels_match_the_program(emu, name, dtype, config, rng):
     rows included)."""
     kernel = ROW_KERNELS[name]
     prog = kernel.program
-    x = _rows(rng, 5, 11).astype(dtype) if prog.axis else (rng.standard_normal((6, 10)) * 5 + 3).astype(dtype)
+    masked = prog.axis or prog.indices
+    x = _rows(rng, 5, 11).astype(dtype) if masked else (rng.standard_normal((6, 10)) * 5 + 3).astype(dtype)
     cols = [rng.standard_normal(x.shape[-1]).astype(dtype) for _ in prog.cols]
-    params = {str(p): 1e-3 for p in prog.params}
+    per_row = [rng.standard_normal(x.shape[:-1]).astype(dtype) for _ in prog.scalars]
+    indices = [np.array([-100, 3, 5, 0, 10]) for _ in prog.indices]   # row 0 ignored; row 2's 5 is finite
+    if indices:
+        x[0, 1:] = np.nan                             # an ignored row's values never reach its loss
+    params = {str(p): {"label_smoothing": 0.1, "ignore_index": -100}.get(str(p), 1e-3) for p in prog.params}
     grid, block = config or cb.launch_config(*x.shape)
-    y = np.full_like(x, 7)
-    _launch(emu, kernel, dtype, grid, block, [x, *cols, y, *x.shape, *params.values()])
+    y = np.full(x.shape[:-1] if prog.reduces else x.shape, 7, dtype)
+    _launch(emu, kernel, dtype, grid, block, [x, *cols, *per_row, *indices, y, *x.shape, *params.values()])
     with np.errstate(all="ignore"):
-        want = evaluate(prog, get_backend("cpu"), [a.astype(np.float64) for a in [x] + cols],
+        want = evaluate(prog, get_backend("cpu"), [a.astype(np.float64) for a in [x] + cols + per_row] + indices,
                         dict(params, **({prog.axis: 1} if prog.axis else {})))
     if name == "softmax":
         assert np.all(y[1] == 0)                        # all -inf row: zeros, no NaN
-    elif name == "log_softmax":
+    elif name in ("log_softmax", "logsumexp"):
         assert np.all(y[1] == -np.inf)
+    elif indices and prog.reduces:
+        assert y[0] == 0 and y[1] == np.inf and np.isfinite(y[2:]).all()
+    elif indices:                                       # a loss's gradient: 0 on the ignored row
+        assert (y[0] == 0).all() and np.isfinite(y.astype(np.float64)).all()
     assert not np.isnan(y.astype(np.float64)).any()
     tol = {"float16": dict(rtol=5e-3, atol=5e-3), "float32": dict(rtol=2e-5, atol=1e-5),
            "float64": dict(rtol=1e-12, atol=1e-12)}[dtype]

@@ -32,15 +32,37 @@ def _rows(dtype, rng):
     return x
 
 
-def _case(op, dtype, rng, masked=True):
+# A value for each program parameter; ignore_index is -100 and names the first row.
+PARAMS = {"eps": 1e-5, "label_smoothing": 0.1, "ignore_index": -100, "keepdims": False}
+
+
+def _targets(shape, rng):
+    """One class per row: the first row ignored, the second aiming at a finite logit
+    next to a -inf one (row 1 of `_rows`)."""
+    t = rng.integers(0, shape[-1], shape[:-1])
+    t.reshape(-1)[0] = -100
+    t.reshape(-1)[1] = 4
+    return t
+
+
+def _case(op, dtype, rng, masked=True, **overrides):
     """Inputs and params for `op` over rows of 37 (and 70: the 32-wide sum loop runs twice)."""
     prog = op.rows
     x = _rows(dtype, rng) if masked else (rng.standard_normal((3, 4, 70)) * 4 + 1).astype(dtype)
     cols = [rng.standard_normal(x.shape[-1]).astype(dtype) for _ in prog.cols]
-    params = {str(p): 1e-5 for p in prog.params}
+    per_row = [rng.standard_normal(x.shape[:-1]).astype(dtype) for _ in prog.scalars]
+    indices = [_targets(x.shape, rng) for _ in prog.indices]
+    params = {str(p): overrides.get(str(p), PARAMS[str(p)]) for p in prog.params}
     if prog.axis:
         params[prog.axis] = x.ndim - 1
-    return [x] + cols, params
+    return [x] + cols + per_row + indices, params
+
+
+def _reference(op, arrays, params):
+    """The op's NumPy reference in float64, with the program's parameters."""
+    floats = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
+    extra = {"keepdims": False} if op.name == "logsumexp" else {}
+    return np.asarray(op.reference(*floats, **params, **extra))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -52,10 +74,11 @@ def test_printed_row_kernels_equal_the_program_on_numpy(name, masked, dtype, rng
     op = ops.REGISTRY[name]
     arrays, params = _case(op, dtype, rng, masked)
     got = host_kernels.run_rows(op.rows, tuple(arrays), params)
-    assert got is not None and got.dtype == dtype and got.shape == arrays[0].shape
+    shape = arrays[0].shape[:-1] if op.rows.reduces else arrays[0].shape
+    assert got is not None and got.dtype == dtype and got.shape == shape
     with np.errstate(all="ignore"):
         want = evaluate(op.rows, get_backend("cpu"), arrays, params)
-        ref = np.asarray(op.reference(*[a.astype(np.float64) for a in arrays], **params))
+        ref = _reference(op, arrays, params)
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, **tol)

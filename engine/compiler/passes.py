@@ -326,7 +326,7 @@ def prologue_row_op(op: Any) -> bool:
     it can run on the rows of a group computed on the fly."""
     prog = getattr(op, "rows", None)
     return prog is not None and len(prog.rows) == 1 and not prog.cols and not prog.params \
-        and prog.axis == "axis"
+        and not prog.indices and not prog.reduces and prog.axis == "axis"
 
 
 class FusedRowOp:

@@ -163,6 +163,16 @@ def render_derivations() -> str:
         "the stable softmax is first proved to cancel (the derivative of the forward in each "
         "row max is 0), then held constant, as the engine's `stop_gradient` does.",
         "",
+        "Softmax, log-softmax, logsumexp, layer norm, RMS norm and the per-row losses "
+        "(`cross_entropy_per_row`, `nll_per_row`, which `ops.composite.cross_entropy` / "
+        "`nll_loss` and so nn's losses call) are row programs (`ops/rows.py`): per-row "
+        "reductions, picks of the target's entry and elementwise sympy. The forward proved "
+        "here is that program run step by step on the symbolic backend, and the losses' "
+        "gradients are row programs too, so their backward is proved in the same form. The "
+        "kernels that run, host C and CUDA, are printed from the same declarations "
+        "(`backends/rowprint.py`) and tested equal to the NumPy references: what trains is "
+        "the printed form of the proved program.",
+        "",
     ]
     for title, section in _SECTIONS:
         body, keys = section()
