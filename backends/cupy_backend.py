@@ -284,11 +284,21 @@ class CupyBackend(Backend):
         return self.cp.max(x, axis=axis, keepdims=keepdims)
 
     def matmul(self, a: Any, b: Any) -> Any:
-        return self.cp.matmul(a, b)         # cuBLAS; float16 accumulates in float32
+        # cuBLAS; float16 accumulates in float32
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+            # (..., m, k) @ (k, n) as one 2-D GEMM over all rows: CuPy would run a strided
+            # batched GEMM with a broadcast right operand, and spend more host time on it.
+            return self.cp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
+        return self.cp.matmul(a, b)
 
     def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""
-        return self.cp.matmul(a, b) if out is None else self.cp.matmul(a, b, out=out)
+        if out is None:
+            return self.matmul(a, b)
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous and out.flags.c_contiguous:
+            self.cp.matmul(a.reshape(-1, a.shape[-1]), b, out=out.reshape(-1, b.shape[-1]))
+            return out
+        return self.cp.matmul(a, b, out=out)
 
     # -- movement ----------------------------------------------------------------
     def reshape(self, x: Any, shape: tuple) -> Any:

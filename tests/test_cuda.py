@@ -172,6 +172,7 @@ class FakeCupy:
         self.tmp_dir, self.emu_lib = tmp_dir, emu_lib
         self.current_device = 0
         self.kernel_devices: list[int] = []   # the current device at each kernel launch
+        self.matmul_ndims: list[tuple] = []   # (a.ndim, b.ndim) of each cupy.matmul call
 
         class Device:
             def __init__(self, index: int = 0) -> None:
@@ -192,6 +193,10 @@ class FakeCupy:
         self.RawKernel = lambda *a, **k: _FakeRawKernel(fake, *a, **k)
         self.ReductionKernel = lambda *a, **k: _FakeReductionKernel(fake, *a, **k)
         self.add = _FakeUfunc(self.__getattr__("add"), at=_add_at)
+
+    def matmul(self, a, b, out=None):
+        self.matmul_ndims.append((a.ndim, b.ndim))
+        return self.__getattr__("matmul")(a, b, out=out)
 
     def asarray(self, a, dtype=None):
         if isinstance(a, DevArray):
@@ -586,6 +591,41 @@ def test_jit_on_cuda_matches_eager(cuda, rng):
     mm = be.full((2, 2), 0, np.float64)
     x2 = be.asarray(np.eye(2))
     assert be.matmul_out(x2, x2, mm) is mm and be.to_numpy(mm).tolist() == [[1, 0], [0, 1]]
+
+
+def test_rows_times_weight_is_one_2d_gemm(fake_cupy, emulated_backend, monkeypatch, rng):
+    """(B, T, d) @ (d, n) and its two gradients run as 2-D GEMMs (eager and jit), with
+    the results of the batched product."""
+    monkeypatch.setitem(backends._instances, "cuda", emulated_backend)
+    a, w = rng.standard_normal((3, 5, 4)), rng.standard_normal((4, 6))
+
+    def step(x, v):
+        y = x @ v
+        loss = (y * y).sum()
+        loss.backward()
+        return loss, y
+
+    want = []
+    for device in ("cpu", "cuda", "jit"):
+        run = eg.jit(step) if device == "jit" else step
+        for _ in range(2 if device == "jit" else 1):
+            x = eg.tensor(a, device="cpu" if device == "cpu" else "cuda", requires_grad=True)
+            v = eg.tensor(w, device=x.device, requires_grad=True)
+            fake_cupy.matmul_ndims.clear()
+            loss, y = run(x, v)
+            got = [y.numpy(), x.grad.numpy(), v.grad.numpy()]
+        if device != "cpu":
+            assert fake_cupy.matmul_ndims == [(2, 2)] * 3, (device, fake_cupy.matmul_ndims)
+        want = want or got
+        for g, ref in zip(got, want):
+            np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(want[0], a @ w, rtol=1e-12)
+    np.testing.assert_allclose(want[2], np.einsum("btd,btn->dn", a, 2 * (a @ w)), rtol=1e-12)
+    be = emulated_backend                       # a transposed (non-contiguous) left operand
+    fake_cupy.matmul_ndims.clear()
+    t = be.transpose(be.asarray(a), (1, 0, 2))
+    np.testing.assert_allclose(be.to_numpy(be.matmul(t, be.asarray(w))), a.transpose(1, 0, 2) @ w)
+    assert fake_cupy.matmul_ndims == [(3, 2)]
 
 
 def test_jit_single_input_reductions_on_cuda(cuda, rng):

@@ -54,6 +54,7 @@ class _Entry:
         self.guard = guard
         self.checked: list = [None] * len(traced.captures)   # arrays known to match
         self.readers = [(c.holder, c.kind == "grad") for c in traced.captures]
+        self.arg_grads = [wb.arg for wb in traced.writebacks if wb.kind == "grad" and wb.arg >= 0]
         inputs = {v: i for i, v in enumerate(traced.program.inputs)}
         captures = {v: i for i, (v, _) in enumerate(traced.program.captures)}
         # Value checks (eg.check_values) on arguments and captures run on them; values the
@@ -126,6 +127,11 @@ class Compiled:
     def _run(self, entry: _Entry, leaves: list) -> Any:
         traced = entry.traced
         backend = entry.generated.backend
+        for i in entry.arg_grads:
+            if leaves[i].grad is not None:
+                raise TraceError(f"jit({getattr(self.fn, '__name__', 'fn')}): tensor argument {i} "
+                                 f"already has a .grad, which the compiled backward would replace "
+                                 f"instead of accumulating into: set it to None before the call")
         inputs = [t._data for t in leaves]
         captures = [h.grad._data if g else h._data for h, g in entry.readers]
         for i, j, check in entry.checks:
@@ -137,13 +143,14 @@ class Compiled:
         n = entry.program.meta["n_results"]
         out_tensors = [Tensor(r, backend) for r in results[:n]]
         for wb in traced.writebacks:
+            target = wb.target(leaves)
             if wb.kind == "data":             # asarray: NumPy gives 0-d results as scalars
-                wb.tensor._data = backend.asarray(results[wb.index])
-                wb.tensor._version[0] += 1
+                target._data = backend.asarray(results[wb.index])
+                target._version[0] += 1
             elif wb.kind == "grad":
-                wb.tensor.grad = Tensor(results[wb.index], backend)
+                target.grad = Tensor(results[wb.index], backend)
             else:
-                wb.tensor.grad = None
+                target.grad = None
         entry.checked = [h.grad._data if g else h._data for h, g in entry.readers]  # valid now
         return unflatten(traced.out_structure, out_tensors)
 
