@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import cprint, rowprint
+from . import cprint, cuda_graphs, rowprint
 from .base import Backend
 
 INSTALL_HINT = ('install CuPy with `pip install -e ".[cuda]"` (CUDA 12; `.[cuda13]` for CUDA 13) '
@@ -352,6 +352,9 @@ class CupyBackend(Backend):
         """One elementwise kernel printed from the Philox spec (ops/random.py): the
         same counters and integer bits as the CPU, so uniform and Bernoulli draws are
         bit-identical to it (normal draws differ by the ulps of logf/cosf)."""
+        recording = cuda_graphs.recording_rng()
+        if recording is not None:           # inside a CUDA graph: the counter is read on device
+            return recording.draw(draw, shape, dtype, p)
         dt = np.dtype(dtype)
         n = math.prod(shape)
         start = self.claim_counters(n)

@@ -27,6 +27,7 @@ from ops.errors import TraceError
 
 from ..state import autocast_state, get_backend, grad_mode
 from ..tensor import Tensor
+from .capture import GraphedProgram, graphs_enabled
 from .codegen import Generated, generate
 from .guards import Guard, build_guard, find_sources, reachable_tensors
 from .ir import Program
@@ -45,10 +46,11 @@ def _debug_level() -> int:
 
 class _Entry:
     def __init__(self, traced: Traced, program: Program, generated: Generated, stats: list,
-                 compile_time: float, guard: Guard) -> None:
+                 compile_time: float, guard: Guard, runner: Any) -> None:
         self.traced = traced
         self.program = program
         self.generated = generated
+        self.runner = runner             # the generated function, or it as a CUDA graph
         self.stats = stats
         self.compile_time = compile_time
         self.guard = guard
@@ -71,11 +73,12 @@ class Compiled:
     """A function compiled by `engine.jit` (call it like the function)."""
 
     def __init__(self, fn: Callable[..., Any], static_argnums: tuple = (), fuse: bool = True,
-                 plan_memory: bool = True) -> None:
+                 plan_memory: bool = True, cuda_graphs: bool = True) -> None:
         self.fn = fn
         self.static_argnums = tuple(static_argnums)
         self.fuse = fuse
         self.plan_memory = plan_memory
+        self.cuda_graphs = cuda_graphs
         self._cache: dict = {}          # key -> [entry, ...], most recent first
         self._last: _Entry | None = None
         self.traces = 0
@@ -111,7 +114,7 @@ class Compiled:
                 entry = self._find(key)
                 if entry is None:
                     if self._last is not None:      # tracing needs memory too
-                        self._last.generated.release()
+                        self._last.runner.release()
                     entry = self._compile(args, kwargs, leaves)
                     self._cache[key] = [entry] + self._cache.get(key, [])[:_VARIANTS - 1]
         last = self._last
@@ -120,7 +123,7 @@ class Compiled:
             # step's, traced before any .grad existed; eval's while training) would
             # otherwise hold a second set of activations for good.
             if last is not None:
-                last.generated.release()
+                last.runner.release()
             self._last = entry
         return self._run(entry, leaves)
 
@@ -139,7 +142,7 @@ class Compiled:
         if entry.checked_values is not None:
             for value, check in zip(entry.checked_values(inputs, captures), entry.computed_checks):
                 check(backend.to_numpy(value))
-        results = entry.generated(inputs, captures)
+        results = entry.runner(inputs, captures)
         n = entry.program.meta["n_results"]
         out_tensors = [Tensor(r, backend) for r in results[:n]]
         for wb in traced.writebacks:
@@ -167,10 +170,27 @@ class Compiled:
         guard = self._guard(traced, leaves, args, kwargs)
         if _debug_level() >= 3:
             print(f"== generated source\n{generated.source}")
-        entry = _Entry(traced, program, generated, stats, time.perf_counter() - start, guard)
+        runner = self._runner(generated, program, traced, backend, stats)
+        entry = _Entry(traced, program, generated, stats, time.perf_counter() - start, guard, runner)
         if entry.computed_checks:
             entry.checked_values = self._prelude(traced, backend)
         return entry
+
+    def _runner(self, generated: Generated, program: Program, traced: Traced, backend: Any,
+                stats: list) -> Any:
+        """The generated function, as a CUDA graph on a CUDA device unless turned off
+        (its state is the `cuda_graphs` entry of `stats()`)."""
+        if getattr(backend, "cp", None) is None:
+            return generated
+        if not graphs_enabled(self.cuda_graphs):
+            stats.append(dict(name="cuda_graphs", captured=False,
+                              reason="turned off (jit(cuda_graphs=False) or ENGINE_CUDA_GRAPHS=0)"))
+            return generated
+        name = getattr(self.fn, "__name__", "fn")
+        runner = GraphedProgram(generated, program, traced, name,
+                                lambda message: print(message) if _debug_level() >= 1 else None)
+        stats.append(runner.status)
+        return runner
 
     def _prelude(self, traced: Traced, backend: Any) -> Generated:
         """A program computing only the values checked inside the traced one."""
@@ -237,7 +257,7 @@ class Compiled:
 
 
 def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fuse: bool = True,
-        plan_memory: bool = True) -> Any:
+        plan_memory: bool = True, cuda_graphs: bool = True) -> Any:
     """Compile `fn` (usable as `@jit` or `@jit(fuse=False)`).
 
     `fn` takes tensors (in nested lists/tuples/dicts) and static Python values; it may
@@ -253,7 +273,11 @@ def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fus
     (see the module docstring and `guards`). Frozen into the trace, not guarded:
     Python floats it reads (a learning rate in a float: keep changing numbers in
     tensors), NumPy arrays' contents and the function's Python side effects.
+
+    On a CUDA device the program is recorded into a CUDA graph on its second call and
+    replayed after (see `compiler.capture`; `stats()` says whether it was and why not);
+    `cuda_graphs=False`, or ENGINE_CUDA_GRAPHS=0 in the environment, launches plainly.
     """
     if fn is None:
-        return lambda f: Compiled(f, static_argnums, fuse, plan_memory)
-    return Compiled(fn, static_argnums, fuse, plan_memory)
+        return lambda f: Compiled(f, static_argnums, fuse, plan_memory, cuda_graphs)
+    return Compiled(fn, static_argnums, fuse, plan_memory, cuda_graphs)
