@@ -53,10 +53,13 @@ class GraphRng:
     where `first` sits in device memory and the offsets are the sizes of the draws
     before it; `total` counters are claimed per replay."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, warm: bool = False) -> None:
         self.backend = backend
         self.state = backend.cp.zeros((3,), dtype=np.uint64)   # first counter, key words
         self.total = 0
+        # warm: run now (not recorded), each draw claiming its counters as eager does; a
+        # plain run before the recording builds and loads the kernels it will record.
+        self.warm = warm
 
     def draw(self, draw: Any, shape: tuple, dtype: Any, p: float) -> Any:
         be, cp = self.backend, self.backend.cp
@@ -71,8 +74,12 @@ class GraphRng:
             ins, outs, body = draw_kernel_source(draw, dt)
             kernel = be._kernels[key] = cp.ElementwiseKernel(
                 ins, outs, body, f"engine_philox_graph_{draw.name}_{dt.name}")
-        offset = np.uint64(self.total)
-        self.total += n
+        if self.warm:
+            self.state.set(np.array([be.claim_counters(n), *be.rng_key], dtype=np.uint64))
+            offset = np.uint64(0)
+        else:
+            offset = np.uint64(self.total)
+            self.total += n
         s = self.state
         scalars = [np.uint32(draw.threshold(p))] if draw.name == "bernoulli" else []
         return kernel(s[0], offset, s[1], s[2], *scalars, out)
@@ -85,6 +92,16 @@ class GraphRng:
         be = self.backend
         host = np.array([be.claim_counters(self.total), be.rng_key[0], be.rng_key[1]], dtype=np.uint64)
         self.state.set(host, stream=stream)
+
+
+@contextlib.contextmanager
+def warming(backend: Any) -> Iterator[None]:
+    """Random draws inside use the kernels a recording will use, run at once."""
+    _local.rng = GraphRng(backend, warm=True)
+    try:
+        yield
+    finally:
+        _local.rng = None
 
 
 class Recording:
@@ -147,4 +164,4 @@ def supports_graphs(backend: Any) -> str | None:
     return None
 
 
-__all__ = ["GraphRng", "Recording", "draw_kernel_source", "recording_rng", "supports_graphs"]
+__all__ = ["GraphRng", "Recording", "draw_kernel_source", "recording_rng", "supports_graphs", "warming"]

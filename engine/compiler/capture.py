@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.cuda_graphs import Recording, supports_graphs
+from backends.cuda_graphs import Recording, supports_graphs, warming
 
 from .ir import Program
 
@@ -85,8 +85,9 @@ class GraphedProgram:
             return self.generated(inputs, captures)
         try:
             self.calls += 1
-            if self.calls == 1:              # warm-up: kernels compiled, pools grown
-                return self.generated(inputs, captures)
+            if self.calls == 1:              # warm-up: kernels compiled and loaded, pools grown
+                with warming(self.backend):
+                    return self.generated(inputs, captures)
             state = self.state
             if state is not None and not state.same_captures(captures):
                 self._drop()
