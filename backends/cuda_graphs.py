@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 _local = threading.local()          # the recording this thread is in (random draws ask it)
+_LIVE: "weakref.WeakSet[Recording]" = weakref.WeakSet()   # recordings holding device memory
 
 
 def recording_rng() -> "GraphRng | None":
@@ -113,6 +115,7 @@ class Recording:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graph: Any = None
         self.rng: GraphRng | None = None
+        _LIVE.add(self)
 
     @contextlib.contextmanager
     def allocating(self) -> Iterator[None]:
@@ -152,6 +155,12 @@ class Recording:
         self.pool.free_all_blocks()
 
 
+def held_bytes() -> int:
+    """Device memory the live recordings' private pools hold (for memory reports: the
+    default pool does not count it)."""
+    return sum(int(r.pool.total_bytes()) for r in list(_LIVE))
+
+
 def supports_graphs(backend: Any) -> str | None:
     """None when `backend` can record graphs, else why not."""
     cp = getattr(backend, "cp", None)
@@ -164,4 +173,5 @@ def supports_graphs(backend: Any) -> str | None:
     return None
 
 
-__all__ = ["GraphRng", "Recording", "draw_kernel_source", "recording_rng", "supports_graphs", "warming"]
+__all__ = ["GraphRng", "Recording", "draw_kernel_source", "held_bytes", "recording_rng", "supports_graphs",
+           "warming"]

@@ -335,6 +335,9 @@ class FakeCupy:
             def free_all_blocks(self):
                 pass
 
+            def total_bytes(self):
+                return 0
+
         @contextlib.contextmanager
         def using_allocator(allocator=None):
             prev, fake.allocator = fake.allocator, allocator
