@@ -16,7 +16,7 @@ import engine as eg
 from backends import cuda_graphs
 from engine import nn
 from tests import test_cuda_codegen as codegen
-from tests.test_cuda import cuda, emulated_backend, fake_cupy  # noqa: F401 (fixtures)
+from tests.test_cuda import DevArray, cuda, emulated_backend, fake_cupy  # noqa: F401 (fixtures)
 
 
 def _graph_status(compiled) -> dict:
@@ -122,14 +122,24 @@ def test_gradients_accumulate_across_replays_like_eager(cuda):
     w = eg.tensor(np.ones(3), device=cuda, requires_grad=True)
 
     def f(x):
-        (w * x).sum().backward()
+        loss = (w * x).sum()
+        loss.backward()
+        return loss
 
     x = eg.tensor(np.arange(3.0), device=cuda)
     compiled = eg.jit(f)
-    for _ in range(5):
-        compiled(x)
+    losses = [compiled(x) for _ in range(5)]
     np.testing.assert_allclose(w.grad.numpy(), 5 * np.arange(3.0))
+    assert [loss.item() for loss in losses] == [3.0] * 5
     assert _graph_status(compiled)["captured"]
+    if isinstance(x._data, DevArray):       # a kept loss does not keep a gradient block alive
+        assert _memory(losses[-1]._data.a) is not _memory(w.grad._data.a)
+
+
+def _memory(a: np.ndarray) -> np.ndarray:
+    while a.base is not None:
+        a = a.base
+    return a
 
 
 def test_a_rebound_captured_tensor_is_recorded_again(cuda, rng):

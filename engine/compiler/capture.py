@@ -21,9 +21,10 @@ Buffers, and why no replay can hand back a stale or overwritten value:
   captured tensor land in its own array (an in-graph copy when the program computed
   them elsewhere), so it keeps its array. Captured gradients are copied into
   static buffers, as arguments.
-- Every other result is copied, inside the graph, into one output block; each call
-  returns views of a fresh copy of that block, so a later replay never overwrites a
-  result the caller holds.
+- Every other result is copied, inside the graph, into an output block: one for the
+  function's return values, one for the values written back (gradients), so a loss
+  kept for later does not keep the gradients alive. Each call returns views of fresh
+  copies of the blocks, so a later replay never overwrites a result the caller holds.
 - Random draws read their Philox counter from device memory, set before each
   replay (`cuda_graphs.GraphRng`).
 Calls run one at a time per program (a second thread's concurrent call runs plainly).
@@ -42,7 +43,7 @@ from backends.cuda_graphs import Recording, supports_graphs, warming
 from .ir import Program
 
 RECAPTURE_LIMIT = 3          # recordings after captured tensors were rebound, then plain
-_ALIGN = 256                 # bytes between results in the output block
+_ALIGN = 256                 # bytes between results in an output block
 
 
 def graphs_enabled(requested: bool) -> bool:
@@ -70,6 +71,7 @@ class GraphedProgram:
         self.log = log                       # log(message): the jit's debug printer
         self.grad_captures = [j for j, c in enumerate(traced.captures) if c.kind == "grad"]
         position = {v: j for j, (v, _) in enumerate(traced.program.captures)}
+        self.n_returned = traced.program.meta["n_results"]
         self.updates = {index: position[src] for index, src in traced.program.meta["donations"].items()
                         if src in position}          # output index -> captured tensor it replaces
         reason = plan_capture(program, self.backend)
@@ -144,11 +146,12 @@ class _Captured:
             buffers = owner.generated._carve()
         caps = [self.static_grads.get(j, c) for j, c in enumerate(captures)]
         self.adopted = [(j, c) for j, c in enumerate(caps) if j not in self.static_grads]
-        self.plan: list = []                 # per result: ("same", array) | ("block", ...) | ("value", v)
+        self.plan: list = []     # per result: ("same", array) | ("block", k, ...) | ("value", v)
+        self.blocks: list = []
 
         def run() -> None:
             results = owner.generated.fn(self.static_inputs, caps, buffers)
-            self._route(results, caps, owner.updates)
+            self._route(results, caps, owner.updates, owner.n_returned)
 
         with self._on_device():
             rec.record(be, run)
@@ -159,14 +162,14 @@ class _Captured:
     def _on_device(self) -> Any:
         return self.device if self.device is not None else contextlib.nullcontext()
 
-    def _route(self, results: list, caps: list, updates: dict) -> None:
-        """Inside the recording: every result not kept in place into the output block,
+    def _route(self, results: list, caps: list, updates: dict, n_returned: int) -> None:
+        """Inside the recording: every result not kept in place into its output block,
         then updates of captured tensors into their own arrays (after the block copies,
         so a result that is a captured tensor's old value is copied before it changes)."""
         cp = self.cp
         updated = {id(caps[j]) for j in updates.values()}
         kept = {id(c) for _, c in self.adopted} - updated
-        copies, size = [], 0
+        copies, sizes = [], [0, 0]
         for index, r in enumerate(results):
             if not hasattr(r, "shape"):
                 self.plan.append(("value", r))
@@ -175,13 +178,14 @@ class _Captured:
             elif id(r) in kept:
                 self.plan.append(("same", r))
             else:
+                k = int(index >= n_returned)          # 0: returned, 1: written back
                 nbytes = int(np.prod(r.shape, dtype=np.int64)) * r.dtype.itemsize
-                self.plan.append(("block", size, nbytes, r.shape, r.dtype))
-                copies.append((size, nbytes, r))
-                size += -(-nbytes // _ALIGN) * _ALIGN
-        self.block = cp.empty((max(size, 1),), dtype=np.uint8)
-        for offset, nbytes, r in copies:
-            cp.copyto(self._view(self.block, offset, nbytes, r.shape, r.dtype), r)
+                self.plan.append(("block", k, sizes[k], nbytes, r.shape, r.dtype))
+                copies.append((k, sizes[k], nbytes, r))
+                sizes[k] += -(-nbytes // _ALIGN) * _ALIGN
+        self.blocks = [cp.empty((n,), dtype=np.uint8) if n else None for n in sizes]
+        for k, offset, nbytes, r in copies:
+            cp.copyto(self._view(self.blocks[k], offset, nbytes, r.shape, r.dtype), r)
         for index, j in updates.items():
             if results[index] is not caps[j]:
                 cp.copyto(caps[j], results[index])
@@ -204,12 +208,13 @@ class _Captured:
             for j, static in self.static_grads.items():
                 cp.copyto(static, captures[j])
             self.recording.launch(stream)
-            fresh = self.block.copy() if any(p[0] == "block" for p in self.plan) else None
+            fresh = [None if b is None else b.copy() for b in self.blocks]
             self.done, self.done_stream = stream.record(), stream
-            return [p[1] if p[0] in ("same", "value") else self._view(fresh, *p[1:])
+            return [p[1] if p[0] in ("same", "value") else self._view(fresh[p[1]], *p[2:])
                     for p in self.plan]
 
     def release(self) -> None:
-        self.static_inputs = self.static_grads = self.buffers = self.block = None
+        self.static_inputs = self.static_grads = self.buffers = None
+        self.blocks = []
         self.adopted, self.plan = [], []
         self.recording.release()
