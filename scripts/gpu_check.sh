@@ -154,8 +154,11 @@ train_lm_on_gpu() {
     else
         note "- lm example on cuda (jit): FAILED or timed out (lm.log); last lines:"; rc=1
     fi
-    { grep 'tok/s' "$OUT/lm.log" | tail -1; grep -E '^(ours|total time)' "$OUT/lm.log"; } \
-        | sed 's/^/    /' | tee -a "$SUMMARY"
+    if [ $rc -eq 0 ]; then
+        { grep 'tok/s' "$OUT/lm.log" | tail -1; grep -E '^(ours|total time)' "$OUT/lm.log"; }
+    else
+        tail -4 "$OUT/lm.log"
+    fi | sed 's/^/    /' | tee -a "$SUMMARY"
     return $rc
 }
 
@@ -171,6 +174,9 @@ run_gpu_benchmark() {
         >"$OUT/benchmark.log" 2>&1; then
         note "- GPU benchmark (engine eager/jit vs PyTorch eager/torch.compile): ok; rows and table:"
         grep -E 'CUDA graph|failed' "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        if grep -q ' failed:' "$OUT/benchmark.log"; then
+            note "  some benchmark rows FAILED (their errors are in benchmark.log)"; STATUS=1
+        fi
         tail -25 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
     else
         note "- GPU benchmark: FAILED or timed out (benchmark.log)"; STATUS=1
