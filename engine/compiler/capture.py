@@ -139,7 +139,8 @@ class _Captured:
         be = owner.backend
         self.cp = cp = be.cp
         self.device = getattr(be, "_device", None)
-        rec = self.recording = Recording(cp)
+        with self._on_device():                 # its stream and pool belong to this GPU
+            rec = self.recording = Recording(cp)
         with self._on_device(), rec.allocating():
             self.static_inputs = [cp.array(x, copy=True) for x in inputs]
             self.static_grads = {j: cp.array(captures[j], copy=True) for j in owner.grad_captures}
