@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cprint, rowprint
+from . import cprint, cuda_graphs, rowprint
 from .array_backend import ArrayBackend
 from .base import BackendUnavailable
 
@@ -256,11 +256,21 @@ class CupyBackend(ArrayBackend):
 
     # -- linear algebra ---------------------------------------------------------
     def matmul(self, a: Any, b: Any) -> Any:
-        return self.cp.matmul(a, b)         # cuBLAS; float16 accumulates in float32
+        # cuBLAS; float16 accumulates in float32
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+            # (..., m, k) @ (k, n) as one 2-D GEMM over all rows: CuPy would run a strided
+            # batched GEMM with a broadcast right operand, and spend more host time on it.
+            return self.cp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[-1:])
+        return self.cp.matmul(a, b)
 
     def matmul_out(self, a: Any, b: Any, out: Any) -> Any:
         """matmul into a preallocated `out` (None: a new array), for the jit's buffers."""
-        return self.cp.matmul(a, b) if out is None else self.cp.matmul(a, b, out=out)
+        if out is None:
+            return self.matmul(a, b)
+        if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous and out.flags.c_contiguous:
+            self.cp.matmul(a.reshape(-1, a.shape[-1]), b, out=out.reshape(-1, b.shape[-1]))
+            return out
+        return self.cp.matmul(a, b, out=out)
 
     # -- indexing ----------------------------------------------------------------
     def index_add(self, shape: tuple, index: tuple, values: Any, advanced: bool) -> Any:
@@ -289,6 +299,9 @@ class CupyBackend(ArrayBackend):
         """One elementwise kernel printed from the Philox spec (ops/random.py): the
         same counters and integer bits as the CPU, so uniform and Bernoulli draws are
         bit-identical to it (normal draws differ by the ulps of logf/cosf)."""
+        recording = cuda_graphs.recording_rng()
+        if recording is not None:           # inside a CUDA graph: the counter is read on device
+            return recording.draw(draw, shape, dtype, p)
         dt = np.dtype(dtype)
         n = math.prod(shape)
         start = self.claim_counters(n)

@@ -62,4 +62,5 @@ def build(cfg: Config, params: dict[str, np.ndarray], batch: dict[str, np.ndarra
 
     def step() -> float:
         return compiled(data).item()
+    step.compiled = compiled if jit else None       # stats() says whether it runs as a CUDA graph
     return step, model

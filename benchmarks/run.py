@@ -8,7 +8,10 @@ do not mix. "peak MB" is the peak RSS during training (warm-up and compilation
 included) above the RSS once the model, optimizer and batch are built: the memory
 training needs beyond the model, whether an allocator keeps it or frees it.
 Rows: the engine eager, the engine jit, PyTorch eager (when installed), and the
-NumPy matmul floor (just the step's matmuls). Ratios come from one run on one
+NumPy matmul floor (just the step's matmuls); on a GPU, PyTorch's torch.compile instead
+of the floor. There "GPU MB" is what the allocator pools hold after training (the
+engine's CUDA graphs' private pools included), and a line after the jit row says
+whether its step ran as a CUDA graph. Ratios come from one run on one
 machine; absolute times vary with load. Losses at step 1 and 5 are checked
 against PyTorch's (the spec asks ~1e-5 and ~1e-4 relative).
 
@@ -94,12 +97,12 @@ def child(cfg_name: str, impl: str, steps: int, device: str, threads: int = 0) -
     if impl == "floor":
         return _floor(cfg_name, steps)
     params, batch = canonical_params(cfg), canonical_batch(cfg)
-    if impl == "torch":
+    if impl in ("torch", "compile"):
         import torch
         from .torch_model import build
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
-        step, _ = build(cfg, params, batch, device=device)
+        step, _ = build(cfg, params, batch, device=device, compile=impl == "compile")
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     else:
         from .engine_model import build
@@ -114,7 +117,7 @@ def child(cfg_name: str, impl: str, steps: int, device: str, threads: int = 0) -
         loss = step()
         sync()
         dt = time.perf_counter() - t0
-        if i == 0 and impl == "jit":
+        if i == 0 and impl in ("jit", "compile"):
             compile_s = dt
         losses.append(loss)
         times.append(dt)
@@ -122,6 +125,11 @@ def child(cfg_name: str, impl: str, steps: int, device: str, threads: int = 0) -
                peak_growth_mb=max(0.0, _status_mb("VmHWM") - base_rss), compile_s=compile_s)
     if device != "cpu":
         out["gpu_pool_mb"] = _gpu_pool_mb(impl)
+    compiled = getattr(step, "compiled", None)
+    if compiled is not None:
+        graphs = [s for s in compiled.stats() if s["name"] == "cuda_graphs"]
+        if graphs:
+            out["cuda_graphs"] = {k: v for k, v in graphs[0].items() if k != "name"}
     return out
 
 
@@ -130,11 +138,12 @@ def _gpu_pool_mb(impl: str) -> float:
 
     On a GPU the host RSS says little; both CuPy's and PyTorch's pools keep freed blocks,
     so what they hold is the most the step needed at once (plus fragmentation)."""
-    if impl == "torch":
+    if impl in ("torch", "compile"):
         import torch
         return torch.cuda.max_memory_reserved() / 2**20
     import cupy
-    return cupy.get_default_memory_pool().total_bytes() / 2**20
+    from backends import cuda_graphs
+    return (cupy.get_default_memory_pool().total_bytes() + cuda_graphs.held_bytes()) / 2**20
 
 
 def _cpu_model() -> str:
@@ -220,7 +229,8 @@ def _has_torch() -> bool:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["small", "base", "medium"], choices=list(CONFIGS))
-    ap.add_argument("--impls", nargs="+", default=["eager", "jit", "torch", "floor"])
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="default: eager jit torch floor (cpu); eager jit torch compile (cuda)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default per config)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the rows here")
@@ -244,7 +254,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         counts = thread_counts(args.threads)
     except ValueError as e:
         ap.error(str(e))
-    impls = [i for i in args.impls if i != "torch" or _has_torch()]
+    impls = args.impls or (["eager", "jit", "torch", "floor"] if args.device == "cpu"
+                           else ["eager", "jit", "torch", "compile"])
+    impls = [i for i in impls if i not in ("torch", "compile") or _has_torch()]
     if args.device != "cpu":
         impls = [i for i in impls if i != "floor"]
     host = machine("torch" in impls)
@@ -259,8 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         steps = args.steps or DEFAULT_STEPS[cfg_name]
         res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env, threads)
                for impl in impls}
-        torch_s = res.get("torch", {}) and res["torch"]["median_s"]
-        floor_s = res.get("floor", {}) and res["floor"]["median_s"]
+        torch_s = res.get("torch") and res["torch"]["median_s"]
+        floor_s = res.get("floor") and res["floor"]["median_s"]
         for impl in impls:
             r = res[impl]
             if r is None:
@@ -282,6 +294,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{f(r.get('peak_growth_mb'), '8.1f')} {f(row['x_torch'], '8.2f')} {f(row['x_floor'], '8.2f')} "
                   f"{f(r.get('loss1'), '10.6f')} {f(r.get('loss5'), '10.6f')} {f(r.get('compile_s'), '9.2f')}"
                   + (f" {f(r.get('gpu_pool_mb'), '9.1f')}" if "gpu_pool_mb" in r else ""))
+            if "cuda_graphs" in r:
+                g = r["cuda_graphs"]
+                print(f"{'':7s} {cfg_name:7s} {impl:6s} CUDA graph: " + (
+                    f"captured, {g['replays']} replays" if g["captured"] else f"not used ({g['reason']})"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(machine=host, rows=rows), fh, indent=2)
@@ -303,7 +319,8 @@ def describe(host: dict) -> str:
     return text
 
 
-_NAMES = {"eager": "engine eager", "jit": "engine jit", "torch": "PyTorch eager", "floor": "NumPy matmul floor"}
+_NAMES = {"eager": "engine eager", "jit": "engine jit", "torch": "PyTorch eager", "compile": "torch.compile",
+          "floor": "NumPy matmul floor"}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -11,8 +11,9 @@ from .spec import BETAS, EPS, LR, WEIGHT_DECAY, Config, positional_encoding
 
 
 def build(cfg: Config, params: dict[str, np.ndarray], batch: dict[str, np.ndarray],
-          device: str = "cpu") -> tuple[Any, Any]:
-    """(step, parameters): `step()` runs forward, loss, backward, AdamW and returns the loss."""
+          device: str = "cpu", compile: bool = False) -> tuple[Any, Any]:
+    """(step, parameters): `step()` runs forward, loss, backward, AdamW and returns the loss;
+    with `compile`, forward and loss run through torch.compile (backward by AOTAutograd)."""
     import torch
     F = torch.nn.functional
     P = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in params.items()}
@@ -66,6 +67,8 @@ def build(cfg: Config, params: dict[str, np.ndarray], batch: dict[str, np.ndarra
         logits = y @ P["emb"].T
         return F.cross_entropy(logits.reshape(-1, cfg.vocab), target.reshape(-1))
 
+    if compile:
+        loss_fn = torch.compile(loss_fn)
     opt = torch.optim.AdamW(list(P.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
     def step() -> float:

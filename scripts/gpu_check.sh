@@ -5,23 +5,29 @@
 #     bash scripts/gpu_check.sh RESULTS_DIR
 #
 # It installs the project without touching the network (or falls back to
-# PYTHONPATH), records the machine, runs the CUDA tests, then (when their files
-# exist) trains the translate example on the GPU and runs the GPU benchmark.
-# Everything lands in RESULTS_DIR: summary.md, env.txt, one log per step and
+# PYTHONPATH), records the machine, runs the CUDA tests (CUDA graphs included), trains
+# the translate example and a few hundred steps of examples/lm.py (jit, tokens/s) on
+# the GPU, then runs the GPU benchmark: engine eager and jit (as a CUDA graph) against
+# PyTorch CUDA eager and torch.compile, with GPU pool memory, and the per-op latency.
+# Everything lands in RESULTS_DIR: summary.md (everything a report needs: test counts,
+# whether the jit ran as a graph, the table, tokens/s), env.txt, one log per step and
 # the benchmark's JSON (8 files at most: what a device lease brings back).
 # The exit status is non-zero when a step failed.
 #
-# The tests and the translate example share the GPU in the first phase (timings do not
-# matter there); the benchmark then runs alone. With the defaults the whole check ends
-# within about 7 minutes even when a step hangs.
+# The tests and the two examples share the GPU in the first phase (timings do not
+# matter there, except lm's tokens/s, which is indicative only); the benchmark then
+# runs alone. With the defaults the whole check ends within about 8 minutes even when
+# a step hangs.
 #
 # Optional environment:
 #   PYTHON          interpreter to use (default: python, else python3)
 #   TEST_TIMEOUT    seconds for the test step (default 200)
 #   TEST_WORKERS    pytest-xdist workers when xdist is installed (default 8)
 #   TRANSLATE_ARGS  extra arguments for examples/translate.py (default: none)
+#   LM_ARGS         arguments for examples/lm.py (default: --jit --steps 300 --eval-every 1000)
 #   BENCH_ARGS      extra arguments for `python -m benchmarks.run` (default: --steps 20)
-#   STEP_TIMEOUT    seconds for the translate and benchmark steps (default 200 each)
+#   STEP_TIMEOUT    seconds for the translate and lm steps (default 150 each)
+#   BENCH_TIMEOUT   seconds for the benchmark (default 240; torch.compile compiles 3 configs)
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
@@ -35,8 +41,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
-STEP_TIMEOUT="${STEP_TIMEOUT:-200}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 export PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/engine-cupy-cache}"
 STATUS=0
@@ -103,8 +110,8 @@ PYEOF
 run_cuda_tests() {
     local parallel=()
     if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-8}"); fi
-    timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_codegen.py \
-        "${parallel[@]}" -o addopts="" -q -rs --durations=15 \
+    timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_codegen.py tests/test_cuda_graphs.py \
+        "${parallel[@]}" -o addopts="" -q -rA --durations=15 \
         >"$OUT/cuda_tests.log" 2>&1
     local rc=$?
     local line
@@ -112,6 +119,8 @@ run_cuda_tests() {
     local gpu_skips
     gpu_skips="$(grep -c 'no CuPy with a usable GPU' "$OUT/cuda_tests.log" || true)"
     note "- CUDA tests (rc=$rc): ${line:-no summary line, see cuda_tests.log}"
+    grep -E '^(FAILED|ERROR)' "$OUT/cuda_tests.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
+    note "  on the GPU itself: $(grep -cE '^PASSED .*\[gpu' "$OUT/cuda_tests.log" || true) tests passed, of them CUDA graphs: $(grep -cE '^PASSED tests/test_cuda_graphs.py::.*\[gpu' "$OUT/cuda_tests.log" || true)"
     if [ "$gpu_skips" != "0" ]; then
         note "  WARNING: GPU tests were skipped here ($gpu_skips skip lines): CuPy/GPU not usable"
         STATUS=1
@@ -135,6 +144,24 @@ train_translate_on_gpu() {
     fi
 }
 
+# -- a few hundred steps of the language model on the GPU (jit: one CUDA graph per step) ---------------
+train_lm_on_gpu() {
+    local rc=0
+    # shellcheck disable=SC2086
+    if timeout "$STEP_TIMEOUT" "$PY" examples/lm.py --device cuda ${LM_ARGS:---jit --steps 300 --eval-every 1000} \
+        --out-dir "${TMPDIR:-/tmp}/engine-gpu-check-lm" >"$OUT/lm.log" 2>&1; then
+        note "- lm example on cuda (jit): ok; last progress line and result:"
+    else
+        note "- lm example on cuda (jit): FAILED or timed out (lm.log); last lines:"; rc=1
+    fi
+    if [ $rc -eq 0 ]; then
+        { grep 'tok/s' "$OUT/lm.log" | tail -1; grep -E '^(ours|total time)' "$OUT/lm.log"; }
+    else
+        tail -4 "$OUT/lm.log"
+    fi | sed 's/^/    /' | tee -a "$SUMMARY"
+    return $rc
+}
+
 # -- the GPU benchmark: engine on CuPy vs PyTorch CUDA eager (another developer writes benchmarks/run.py) --
 run_gpu_benchmark() {
     if [ ! -f benchmarks/run.py ]; then
@@ -142,16 +169,20 @@ run_gpu_benchmark() {
         return
     fi
     # shellcheck disable=SC2086
-    if timeout "$STEP_TIMEOUT" "$PY" -m benchmarks.run --device cuda ${BENCH_ARGS:---steps 20} \
-        --markdown --json "$OUT/results_gpu.json" \
+    if timeout "$BENCH_TIMEOUT" "$PY" -m benchmarks.run --device cuda ${BENCH_ARGS:---steps 20} \
+        --threads 1 --markdown --json "$OUT/results_gpu.json" \
         >"$OUT/benchmark.log" 2>&1; then
-        note "- GPU benchmark: ok; last lines:"
-        tail -30 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        note "- GPU benchmark (engine eager/jit vs PyTorch eager/torch.compile): ok; rows and table:"
+        grep -E 'CUDA graph|failed' "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        if grep -q ' failed:' "$OUT/benchmark.log"; then
+            note "  some benchmark rows FAILED (their errors are in benchmark.log)"; STATUS=1
+        fi
+        tail -25 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
     else
         note "- GPU benchmark: FAILED or timed out (benchmark.log)"; STATUS=1
     fi
     # per-op latency on the device: engine vs raw CuPy vs PyTorch CUDA (into the same log)
-    if timeout 120 "$PY" -m benchmarks.op_overhead --device cuda --repeat 200 \
+    if timeout 60 "$PY" -m benchmarks.op_overhead --device cuda --repeat 100 \
         >>"$OUT/benchmark.log" 2>&1; then
         note "- GPU op overhead: ok; last lines:"
         tail -5 "$OUT/benchmark.log" | sed 's/^/    /' | tee -a "$SUMMARY"
@@ -166,7 +197,7 @@ install_project
 record_environment
 smoke_test
 # The summary lines of the two parallel steps are written when both are done.
-train_translate_on_gpu >"$OUT/.translate_summary" 2>&1 &
+( rc=0; train_translate_on_gpu || rc=1; train_lm_on_gpu || rc=1; exit $rc ) >"$OUT/.translate_summary" 2>&1 &
 TRANSLATE_PID=$!
 run_cuda_tests
 wait $TRANSLATE_PID || STATUS=1

@@ -16,6 +16,7 @@ Tests at the end check the errors asking for "cuda" gives without CuPy or a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import hashlib
@@ -51,7 +52,9 @@ GPU_SKIP = _gpu_skip_reason()
 # -- a CPU stand-in for CuPy ------------------------------------------------------------------
 
 class DevArray:
-    """An emulated device array: a NumPy array that will not pass for one."""
+    """An emulated device array: a NumPy array that will not pass for one. Operations
+    that launch work on a GPU go through the emulated device (`_launch`), so a stream
+    capture records them; those that read values on the host are refused during one."""
 
     __slots__ = ("a", "__weakref__")
 
@@ -70,43 +73,55 @@ class DevArray:
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def get(self) -> np.ndarray:
+        _host_read("ndarray.get")
         return self.a.copy()
 
+    def set(self, arr, stream=None) -> None:
+        _host_read("ndarray.set (a host-to-device copy)")
+        assert isinstance(arr, np.ndarray) and arr.shape == self.shape
+        self.a[...] = arr
+
     def astype(self, dtype, copy=True):
-        return DevArray(self.a.astype(dtype, copy=copy))
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        return _launch(lambda: self.a.astype(dtype), reads=(self,))
 
     def copy(self):
-        return DevArray(self.a.copy())
+        return _launch(lambda: self.a.copy(), reads=())
 
     def view(self, dtype):
         return DevArray(self.a.view(dtype))
 
     def reshape(self, *shape):
-        return DevArray(self.a.reshape(*shape))
+        return _launch(lambda: self.a.reshape(*shape), reads=(self,))
 
     def transpose(self, *axes):
         return DevArray(self.a.transpose(*axes))
 
     def item(self):
+        _host_read("ndarray.item")
         return self.a.item()
 
     def __len__(self):
         return len(self.a)
 
     def __bool__(self):
+        _host_read("bool(ndarray)")
         return bool(self.a)
 
     def __float__(self):
+        _host_read("float(ndarray)")
         return float(self.a)
 
     def __int__(self):
+        _host_read("int(ndarray)")
         return int(self.a)
 
     def __getitem__(self, index):
-        return _wrap(self.a[_unwrap(index)])
+        return _launch(lambda: self.a[_unwrap(index)], reads=(self,))
 
     def __setitem__(self, index, value):
-        self.a[_unwrap(index)] = _unwrap(value)
+        _launch_in_place(lambda: self.a.__setitem__(_unwrap(index), _unwrap(value)))
 
     def __repr__(self):
         return f"DevArray({self.a!r})"
@@ -114,7 +129,7 @@ class DevArray:
 
 def _binary(name):
     def method(self, other):
-        return _wrap(getattr(self.a, name)(_unwrap(other)))
+        return _launch(lambda: getattr(self.a, name)(_unwrap(other)), reads=())
     return method
 
 
@@ -122,7 +137,7 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
               "__rtruediv__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
               "__and__", "__or__", "__neg__", "__invert__"):
     setattr(DevArray, _name, _binary(_name) if _name not in ("__neg__", "__invert__")
-            else (lambda n: lambda self: _wrap(getattr(self.a, n)()))(_name))
+            else (lambda n: lambda self: _launch(lambda: getattr(self.a, n)(), reads=()))(_name))
 DevArray.__hash__ = object.__hash__
 
 
@@ -147,6 +162,76 @@ def _wrap(x):
     return x
 
 
+# -- the emulated device's work queue: run now, or recorded by a stream capture -----------------
+
+_DEVICE: list = []                         # the emulated device (one FakeCupy) when there is one
+
+
+def _capture_ops():
+    """The list recording launches when the current stream captures, else None. Work on
+    another stream while a capture runs is refused (CUDA invalidates the capture)."""
+    fake = _DEVICE[0] if _DEVICE else None
+    if fake is None or fake.capturing is None:
+        return None
+    if fake.current_stream is not fake.capturing:
+        fake.capturing.invalid = "work on another stream during the capture"
+        raise RuntimeError("cudaErrorStreamCaptureImplicit: work on a stream that does not "
+                           "capture while another stream captures")
+    return fake.capturing.ops
+
+
+def _host_read(what):
+    """Host reads of device values are synchronous: refused during a capture."""
+    fake = _DEVICE[0] if _DEVICE else None
+    if fake is not None and fake.capturing is not None:
+        fake.capturing.invalid = what
+        raise RuntimeError(f"cudaErrorStreamCaptureUnsupported: operation not permitted when "
+                           f"stream is capturing ({what})")
+
+
+def _launch_in_place(run):
+    """A kernel writing arrays that exist: run now, or recorded."""
+    ops_ = _capture_ops()
+    if ops_ is None:
+        run()
+    else:
+        ops_.append(run)
+
+
+def _launch(compute, reads=(), dest=None, allocates=True):
+    """A kernel computing `compute()` (NumPy, from the arrays' memory when it runs) into
+    `dest` or into a new array. During a capture nothing runs on the device: the new
+    array still gets its shape (and meaningless values) from one run now, the launch is
+    recorded, and the memory must come from a pool other than the default one (the
+    engine's rule: a graph's buffers are its own). A result sharing memory with one of
+    `reads` is a view: no launch."""
+    if dest is not None:
+        def write():
+            dest.a[...] = compute()
+        _launch_in_place(write)
+        return dest
+    ops_ = _capture_ops()
+    with np.errstate(all="ignore"):
+        value = compute()
+    if isinstance(value, (list, tuple)):
+        assert ops_ is None, "the emulation cannot record functions returning several arrays"
+        return _wrap(value)
+    if not isinstance(value, (np.ndarray, np.generic)):
+        return value
+    value = np.asarray(value)
+    if any(np.may_share_memory(value, r.a) for r in reads if isinstance(r, DevArray)):
+        return DevArray(value)
+    out = DevArray(value.copy() if value.base is not None else value)
+    if ops_ is not None:
+        fake = _DEVICE[0]
+        if fake.allocator is None:
+            fake.capturing.invalid = "allocation from the default pool"
+            raise RuntimeError("emulated device: a capture allocated from the default memory pool")
+        if allocates:
+            ops_.append(lambda: out.a.__setitem__(Ellipsis, compute()))
+    return out
+
+
 _C_CACHE: dict[str, ctypes.CDLL] = {}
 
 
@@ -163,7 +248,10 @@ def _build_c(source: str, tmp_dir) -> ctypes.CDLL:
 
 
 class FakeCupy:
-    """The parts of the `cupy` module the backend uses, on NumPy and the C compiler."""
+    """The parts of the `cupy` module the backend uses, on NumPy and the C compiler,
+    with CUDA's streams, stream capture and graphs: launches on a capturing stream are
+    recorded (nothing runs), `Graph.launch` runs them again in order on the memory they
+    were recorded with, with the scalars they were recorded with."""
 
     ndarray = DevArray
 
@@ -172,6 +260,11 @@ class FakeCupy:
         self.tmp_dir, self.emu_lib = tmp_dir, emu_lib
         self.current_device = 0
         self.kernel_devices: list[int] = []   # the current device at each kernel launch
+        self.matmul_ndims: list[tuple] = []   # (a.ndim, b.ndim) of each cupy.matmul call
+        self.capturing = None                 # the stream capturing now
+        self.allocator = None                 # set by using_allocator
+        self.graph_launches = 0
+        _DEVICE[:] = [self]
 
         class Device:
             def __init__(self, index: int = 0) -> None:
@@ -186,28 +279,117 @@ class FakeCupy:
             def __exit__(self, *exc):
                 fake.current_device = self.prev.pop()
 
+        class Stream:
+            def __init__(self, null=False, non_blocking=False):
+                self.null, self.ops, self.invalid, self.prev = null, None, None, []
+
+            def __enter__(self):
+                self.prev.append(fake.current_stream)
+                fake.current_stream = self
+                return self
+
+            def __exit__(self, *exc):
+                fake.current_stream = self.prev.pop()
+
+            def begin_capture(self, mode=None):
+                if self.null:
+                    raise RuntimeError("cannot capture on the default (legacy) stream")
+                if fake.capturing is not None:
+                    raise RuntimeError("another stream is capturing")
+                fake.capturing, self.ops, self.invalid = self, [], None
+
+            def end_capture(self):
+                if fake.capturing is not self:
+                    raise RuntimeError("cudaErrorIllegalState: the stream is not capturing")
+                fake.capturing = None
+                if self.invalid:
+                    raise RuntimeError(f"cudaErrorStreamCaptureInvalidated ({self.invalid})")
+                return Graph(self.ops)
+
+            def is_capturing(self):
+                return fake.capturing is self
+
+            def synchronize(self):
+                _host_read("stream.synchronize")
+
+            def record(self, event=None):
+                return types.SimpleNamespace(stream=self)
+
+            def wait_event(self, event):
+                pass
+
+        class Graph:
+            def __init__(self, ops_):
+                self.ops = list(ops_)
+
+            def launch(self, stream=None):
+                assert fake.capturing is None, "graph launched during a capture"
+                fake.graph_launches += 1
+                for op in self.ops:
+                    op()
+
+        class MemoryPool:
+            def malloc(self, nbytes):
+                raise AssertionError("the emulation does not allocate through pools")
+
+            def free_all_blocks(self):
+                pass
+
+            def total_bytes(self):
+                return 0
+
+        @contextlib.contextmanager
+        def using_allocator(allocator=None):
+            prev, fake.allocator = fake.allocator, allocator
+            try:
+                yield
+            finally:
+                fake.allocator = prev
+
+        self.current_stream = Stream(null=True)
         self.cuda = types.SimpleNamespace(
-            Device=Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: device_count))
+            Device=Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: device_count),
+            Stream=Stream, Graph=Graph, MemoryPool=MemoryPool, using_allocator=using_allocator,
+            get_current_stream=lambda: fake.current_stream)
         self.ElementwiseKernel = lambda *a, **k: _FakeElementwiseKernel(fake, *a, **k)
         self.RawKernel = lambda *a, **k: _FakeRawKernel(fake, *a, **k)
         self.ReductionKernel = lambda *a, **k: _FakeReductionKernel(fake, *a, **k)
         self.add = _FakeUfunc(self.__getattr__("add"), at=_add_at)
 
+    def matmul(self, a, b, out=None):
+        self.matmul_ndims.append((a.ndim, b.ndim))
+        return self.__getattr__("matmul")(a, b, out=out)
+
     def asarray(self, a, dtype=None):
         if isinstance(a, DevArray):
             return a if dtype is None else a.astype(dtype, copy=False)
+        _host_read("cupy.asarray of host data")
         return DevArray(np.array(a, dtype=dtype, copy=True))
 
     def asnumpy(self, x):
-        return x.a.copy() if isinstance(x, DevArray) else np.asarray(x)
+        if isinstance(x, DevArray):
+            _host_read("cupy.asnumpy")
+            return x.a.copy()
+        return np.asarray(x)
+
+    def copyto(self, dst, src):
+        _launch(lambda: _unwrap(src), dest=dst)
+
+    def empty(self, shape, dtype=float):
+        return _launch(lambda: np.empty(shape, dtype), allocates=False)
 
     def __getattr__(self, name):
         fn = getattr(np, name)
 
         def lifted(*args, **kwargs):
-            result = fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
             out = kwargs.get("out")
-            return out if isinstance(out, DevArray) else _wrap(result)   # CuPy returns `out`
+            reads = [a for a in args if isinstance(a, DevArray)]
+            if isinstance(out, DevArray):          # CuPy returns `out`
+                rest = {k: v for k, v in kwargs.items() if k != "out"}
+                return _launch(lambda: fn(*_unwrap(args), **{k: _unwrap(v) for k, v in rest.items()}),
+                               dest=out)
+            return _launch(lambda: fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}),
+                           reads=reads)
         return lifted
 
 
@@ -236,38 +418,45 @@ class _FakeElementwiseKernel:
         self.fn = getattr(_build_c(head + preamble + tu[len(head):], fake.tmp_dir), name)
         self.fn.restype = None
 
-    def __call__(self, *args):
+    def plan(self, args):
+        """Check the arguments now; returns (compute, the output given or None), where
+        compute() runs the kernel on the arrays' memory as it is then."""
         assert len(args) in (len(self.ins), len(self.ins) + 1), "wrong number of kernel arguments"
         args, given_out = args[:len(self.ins)], args[len(self.ins):]
         if not any(isinstance(a, DevArray) for a in args + given_out):
             raise ValueError("Loop size is undecided.")
-        arrays = []
+        params = []
         for (dt, pname), a in zip(self.ins, args):
             if isinstance(a, DevArray):
                 if a.dtype != dt:
                     raise TypeError(f"Type is mismatched. {pname} {a.dtype} {dt}")
-                arrays.append(a.a)
+                params.append(a)
             elif isinstance(a, np.ndarray):
                 raise TypeError("Unsupported type <class 'numpy.ndarray'>")
             else:
-                arrays.append(np.asarray(a).astype(dt))          # CScalar.apply_dtype
+                params.append(np.asarray(a).astype(dt))          # CScalar.apply_dtype (baked)
         self.fake.kernel_devices.append(self.fake.current_device)
+        shape = np.broadcast_shapes(*(p.shape for p in params))
         if given_out:                           # CuPy takes the loop size from the output
-            arrays.append(np.empty(given_out[0].shape, np.int8))
-        flat = np.broadcast_arrays(*arrays)[:len(self.ins)]
-        shape = flat[0].shape
-        flat = [np.ascontiguousarray(b).reshape(-1) for b in flat]
-        out = np.empty(flat[0].size, self.outs[0][0])
-        if out.size:
-            self.fn(ctypes.c_longlong(out.size), *[b.ctypes.data_as(ctypes.c_void_p) for b in flat],
-                    out.ctypes.data_as(ctypes.c_void_p))
-        if given_out:                           # an output array given by the caller
             dest = given_out[0]
-            if not isinstance(dest, DevArray) or dest.shape != shape or dest.dtype != out.dtype:
+            if (not isinstance(dest, DevArray) or np.broadcast_shapes(shape, dest.shape) != dest.shape
+                    or dest.dtype != self.outs[0][0]):
                 raise ValueError("Out shape is mismatched")
-            dest.a[...] = out.reshape(shape)
-            return dest
-        return DevArray(out.reshape(shape))
+            shape = dest.shape
+
+        def compute():
+            arrays = [p.a if isinstance(p, DevArray) else p for p in params]
+            flat = [np.ascontiguousarray(np.broadcast_to(b, shape)).reshape(-1) for b in arrays]
+            out = np.empty(int(np.prod(shape, dtype=np.int64)), self.outs[0][0])
+            if out.size:
+                self.fn(ctypes.c_longlong(out.size), *[b.ctypes.data_as(ctypes.c_void_p) for b in flat],
+                        out.ctypes.data_as(ctypes.c_void_p))
+            return out.reshape(shape)
+        return compute, (given_out[0] if given_out else None)
+
+    def __call__(self, *args):
+        compute, dest = self.plan(args)
+        return _launch(compute, dest=dest)
 
 
 class _FakeReductionKernel:
@@ -283,8 +472,8 @@ class _FakeReductionKernel:
                                           name=name, preamble=preamble)
 
     def __call__(self, *args, axis=None, keepdims=False):
-        mapped = self.map(*args)
-        return DevArray(np.asarray(np.sum(mapped.a, axis=axis, keepdims=keepdims)))
+        mapped, _ = self.map.plan(args)
+        return _launch(lambda: np.asarray(np.sum(mapped(), axis=axis, keepdims=keepdims)))
 
 
 class _FakeRawKernel:
@@ -311,16 +500,17 @@ class _FakeRawKernel:
             if role in ("in", "out"):
                 assert isinstance(a, DevArray) and a.dtype == self.dtype and a.flags.c_contiguous, \
                     f"{pname}: needs a contiguous {self.dtype} device array, got {a!r}"
-                host.append(a.a)
+                host.append(a.a)                # the memory: read and written when it runs
             elif role == "index":
                 assert isinstance(a, DevArray) and a.dtype == np.int64 and a.flags.c_contiguous, \
                     f"{pname}: needs a contiguous int64 device array, got {a!r}"
                 host.append(a.a)
             else:
                 assert type(a) is want[role], f"{pname}: needs {want[role].__name__}, got {type(a)}"
-                host.append(a.item())
+                host.append(a.item())           # a scalar: baked into the launch
         self.fake.kernel_devices.append(self.fake.current_device)
-        codegen._launch(self.fake.emu_lib, self.kernel, self.dtype.name, grid[0], b, host)
+        _launch_in_place(lambda: codegen._launch(self.fake.emu_lib, self.kernel, self.dtype.name,
+                                                 grid[0], b, host))
 
 
 SCATTER_ADD_DTYPES = {np.dtype(t) for t in (np.int32, np.float16, np.float32, np.float64,
@@ -332,7 +522,7 @@ def _add_at(a, slices, value):
     if a.dtype not in SCATTER_ADD_DTYPES or value.dtype != a.dtype:
         raise TypeError(f"add.at only supports int32, float16, float32, float64, uint32, "
                         f"uint64, got {a.dtype} / {value.dtype}")
-    np.add.at(a.a, _unwrap(slices), _unwrap(value))
+    _launch_in_place(lambda: np.add.at(a.a, _unwrap(slices), _unwrap(value)))
 
 
 @pytest.fixture(scope="module")
@@ -590,6 +780,41 @@ def test_jit_on_cuda_matches_eager(cuda, rng):
     mm = be.full((2, 2), 0, np.float64)
     x2 = be.asarray(np.eye(2))
     assert be.matmul_out(x2, x2, mm) is mm and be.to_numpy(mm).tolist() == [[1, 0], [0, 1]]
+
+
+def test_rows_times_weight_is_one_2d_gemm(fake_cupy, emulated_backend, monkeypatch, rng):
+    """(B, T, d) @ (d, n) and its two gradients run as 2-D GEMMs (eager and jit), with
+    the results of the batched product."""
+    monkeypatch.setitem(backends._instances, "cuda", emulated_backend)
+    a, w = rng.standard_normal((3, 5, 4)), rng.standard_normal((4, 6))
+
+    def step(x, v):
+        y = x @ v
+        loss = (y * y).sum()
+        loss.backward()
+        return loss, y
+
+    want = []
+    for device in ("cpu", "cuda", "jit"):
+        run = eg.jit(step) if device == "jit" else step
+        for _ in range(2 if device == "jit" else 1):
+            x = eg.tensor(a, device="cpu" if device == "cpu" else "cuda", requires_grad=True)
+            v = eg.tensor(w, device=x.device, requires_grad=True)
+            fake_cupy.matmul_ndims.clear()
+            loss, y = run(x, v)
+            got = [y.numpy(), x.grad.numpy(), v.grad.numpy()]
+        if device != "cpu":
+            assert fake_cupy.matmul_ndims == [(2, 2)] * 3, (device, fake_cupy.matmul_ndims)
+        want = want or got
+        for g, ref in zip(got, want):
+            np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(want[0], a @ w, rtol=1e-12)
+    np.testing.assert_allclose(want[2], np.einsum("btd,btn->dn", a, 2 * (a @ w)), rtol=1e-12)
+    be = emulated_backend                       # a transposed (non-contiguous) left operand
+    fake_cupy.matmul_ndims.clear()
+    t = be.transpose(be.asarray(a), (1, 0, 2))
+    np.testing.assert_allclose(be.to_numpy(be.matmul(t, be.asarray(w))), a.transpose(1, 0, 2) @ w)
+    assert fake_cupy.matmul_ndims == [(3, 2)]
 
 
 def test_jit_single_input_reductions_on_cuda(cuda, rng):

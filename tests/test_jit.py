@@ -701,6 +701,25 @@ def test_jitted_backward_accumulates_into_existing_grad_like_eager():
     assert compiled.traces == 2        # without .grad, then with one: no retrace after
 
 
+def test_gradients_of_arguments_go_to_each_calls_own_arguments():
+    """The .grad a compiled backward makes for a tensor argument lands on that call's
+    argument (not the one traced); an argument that already has a .grad is refused, as
+    the compiled backward would replace it instead of accumulating into it."""
+    from ops.errors import TraceError
+
+    def f(x):
+        (x * x).sum().backward()
+
+    compiled = eg.jit(f)
+    xs = [eg.tensor(np.full(2, float(i + 1)), requires_grad=True) for i in range(3)]
+    for x in xs:
+        compiled(x)
+    assert [x.grad.numpy().tolist() for x in xs] == [[2.0, 2.0], [4.0, 4.0], [6.0, 6.0]]
+    with pytest.raises(TraceError, match="argument 0 already has a .grad"):
+        compiled(xs[0])
+    assert xs[0].grad.numpy().tolist() == [2.0, 2.0]
+
+
 def test_train_eval_switches_reuse_both_programs():
     from engine import nn
     d = nn.Dropout(0.5)

@@ -27,6 +27,7 @@ from ops.errors import TraceError
 
 from ..state import autocast_state, get_backend, grad_mode
 from ..tensor import Tensor
+from .capture import GraphedProgram, graphs_enabled
 from .codegen import Generated, generate
 from .guards import Guard, build_guard, find_sources, reachable_tensors
 from .ir import Program
@@ -45,15 +46,17 @@ def _debug_level() -> int:
 
 class _Entry:
     def __init__(self, traced: Traced, program: Program, generated: Generated, stats: list,
-                 compile_time: float, guard: Guard) -> None:
+                 compile_time: float, guard: Guard, runner: Any) -> None:
         self.traced = traced
         self.program = program
         self.generated = generated
+        self.runner = runner             # the generated function, or it as a CUDA graph
         self.stats = stats
         self.compile_time = compile_time
         self.guard = guard
         self.checked: list = [None] * len(traced.captures)   # arrays known to match
         self.readers = [(c.holder, c.kind == "grad") for c in traced.captures]
+        self.arg_grads = [wb.arg for wb in traced.writebacks if wb.kind == "grad" and wb.arg >= 0]
         inputs = {v: i for i, v in enumerate(traced.program.inputs)}
         captures = {v: i for i, (v, _) in enumerate(traced.program.captures)}
         # Value checks (eg.check_values) on arguments and captures run on them; values the
@@ -70,11 +73,12 @@ class Compiled:
     """A function compiled by `engine.jit` (call it like the function)."""
 
     def __init__(self, fn: Callable[..., Any], static_argnums: tuple = (), fuse: bool = True,
-                 plan_memory: bool = True) -> None:
+                 plan_memory: bool = True, cuda_graphs: bool = True) -> None:
         self.fn = fn
         self.static_argnums = tuple(static_argnums)
         self.fuse = fuse
         self.plan_memory = plan_memory
+        self.cuda_graphs = cuda_graphs
         self._cache: dict = {}          # key -> [entry, ...], most recent first
         self._last: _Entry | None = None
         self.traces = 0
@@ -110,7 +114,7 @@ class Compiled:
                 entry = self._find(key)
                 if entry is None:
                     if self._last is not None:      # tracing needs memory too
-                        self._last.generated.release()
+                        self._last.runner.release()
                     entry = self._compile(args, kwargs, leaves)
                     self._cache[key] = [entry] + self._cache.get(key, [])[:_VARIANTS - 1]
         last = self._last
@@ -119,13 +123,18 @@ class Compiled:
             # step's, traced before any .grad existed; eval's while training) would
             # otherwise hold a second set of activations for good.
             if last is not None:
-                last.generated.release()
+                last.runner.release()
             self._last = entry
         return self._run(entry, leaves)
 
     def _run(self, entry: _Entry, leaves: list) -> Any:
         traced = entry.traced
         backend = entry.generated.backend
+        for i in entry.arg_grads:
+            if leaves[i].grad is not None:
+                raise TraceError(f"jit({getattr(self.fn, '__name__', 'fn')}): tensor argument {i} "
+                                 f"already has a .grad, which the compiled backward would replace "
+                                 f"instead of accumulating into: set it to None before the call")
         inputs = [t._data for t in leaves]
         captures = [h.grad._data if g else h._data for h, g in entry.readers]
         for i, j, check in entry.checks:
@@ -133,17 +142,18 @@ class Compiled:
         if entry.checked_values is not None:
             for value, check in zip(entry.checked_values(inputs, captures), entry.computed_checks):
                 check(backend.to_numpy(value))
-        results = entry.generated(inputs, captures)
+        results = entry.runner(inputs, captures)
         n = entry.program.meta["n_results"]
         out_tensors = [Tensor(r, backend) for r in results[:n]]
         for wb in traced.writebacks:
+            target = wb.target(leaves)
             if wb.kind == "data":             # asarray: NumPy gives 0-d results as scalars
-                wb.tensor._data = backend.asarray(results[wb.index])
-                wb.tensor._version[0] += 1
+                target._data = backend.asarray(results[wb.index])
+                target._version[0] += 1
             elif wb.kind == "grad":
-                wb.tensor.grad = Tensor(results[wb.index], backend)
+                target.grad = Tensor(results[wb.index], backend)
             else:
-                wb.tensor.grad = None
+                target.grad = None
         entry.checked = [h.grad._data if g else h._data for h, g in entry.readers]  # valid now
         return unflatten(traced.out_structure, out_tensors)
 
@@ -160,10 +170,27 @@ class Compiled:
         guard = self._guard(traced, leaves, args, kwargs)
         if _debug_level() >= 3:
             print(f"== generated source\n{generated.source}")
-        entry = _Entry(traced, program, generated, stats, time.perf_counter() - start, guard)
+        runner = self._runner(generated, program, traced, backend, stats)
+        entry = _Entry(traced, program, generated, stats, time.perf_counter() - start, guard, runner)
         if entry.computed_checks:
             entry.checked_values = self._prelude(traced, backend)
         return entry
+
+    def _runner(self, generated: Generated, program: Program, traced: Traced, backend: Any,
+                stats: list) -> Any:
+        """The generated function, as a CUDA graph on a CUDA device unless turned off
+        (its state is the `cuda_graphs` entry of `stats()`)."""
+        if getattr(backend, "cp", None) is None:
+            return generated
+        if not graphs_enabled(self.cuda_graphs):
+            stats.append(dict(name="cuda_graphs", captured=False,
+                              reason="turned off (jit(cuda_graphs=False) or ENGINE_CUDA_GRAPHS=0)"))
+            return generated
+        name = getattr(self.fn, "__name__", "fn")
+        runner = GraphedProgram(generated, program, traced, name,
+                                lambda message: print(message) if _debug_level() >= 1 else None)
+        stats.append(runner.status)
+        return runner
 
     def _prelude(self, traced: Traced, backend: Any) -> Generated:
         """A program computing only the values checked inside the traced one."""
@@ -230,7 +257,7 @@ class Compiled:
 
 
 def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fuse: bool = True,
-        plan_memory: bool = True) -> Any:
+        plan_memory: bool = True, cuda_graphs: bool = True) -> Any:
     """Compile `fn` (usable as `@jit` or `@jit(fuse=False)`).
 
     `fn` takes tensors (in nested lists/tuples/dicts) and static Python values; it may
@@ -246,7 +273,11 @@ def jit(fn: Callable[..., Any] | None = None, *, static_argnums: tuple = (), fus
     (see the module docstring and `guards`). Frozen into the trace, not guarded:
     Python floats it reads (a learning rate in a float: keep changing numbers in
     tensors), NumPy arrays' contents and the function's Python side effects.
+
+    On a CUDA device the program is recorded into a CUDA graph on its second call and
+    replayed after (see `compiler.capture`; `stats()` says whether it was and why not);
+    `cuda_graphs=False`, or ENGINE_CUDA_GRAPHS=0 in the environment, launches plainly.
     """
     if fn is None:
-        return lambda f: Compiled(f, static_argnums, fuse, plan_memory)
-    return Compiled(fn, static_argnums, fuse, plan_memory)
+        return lambda f: Compiled(f, static_argnums, fuse, plan_memory, cuda_graphs)
+    return Compiled(fn, static_argnums, fuse, plan_memory, cuda_graphs)

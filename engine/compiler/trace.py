@@ -67,10 +67,16 @@ class _Saved:
 
 @dataclass
 class Writeback:
-    """After a call, put output `index` into `tensor` (its data, or its .grad)."""
-    tensor: Tensor
+    """After a call, put output `index` into `tensor` (its data, or its .grad); for an
+    argument of the function, `arg` is its leaf position and `tensor` is None: the call's
+    own argument is the target, not the one traced."""
+    tensor: Tensor | None
     kind: str                      # "data" | "grad" | "grad_none"
     index: int = -1
+    arg: int = -1
+
+    def target(self, leaves: list) -> Tensor:
+        return leaves[self.arg] if self.arg >= 0 else self.tensor
 
 
 class TraceInterpreter(EagerInterpreter):
@@ -330,18 +336,19 @@ def _writebacks(tracer: TraceInterpreter, leaves: list, stand_ins: list, inputs:
 
     targets = [(s.tensor, s.data, s.grad) for s in tracer.saved.values()]
     targets += [(stand, None, None) for stand in stand_ins]
-    real = {id(s): r for s, r in zip(stand_ins, leaves)}
+    position = {id(s): i for i, s in enumerate(stand_ins)}
     initial = {id(s): v for s, v in zip(stand_ins, inputs)}
     for t, orig_data, orig_grad in targets:
-        dest = real.get(id(t), t)
+        arg = position.get(id(t), -1)
+        dest = None if arg >= 0 else t
         data_changed = (is_abstract(t._data) and t._data.value is not initial.get(id(t))
-                        and (id(t) in real or t._data is not orig_data))
+                        and (arg >= 0 or t._data is not orig_data))
         if data_changed:
-            wbs.append(Writeback(dest, "data", out_index(t)))
+            wbs.append(Writeback(dest, "data", out_index(t), arg))
         g = t.grad
         if g is not orig_grad:
             if g is None:
-                wbs.append(Writeback(dest, "grad_none"))
+                wbs.append(Writeback(dest, "grad_none", arg=arg))
             else:
-                wbs.append(Writeback(dest, "grad", out_index(g)))
+                wbs.append(Writeback(dest, "grad", out_index(g), arg))
     return wbs
