@@ -714,6 +714,22 @@ def test_train_eval_switches_reuse_both_programs():
     assert f.traces == 2
 
 
+def test_only_the_program_in_use_keeps_its_buffers():
+    """Switching programs (train -> eval) gives the idle program's buffer sets back, so
+    a program left behind never holds a second set of activations."""
+    from engine import nn
+    d = nn.Dropout(0.5)
+    f = eg.jit(lambda x: d((x * 2.0 + 1.0).exp() * x).sum())
+    x = eg.ones(1000)
+    d.train()
+    f(x)
+    d.eval()
+    f(x)
+    programs = {id(e): e.generated for entries in f._cache.values() for e in entries}
+    assert len(programs) == 2
+    assert [g for g in programs.values() if g._pool] == [f._last.generated]
+
+
 def test_guard_failures_are_explained(capsys, monkeypatch):
     from engine import nn
     lin = nn.Linear(2, 2)
