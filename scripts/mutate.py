@@ -118,6 +118,11 @@ MUTATIONS: tuple[Mutation, ...] = (
       "return sympy.Piecewise((replacement, sympy.Eq(v, sympy.oo)), (v, True))",
       "an all -inf row's max is taken as 0 (no inf - inf)",
       "tests/test_host_kernels.py tests/test_core_registry.py -k 'masked or printed'"),
+    M("rows-evaluate-mean", "ops/rows.py",
+      'env[st.name] = total if st.how == "sum" else _MEAN.forward(be, total, n)',
+      "env[st.name] = total",
+      "the step-by-step program (NumPy fallback, symbolic proofs) divides a mean by n",
+      "tests/test_host_kernels.py -k printed_row_kernels"),
     M("softmax-empty-row-sum", "ops/fused.py",
       "Step(_s, \"map\", nonzero_or(_s0, 1)))", "Step(_s, \"map\", nonzero_or(_s0, 0)))",
       "softmax of an all -inf row is 0, not 0/0", "tests/test_host_kernels.py"),
@@ -387,6 +392,7 @@ def _ran(out: str) -> tuple[int, int]:
     return marks.count("."), marks.count("s")
 _procs: set = set()
 _procs_lock = threading.Lock()
+_stopping = threading.Event()            # set on Ctrl-C: no new run starts
 
 
 def run_one(m: Mutation, timeout: float, root: Path = ROOT, mutate: bool = True) -> Result:
@@ -402,9 +408,11 @@ def run_one(m: Mutation, timeout: float, root: Path = ROOT, mutate: bool = True)
                                               os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         cmd = [sys.executable, *PYTEST, *shlex.split(m.tests)]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         with _procs_lock:
+            if _stopping.is_set():
+                return Result(m, "error", "interrupted", 0.0)
+            proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
             _procs.add(proc)
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -503,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
         with _procs_lock:
+            _stopping.set()
             for p in list(_procs):
                 _kill(p)
         print("mutate: interrupted; the working tree was never changed", file=sys.stderr)
