@@ -196,6 +196,24 @@ def test_outputs_do_not_alias_reused_buffers():
     assert b.tolist() == pytest.approx([np.tanh(1.0) * 3] * 4)
 
 
+def test_a_returned_value_read_again_later_keeps_its_own_buffer():
+    """A value both returned and read by later ops never lives in a buffer that a later
+    value (or the next call) reuses."""
+    def fn(x):
+        y = x @ x
+        z = (y * 2.0) @ x
+        return y, (z @ z) + 1.0
+    f = eg.jit(fn)
+    x = eg.tensor(np.arange(16.0).reshape(4, 4) / 10)
+    y, z = f(x)
+    want_y, want_z = fn(x)
+    np.testing.assert_allclose(y.numpy(), want_y.numpy())
+    np.testing.assert_allclose(z.numpy(), want_z.numpy())
+    kept = y.numpy().copy()
+    f(eg.ones((4, 4)))
+    np.testing.assert_array_equal(y.numpy(), kept)
+
+
 def test_updates_of_captured_state_are_written_in_place_like_eager():
     w = eg.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
     buffer = w._data
