@@ -214,6 +214,25 @@ def test_a_returned_value_read_again_later_keeps_its_own_buffer():
     np.testing.assert_array_equal(y.numpy(), kept)
 
 
+def test_an_update_is_written_in_place_only_after_the_old_value_is_read():
+    """A captured tensor's new value goes into its buffer only once nothing reads the old
+    one: a product of the old weights computed after the new ones sees the old."""
+    w = eg.tensor(np.arange(6.0).reshape(2, 3))
+
+    @eg.jit
+    def step(x):
+        new = (w - 0.5 * x).exp()
+        y = (w @ x.T).sum()                 # the old w, read after `new` exists
+        with eg.no_grad():
+            w.copy_(new)
+        return y
+    x = eg.full((2, 3), 2.0)
+    for _ in range(2):
+        old = w.numpy().copy()
+        assert step(x).item() == pytest.approx((old @ x.numpy().T).sum())
+        np.testing.assert_allclose(w.numpy(), np.exp(old - 1.0))
+
+
 def test_updates_of_captured_state_are_written_in_place_like_eager():
     w = eg.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
     buffer = w._data
