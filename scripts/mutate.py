@@ -385,6 +385,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("nn-load-rng", "nn/checkpoint.py",
       "    if rng:\n        _restore_rng(header)", "    if False:\n        _restore_rng(header)",
       "nn.load restores the random streams", "tests/test_rng.py -k nn_load"),
+    M("kv-cache-padding-order", "nn/attention.py",
+      "self.key_padding_mask = eg.concatenate([old, cur], axis=1)",
+      "self.key_padding_mask = eg.concatenate([cur, old], axis=1)",
+      "a KV cache keeps each key's padding flag next to that key",
+      "tests/test_generation.py -k 'cache or cached'"),
+    M("kv-cache-reorder-mask", "nn/attention.py",
+      "            self.key_padding_mask = self.key_padding_mask[idx]", "            pass",
+      "beam search's reorder moves the padding flags with their rows",
+      "tests/test_generation.py -k 'beam or cache'"),
     # -- optimisers, schedules, clipping, data parallel -------------------------------------------
     M("adam-bias-correction", "nn/optim/adam.py",
       "return _as_dtype(lr / (1.0 - b1 ** t), p.dtype), math.sqrt(1.0 - b2 ** t)",
@@ -629,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             "Each row breaks one correctness feature on purpose (an exact text replacement, "
             "listed in `scripts/mutate.py`) and runs the narrowest tests that should notice; "
             "\"caught by\" names the first test that failed. A survivor would mean the tests do "
-            "not pin that behaviour down.\n\n"
+            "not pin that behaviour down. When code a mutation quotes moves, "
+            "`tests/test_mutate.py` fails naming the mutation: update its text in the list.\n\n"
             f"Produced by `{command.strip()}` on {stamp} ({summary(results)}; times are "
             f"wall-clock on a shared machine).\n\n" + text)
     return 0 if all(r.outcome == "caught" for r in results) else 1
