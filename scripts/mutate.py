@@ -557,7 +557,8 @@ def table(results: list[Result]) -> str:
         m = r.mutation
         where = f"`{m.path}`"
         caught = f"`{r.detail}`" if r.outcome == "caught" else f"**{r.outcome.upper()}** ({r.detail})"
-        rows.append(f"| `{m.name}` ({where}) | {m.breaks} | {caught} | {r.seconds:.0f} s |")
+        cells = (f"`{m.name}` ({where})", m.breaks, caught, f"{r.seconds:.0f} s")
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
 
 
