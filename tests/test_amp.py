@@ -27,6 +27,13 @@ def test_float16_reductions_and_matmul_accumulate_in_float32():
     assert abs((a @ a.T).item() - 40.96) < 0.1
 
 
+def test_float16_sums_across_rows_accumulate_in_float32():
+    """Over a strided axis NumPy adds in float16 element by element (no pairwise sum):
+    4096 * 0.1 would stall at 256."""
+    x = eg.full((4096, 2), 0.1, dtype=eg.float16)
+    np.testing.assert_allclose(x.sum(axis=0).numpy().astype(np.float64), 409.5, atol=0.5)
+
+
 def test_grad_scaler_skips_overflowing_steps_and_backs_off():
     p = nn.Parameter(eg.ones(3))
     opt = nn.optim.SGD([p], lr=0.1)

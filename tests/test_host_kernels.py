@@ -104,6 +104,16 @@ def test_softmax_kernels_keep_the_masking_conventions(dtype, log, rng):
         assert np.all(got[2] == -np.inf)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_row_max_reads_every_position(dtype):
+    """A row's one large entry, at any position (every vector lane and the tail), is its
+    max: softmax is then exactly one-hot, where a shift that missed it overflows exp."""
+    x = np.zeros((37, 37), dtype)
+    np.fill_diagonal(x, 1000.0)
+    got = host_kernels.run_rows(ops.REGISTRY["softmax"].rows, (x,), dict(axis=1))
+    np.testing.assert_array_equal(got, np.eye(37, dtype=dtype))
+
+
 def test_kernels_decline_what_they_do_not_handle(rng):
     x = rng.standard_normal((4, 5))
     soft, ln = ops.REGISTRY["softmax"].rows, ops.REGISTRY["layer_norm"].rows

@@ -196,6 +196,43 @@ def test_outputs_do_not_alias_reused_buffers():
     assert b.tolist() == pytest.approx([np.tanh(1.0) * 3] * 4)
 
 
+def test_a_returned_value_read_again_later_keeps_its_own_buffer():
+    """A value both returned and read by later ops never lives in a buffer that a later
+    value (or the next call) reuses."""
+    def fn(x):
+        y = x @ x
+        z = (y * 2.0) @ x
+        return y, (z @ z) + 1.0
+    f = eg.jit(fn)
+    x = eg.tensor(np.arange(16.0).reshape(4, 4) / 10)
+    y, z = f(x)
+    want_y, want_z = fn(x)
+    np.testing.assert_allclose(y.numpy(), want_y.numpy())
+    np.testing.assert_allclose(z.numpy(), want_z.numpy())
+    kept = y.numpy().copy()
+    f(eg.ones((4, 4)))
+    np.testing.assert_array_equal(y.numpy(), kept)
+
+
+def test_an_update_is_written_in_place_only_after_the_old_value_is_read():
+    """A captured tensor's new value goes into its buffer only once nothing reads the old
+    one: a product of the old weights computed after the new ones sees the old."""
+    w = eg.tensor(np.arange(6.0).reshape(2, 3))
+
+    @eg.jit
+    def step(x):
+        new = (w - 0.5 * x).exp()
+        y = (w @ x.T).sum()                 # the old w, read after `new` exists
+        with eg.no_grad():
+            w.copy_(new)
+        return y
+    x = eg.full((2, 3), 2.0)
+    for _ in range(2):
+        old = w.numpy().copy()
+        assert step(x).item() == pytest.approx((old @ x.numpy().T).sum())
+        np.testing.assert_allclose(w.numpy(), np.exp(old - 1.0))
+
+
 def test_updates_of_captured_state_are_written_in_place_like_eager():
     w = eg.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
     buffer = w._data
@@ -731,6 +768,22 @@ def test_train_eval_switches_reuse_both_programs():
         d.eval()
         np.testing.assert_array_equal(f(x).numpy(), x.numpy())
     assert f.traces == 2
+
+
+def test_only_the_program_in_use_keeps_its_buffers():
+    """Switching programs (train -> eval) gives the idle program's buffer sets back, so
+    a program left behind never holds a second set of activations."""
+    from engine import nn
+    d = nn.Dropout(0.5)
+    f = eg.jit(lambda x: d((x * 2.0 + 1.0).exp() * x).sum())
+    x = eg.ones(1000)
+    d.train()
+    f(x)
+    d.eval()
+    f(x)
+    programs = {id(e): e.generated for entries in f._cache.values() for e in entries}
+    assert len(programs) == 2
+    assert [g for g in programs.values() if g._pool] == [f._last.generated]
 
 
 def test_guard_failures_are_explained(capsys, monkeypatch):

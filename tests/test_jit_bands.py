@@ -98,6 +98,22 @@ def test_no_bands_without_a_causal_constant_mask_or_for_small_matrices(rng):
         assert not any(isinstance(n.op, BandedMatmul) for n in compiled.ir.nodes)
 
 
+def test_two_triangles_are_known_zero_only_where_both_are(rng):
+    """A sum of operands zeroed above two diagonals one apart is zero on the smaller
+    triangle only: the banded matmul still reads the diagonal between them."""
+    n = MIN_DIM + 32
+
+    def above(off):                       # True where column - row > off (a constant mask)
+        return eg.arange(n).reshape(1, n) > eg.arange(n).reshape(n, 1) + off
+
+    def f(a, c, b):
+        return (eg.where(above(-40), 0.0, a) + eg.where(above(-39), 0.0, c)) @ b
+    a, c, b = (eg.tensor(rng.standard_normal((n, n))) for _ in range(3))
+    compiled = eg.jit(f)
+    np.testing.assert_allclose(compiled(a, c, b).numpy(), f(a, c, b).numpy(), rtol=1e-12, atol=1e-12)
+    assert [n.op.name for n in compiled.ir.nodes if isinstance(n.op, BandedMatmul)] == ["matmul<rows:U-39>"]
+
+
 def test_causal_lm_training_step_with_bands_matches_eager():
     tokens = np.random.default_rng(2).integers(0, 11, (2, 2 * MIN_DIM + 1))
     states = []

@@ -146,6 +146,7 @@ ACTIONS = {
     "flag_directly": lambda w: setattr(w.model.flag, "training", not w.model.flag.training),
     "autocast": lambda w: setattr(w, "autocast", not w.autocast),
     "grad_mode": lambda w: setattr(w, "grad", not w.grad),
+    "freeze_weight": lambda w: setattr(w.model.lin.weight, "requires_grad", False),
 }
 
 
@@ -223,6 +224,8 @@ def _run_both(eager, jitted, actions):
     ["ints_times_1", "ints_times_1.0", "ints_times_true"],
     ["project", "rebind_closure_int", "project"],
     ["step", "swap_out_layer", "step"],
+    ["step", "step", "grad_mode", "step"],                                # no_grad: no backward
+    ["step", "step", "freeze_weight", "step"],                            # requires_grad changed
 ])
 def test_named_staleness_cases(tmp_path, actions):
     eager, jitted = World(False, tmp_path / "e.npz"), World(True, tmp_path / "j.npz")

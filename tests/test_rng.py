@@ -6,12 +6,15 @@ host C loop and the emulated CUDA kernel bit-identical to the NumPy path, stream
 from __future__ import annotations
 
 import ctypes
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import engine as eg
 from backends import cbuild, cprint
+from backends.base import Backend
 from ops.random import (BERNOULLI, MANTISSA_BITS, NORMAL, UNIFORM, _NumpyWords, fold_in,
                         philox4x32, philox_words)
 from tests import test_cuda_codegen as codegen
@@ -119,6 +122,48 @@ def test_fold_in_gives_distinct_reproducible_streams():
     eg.fold_in_rng(1)
     np.testing.assert_array_equal(a, eg.rand(100).numpy())       # a fold restarts the counter
     assert np.abs(a - b).max() > 0.1
+
+
+def test_fold_in_keys_are_never_element_draws_of_the_parent_key():
+    """A folded key comes from a counter no element draw uses (word 2 is the fold's
+    tag), so a sub-stream's key never equals a value the parent stream hands out."""
+    key = (12345, 678)
+    for d in (0, 1, 7, 2 ** 32 + 5):
+        words = philox_words(d, 1, key)
+        assert fold_in(key, d) != (int(words[0][0]), int(words[1][0]))
+
+
+class _SlowCounter:
+    """A stream whose counter read yields to other threads (the window a lock must cover)."""
+    name = "slow"
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    @property
+    def rng_counter(self) -> int:
+        n = self._n
+        time.sleep(1e-4)
+        return n
+
+    @rng_counter.setter
+    def rng_counter(self, value: int) -> None:
+        self._n = value
+
+
+def test_threads_claiming_counters_at_once_get_disjoint_ranges():
+    stream, starts = _SlowCounter(), []
+
+    def claim() -> None:
+        for _ in range(25):
+            starts.append(Backend.claim_counters(stream, 3))
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(starts) == list(range(0, 4 * 25 * 3, 3))
+    assert stream._n == 4 * 25 * 3
 
 
 def test_rng_state_round_trip_and_errors():
