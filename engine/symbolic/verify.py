@@ -27,7 +27,7 @@ from ..tensor import Tensor
 from .zero import DEFAULT_POINTS, Proof, decide_zero
 
 __all__ = ["symbols", "symbolic_tensor", "constant", "ElementCheck", "GradientReport",
-           "GradientMismatch", "verify_gradients", "SpecReport", "verify_elementwise_spec",
+           "GradientMismatch", "verify_gradients", "verify_leaves", "SpecReport", "verify_elementwise_spec",
            "elementwise_engine_check"]
 
 # -- symbols and tensors on the symbolic backend ------------------------------------------------
@@ -260,10 +260,30 @@ def verify_gradients(fn: Callable[..., Tensor], *shapes: Sequence[int],
     if len(names) != len(shapes):
         raise ValueError(f"verify_gradients: {len(shapes)} shapes but {len(names)} names")
     pos = [positive] * len(shapes) if isinstance(positive, bool) else list(positive)
-    arrays = [symbols(n, s, p) for n, s, p in zip(names, shapes, pos)]
-    inputs = [symbolic_tensor(a) for a in arrays]
+    inputs = [symbolic_tensor(symbols(n, s, p)) for n, s, p in zip(names, shapes, pos)]
+    return verify_leaves(lambda: fn(*inputs), dict(zip(names, inputs)), cotangent=cotangent,
+                         closed_form=closed_form, points=points, seed=seed,
+                         name=name or getattr(fn, "__name__", "fn"),
+                         raise_on_failure=raise_on_failure, blame=blame)
+
+
+def verify_leaves(run: Callable[[], Tensor], leaves: dict[str, Tensor], *,
+                  cotangent: str | None = "g", closed_form: Callable[..., Sequence] | None = None,
+                  points: int = DEFAULT_POINTS, seed: int = 0, name: str = "fn",
+                  raise_on_failure: bool = True, blame: bool = True) -> GradientReport:
+    """`verify_gradients` for leaf tensors made by the caller: each of `leaves` (by
+    name) is a symbolic tensor holding distinct symbols and requiring grad, e.g. a
+    module's own Parameters, so the module's forward runs unchanged; `run()` computes
+    the output from them."""
+    names, inputs = list(leaves), list(leaves.values())
+    for nm, t in leaves.items():
+        if t.device != "symbolic" or not t.requires_grad:
+            raise ValueError(f"verify_gradients: leaf {nm!r} must be a symbolic tensor that "
+                             f"requires grad, got device {t.device!r}, "
+                             f"requires_grad={t.requires_grad}")
+    arrays = [t._data.data for t in inputs]
     with keep_graph_inputs():          # _local_check re-runs each node on its inputs
-        out = fn(*inputs)
+        out = run()
     if not isinstance(out, Tensor) or out.device != "symbolic":
         raise TypeError("verify_gradients: fn must return one tensor computed from its inputs")
     y = out._data.data
@@ -273,8 +293,8 @@ def verify_gradients(fn: Callable[..., Tensor], *shapes: Sequence[int],
     else:
         v = symbols(cotangent, out.shape)
     linear = [] if cotangent is None else list(v.reshape(-1))
-    report = GradientReport(name or getattr(fn, "__name__", "fn"),
-                            {n: tuple(s) for n, s in zip(names, shapes)}, tuple(out.shape))
+    report = GradientReport(name, {n: tuple(a.shape) for n, a in zip(names, arrays)},
+                            tuple(out.shape))
     if out.requires_grad:
         nodes = _graph_nodes(out)
         report.ops = tuple(sorted({n.op.name for _, n in nodes}))
