@@ -9,6 +9,8 @@ import pytest
 import sympy
 
 import engine as eg
+from engine import symbolic as S
+from engine.symbolic import closed_forms as cf
 from engine.symbolic import nn_cases as N
 
 
@@ -69,3 +71,75 @@ def test_decoder_layer_every_op_vjp_proved():
     assert report.nodes >= 50 and report.unreached == []
     assert all(c.proof.method in ("simplified", "rational points")
                for r in report.reports for c in r.checks)
+
+
+# -- the closed forms that docs/derivations.md prints ------------------------------------------
+
+def _same(a, b):
+    return S.decide_zero(sympy.sympify(a) - sympy.sympify(b)).ok
+
+
+def test_printed_softmax_family_formulas_equal_the_verified_closed_forms():
+    x, v = S.symbols("x", (2, 3)), S.symbols("g", (2, 3))
+    p = cf.stable_softmax(x)
+    expected = {"softmax": cf.softmax_jvp([x], None, v)[0],
+                "log_softmax": cf.log_softmax_closed([x], None, v)[0]}
+    for name, ref in expected.items():
+        for r in range(2):
+            for i in range(3):
+                got = cf.instantiate(name, {cf.P: p[r], cf.YBAR: v[r]}, {cf.n: 3}, i=i)
+                assert _same(got, ref[r, i]), (name, r, i)
+    vs = S.symbols("g", (2,))
+    ref = cf.logsumexp_closed([x], None, vs)[0]
+    assert all(_same(cf.instantiate("logsumexp", {cf.P: p[r]}, {cf.SCALAR_YBAR: vs[r]}, i=i),
+                     ref[r, i]) for r in range(2) for i in range(3))
+
+
+def test_printed_cross_entropy_formula_equals_the_verified_closed_form():
+    x, targets = S.symbols("x", (3, 3)), np.array([0, -100, 2])
+    p = cf.stable_softmax(x)
+    ref = cf.cross_entropy_closed(targets, sympy.Rational(1, 10))([x], None, np.array(1))[0]
+    for r in (0, 2):                          # the ignored row is 0: said in the text
+        for i in range(3):
+            got = cf.instantiate("cross_entropy", {cf.P: p[r]},
+                                 {cf.SCALAR_YBAR: 1, cf.EPS_LS: sympy.Rational(1, 10), cf.C: 3,
+                                  cf.N: 2, cf.T: int(targets[r])}, i=i)
+            assert _same(got, ref[r, i]), (r, i)
+    assert all(ref[1, i] == 0 for i in range(3))
+
+
+def test_printed_layer_norm_formulas_equal_the_verified_closed_form():
+    x, w, b, v = S.symbols("x", (1, 3)), S.symbols("w", (3,)), S.symbols("b", (3,)), \
+        S.symbols("g", (1, 3))
+    eps = sympy.Rational(1, 10 ** 5)
+    dx, dw, db = cf.layer_norm_closed(eps)([x, w, b], None, v)
+    mu = sum(x[0]) / 3
+    sizes = {cf.n: 3, cf.MU: mu, cf.VAR: sum((e - mu) ** 2 for e in x[0]) / 3, cf.EPS_LN: eps}
+    r = cf.instantiate("layer_norm_rstd", {}, sizes)
+    sizes[cf.RSTD] = r
+    xhat = np.array([cf.instantiate("layer_norm_xhat", {cf.X: x[0]}, sizes, i=i)
+                     for i in range(3)], dtype=object)
+    hbar = np.array([cf.instantiate("layer_norm_hbar", {cf.YBAR: v[0], cf.GAMMA: w}, sizes, i=i)
+                     for i in range(3)], dtype=object)
+    arrays = {cf.HBAR: hbar, cf.XHAT: xhat, cf.YBAR: v[0]}
+    for i in range(3):
+        assert _same(cf.instantiate("layer_norm_dx", arrays, sizes, i=i), dx[0, i])
+        assert _same(cf.instantiate("layer_norm_dgamma", arrays, sizes, i=i), dw[i])
+        assert _same(cf.instantiate("layer_norm_dbeta", arrays, sizes, i=i), db[i])
+
+
+def test_printed_attention_formulas_equal_the_verified_closed_form():
+    q, k, v, do = (S.symbols(nm, (3, 2)) for nm in ("Q", "K", "V", "dO"))
+    dq, dk, dv = cf.attention_closed_parts(q, k, v, do, None)
+    p = cf.stable_softmax(np.matmul(q, k.T) / sympy.sqrt(2))
+    sizes = {cf.n: 3, cf.d: 2}
+    arrays = {cf.SP: p, cf.DO: do, cf.V: v, cf.Q: q, cf.K: k}
+    arrays[cf.DP] = np.array([[cf.instantiate("attention_dp", arrays, sizes, i=a, j=b)
+                               for b in range(3)] for a in range(3)], dtype=object)
+    arrays[cf.DS] = np.array([[cf.instantiate("attention_ds", arrays, sizes, i=a, j=b)
+                               for b in range(3)] for a in range(3)], dtype=object)
+    for a in range(3):
+        for col in range(2):
+            assert _same(cf.instantiate("attention_dv", arrays, sizes, j=a, c=col), dv[a, col])
+            assert _same(cf.instantiate("attention_dq", arrays, sizes, i=a, c=col), dq[a, col])
+            assert _same(cf.instantiate("attention_dk", arrays, sizes, j=a, c=col), dk[a, col])
