@@ -9,6 +9,7 @@ import pytest
 import sympy
 
 import engine as eg
+import ops
 from engine import symbolic as S
 from engine.symbolic import closed_forms as cf
 from engine.symbolic import nn_cases as N
@@ -143,3 +144,47 @@ def test_printed_attention_formulas_equal_the_verified_closed_form():
             assert _same(cf.instantiate("attention_dv", arrays, sizes, j=a, c=col), dv[a, col])
             assert _same(cf.instantiate("attention_dq", arrays, sizes, i=a, c=col), dq[a, col])
             assert _same(cf.instantiate("attention_dk", arrays, sizes, j=a, c=col), dk[a, col])
+
+
+
+# -- the proofs bite ----------------------------------------------------------------------------
+
+def _double_first_gradient(monkeypatch, name):
+    op = ops.REGISTRY[name]
+    right = op.vjp
+
+    def wrong(g, out, inputs, needs, **params):
+        grads = right(g, out, inputs, needs, **params)
+        return (ops.REGISTRY["mul"](grads[0], 2.0),) + tuple(grads[1:])
+    monkeypatch.setattr(op, "vjp", wrong)
+
+
+def test_a_wrong_softmax_vjp_fails_the_decoder_layer_proof(monkeypatch):
+    _double_first_gradient(monkeypatch, "softmax")
+    report = N.verify_graph(*N.decoder_run(), "decoder")
+    failed = [r.name for r in report.reports if not r.ok]
+    assert failed and set(failed) == {"softmax"}          # both attentions' softmax
+
+
+def test_a_wrong_layer_norm_vjp_fails_layer_norm_and_decoder_layer(monkeypatch):
+    _double_first_gradient(monkeypatch, "layer_norm")
+    c = N.nn_cases()["nn_layer_norm"]
+    run, leaves = c.build()
+    report = S.verify_leaves(run, leaves, raise_on_failure=False, blame=False)
+    assert {f.input for f in report.failures} == {"x"}
+    graph = N.verify_graph(*N.decoder_run(), "decoder")
+    assert {r.name for r in graph.reports if not r.ok} == {"layer_norm"}
+
+
+def test_a_wrong_row_program_vjp_fails_the_cross_entropy_proof(monkeypatch):
+    """The row program the loss runs (log_softmax, or a cross-entropy row program)."""
+    c = N.nn_cases()["nn_cross_entropy"]
+    run, leaves = c.build()
+    rows = sorted({node.op.name for _, node in S.verify.graph_nodes(run())
+                   if node.op.kind == "rows"})
+    assert rows
+    _double_first_gradient(monkeypatch, rows[0])
+    report = S.verify_leaves(run, leaves, cotangent=None, closed_form=c.closed_form,
+                             raise_on_failure=False, blame=False)
+    assert not report.ok
+    assert {f.index[0] for f in report.failures} == {0, 2}     # the ignored row stays 0
