@@ -106,6 +106,49 @@ def to_sympy(v: Any) -> sympy.Basic:
     return sympy.sympify(v)
 
 
+def _extremum(cls: type, *args: Any) -> sympy.Expr:
+    """Max/Min of `args` with only the cheap, exact reductions: numbers are compared
+    (evaluated normally), the identity (-oo for Max, oo for Min) and repeats are
+    dropped, the absorbing infinity wins. Why: sympy's own Max compares every pair of
+    symbolic arguments through the assumptions system, which takes minutes on the
+    large expressions of a whole Transformer layer; an unevaluated Max has the same
+    value and derivative."""
+    identity = -sympy.oo if cls is sympy.Max else sympy.oo
+    vals: list = []
+    for a in args:
+        a = sympy.sympify(a)
+        if a == -identity:
+            return a
+        if a != identity and a not in vals:
+            vals.append(a)
+    if not vals:
+        return identity
+    if len(vals) == 1:
+        return vals[0]
+    numbers = [a for a in vals if a.is_number]
+    others = [a for a in vals if not a.is_number]
+    if len(numbers) > 1:
+        numbers = [cls(*numbers)]
+    if not others:
+        return numbers[0]
+    return cls(*(others + numbers), evaluate=False)
+
+
+_CHEAP = {sympy.Max: functools.partial(_extremum, sympy.Max),
+          sympy.Min: functools.partial(_extremum, sympy.Min)}
+
+
+def _substitute(expr: sympy.Basic, values: dict) -> sympy.Basic:
+    """`expr` with its symbols replaced by `values`, rebuilding Max/Min with
+    `_extremum` (everything else as xreplace would)."""
+    if expr in values:
+        return values[expr]
+    if not expr.args:
+        return expr
+    args = [_substitute(a, values) for a in expr.args]
+    return _CHEAP.get(expr.func, expr.func)(*args)
+
+
 def _decide(b: Any) -> Any:
     """A sympy truth value, decided to true/false when sympy can tell."""
     b = to_sympy(b)
@@ -299,7 +342,7 @@ class SymbolicBackend(Backend):
         boolean = spec.result == "bool"
 
         def one(*vals: Any) -> Any:
-            out = expr.xreplace(dict(zip(symbols, vals)))
+            out = _substitute(expr, dict(zip(symbols, vals)))
             return _decide(out) if boolean else out
 
         ufunc = np.frompyfunc(one, len(symbols), 1)
@@ -330,7 +373,7 @@ class SymbolicBackend(Backend):
     def max(self, x: SymArray, axis: tuple | None, keepdims: bool) -> SymArray:
         if x.size == 0:
             raise ValueError("symbolic max: zero-size array to reduction operation max")
-        return SymArray(_reduce(x.data, axis, keepdims, sympy.Max), x.dtype)
+        return SymArray(_reduce(x.data, axis, keepdims, _CHEAP[sympy.Max]), x.dtype)
 
     def matmul(self, a: SymArray, b: SymArray) -> SymArray:
         """NumPy's matmul rules, each output element one flat sum of products."""

@@ -30,17 +30,18 @@ document from the verified cases (see `case_keys`).
 
 The package has one module per job: `zero` (the zero-decision procedure), `verify`
 (the verifier and its reports), `closed_forms` (hand derivations in sympy), `cases`
-(the catalogue of verified cases) and `document` (the derivations document).
+(the catalogue of verified cases), `nn_cases` (the same proofs on nn modules and
+losses, run as training runs them) and `document` (the derivations document; it imports nn, so it is not loaded with
+the engine: `engine.symbolic.document`).
 """
 from .cases import Case, case_keys, case_report, cases, engine_fns
-from .document import DERIVATIONS, main, render_derivations
 from .verify import (ElementCheck, GradientMismatch, GradientReport, SpecReport, constant,
                      elementwise_engine_check, symbolic_tensor, symbols, verify_elementwise_spec,
-                     verify_gradients)
+                     verify_gradients, verify_leaves)
 from .zero import DEFAULT_POINTS, Proof, decide_zero
 
-__all__ = ["verify_gradients", "verify_elementwise_spec", "elementwise_engine_check",
+__all__ = ["verify_gradients", "verify_leaves", "verify_elementwise_spec", "elementwise_engine_check",
            "GradientReport", "SpecReport", "ElementCheck", "GradientMismatch", "decide_zero",
            "Proof", "symbols", "symbolic_tensor", "constant", "case_keys", "case_report",
-           "DERIVATIONS", "render_derivations", "main", "Case", "cases", "engine_fns",
+           "Case", "cases", "engine_fns",
            "DEFAULT_POINTS"]

@@ -82,11 +82,11 @@ def cases() -> dict[str, Case]:
     fns = engine_fns()
     qkv = dict(shapes=((3, 2), (3, 2), (3, 2)), names=("Q", "K", "V"), cotangent="dO")
     cases = [
-        Case("softmax", "eg.softmax(x, axis=-1) (fused op, hand-written VJP)", fns["softmax"],
+        Case("softmax", "eg.softmax(x, axis=-1) (row program and its VJP)", fns["softmax"],
              ((2, 3),), ("x",), "g", cf.softmax_jvp),
         Case("softmax_composite", "ops.composite.softmax(x, -1) (primitives)",
              fns["softmax_composite"], ((2, 3),), ("x",), "g", cf.softmax_jvp),
-        Case("log_softmax", "eg.log_softmax(x, axis=-1) (fused op)", fns["log_softmax"],
+        Case("log_softmax", "eg.log_softmax(x, axis=-1) (row program and its VJP)", fns["log_softmax"],
              ((2, 3),), ("x",), "g", cf.log_softmax_closed),
         Case("log_softmax_composite", "ops.composite.log_softmax(x, -1) (primitives)",
              fns["log_softmax_composite"], ((2, 3),), ("x",), "g", cf.log_softmax_closed),
@@ -99,7 +99,7 @@ def cases() -> dict[str, Case]:
              f"ops.composite.cross_entropy(x, targets={_TARGETS.tolist()}, label_smoothing=0.1)",
              fns["cross_entropy_smoothing"], ((3, 3),), ("x",), None,
              cf.cross_entropy_closed(_TARGETS, _SMOOTHING)),
-        Case("layer_norm", "eg.layer_norm(x, w, b, eps=1e-5) (fused op, hand-written VJP)",
+        Case("layer_norm", "eg.layer_norm(x, w, b, eps=1e-5) (row program and its VJP)",
              fns["layer_norm"], ((2, 3), (3,), (3,)), ("x", "w", "b"), "g",
              cf.layer_norm_closed(_EPS)),
         Case("layer_norm_composite", "ops.composite.layer_norm(x, w, b, eps=1e-5) (primitives)",

@@ -137,3 +137,61 @@ def self_attention_closed(arrays: list, y: np.ndarray, do: np.ndarray) -> list:
     dx = np.matmul(dq, wq) + np.matmul(dk, wk) + np.matmul(dv, wv)
     return [dx, np.matmul(dq.T, x), np.matmul(dk.T, x), np.matmul(dv.T, x)]
 
+
+
+# -- the closed forms as formulas (printed in docs/derivations.md) ---------------------------
+# Indexed sympy expressions for one row (0-based indices). `instantiate` turns one into
+# the expression of one element, and tests/test_nn_proofs.py checks, exactly, that each
+# equals the closed form above that the cases are verified against; the document
+# prints these very expressions, so what it shows is what is checked.
+
+i, j, k, c = sympy.symbols("i j k c", integer=True)
+n, C, N = sympy.symbols("n C N", integer=True, positive=True)
+P, YBAR, X, GAMMA = (sympy.IndexedBase(s) for s in ("p", r"\bar{y}", "x", r"\gamma"))
+HBAR, XHAT = sympy.IndexedBase(r"\bar{h}"), sympy.IndexedBase(r"\hat{x}")
+SCALAR_YBAR, T, EPS_LS = sympy.Symbol(r"\bar{y}"), sympy.Symbol("t", integer=True), \
+    sympy.Symbol(r"\varepsilon", positive=True)
+MU, VAR, EPS_LN, RSTD = sympy.symbols(r"\mu \sigma^2 \epsilon r", positive=True)
+SP, DP, DO, Q, K, V, DS = (sympy.IndexedBase(s) for s in
+                           ("P", r"\bar{P}", r"\bar{O}", "Q", "K", "V", r"\bar{S}"))
+d = sympy.Symbol("d", integer=True, positive=True)
+
+FORMULAS = {
+    "softmax": (r"\bar{x}_i", P[i] * (YBAR[i] - sympy.Sum(YBAR[j] * P[j], (j, 0, n - 1)))),
+    "log_softmax": (r"\bar{x}_i", YBAR[i] - P[i] * sympy.Sum(YBAR[j], (j, 0, n - 1))),
+    "logsumexp": (r"\bar{x}_i", P[i] * SCALAR_YBAR),
+    "cross_entropy": (r"\bar{x}_i", SCALAR_YBAR * (P[i] - (1 - EPS_LS) * sympy.KroneckerDelta(i, T)
+                                                   - EPS_LS / C) / N),
+    "layer_norm_rstd": ("r", (VAR + EPS_LN) ** sympy.Rational(-1, 2)),
+    "layer_norm_xhat": (r"\hat{x}_i", (X[i] - MU) * RSTD),
+    "layer_norm_hbar": (r"\bar{h}_i", YBAR[i] * GAMMA[i]),
+    "layer_norm_dx": (r"\bar{x}_i", RSTD * (HBAR[i] - sympy.Sum(HBAR[j], (j, 0, n - 1)) / n
+                                            - XHAT[i] * sympy.Sum(HBAR[j] * XHAT[j], (j, 0, n - 1)) / n)),
+    "layer_norm_dgamma": (r"\bar{\gamma}_i", YBAR[i] * XHAT[i]),
+    "layer_norm_dbeta": (r"\bar{\beta}_i", YBAR[i]),
+    "attention_dp": (r"\bar{P}_{ij}", sympy.Sum(DO[i, c] * V[j, c], (c, 0, d - 1))),
+    "attention_ds": (r"\bar{S}_{ij}", SP[i, j] * (DP[i, j] - sympy.Sum(DP[i, k] * SP[i, k],
+                                                                        (k, 0, n - 1)))),
+    "attention_dv": (r"\bar{V}_{jc}", sympy.Sum(SP[i, j] * DO[i, c], (i, 0, n - 1))),
+    "attention_dq": (r"\bar{Q}_{ic}", sympy.Sum(DS[i, j] * K[j, c], (j, 0, n - 1)) / sympy.sqrt(d)),
+    "attention_dk": (r"\bar{K}_{jc}", sympy.Sum(DS[i, j] * Q[i, c], (i, 0, n - 1)) / sympy.sqrt(d)),
+}
+"""name -> (the left-hand side in LaTeX, the right-hand side as a sympy expression)."""
+
+
+def formula_tex(name: str) -> str:
+    """`lhs = rhs` of one formula, the right-hand side printed by sympy.latex."""
+    lhs, rhs = FORMULAS[name]
+    return f"{lhs} = {sympy.latex(rhs)}"
+
+
+def instantiate(name: str, arrays: dict, scalars: dict, **indices: int) -> sympy.Expr:
+    """One element of formula `name`: sizes and scalars from `scalars` ({n: 3, ...}),
+    the free indices from `indices` (i=0, ...), each Indexed base read from `arrays`
+    (an object array per IndexedBase)."""
+    _, rhs = FORMULAS[name]
+    free = {sympy.Symbol(s, integer=True): v for s, v in indices.items()}
+    e = rhs.xreplace({**scalars, **free}).doit()
+    reps = {a: arrays[a.base][tuple(int(t) for t in a.indices)]
+            for a in e.atoms(sympy.Indexed)}
+    return e.xreplace(reps)

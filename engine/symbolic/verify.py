@@ -27,7 +27,8 @@ from ..tensor import Tensor
 from .zero import DEFAULT_POINTS, Proof, decide_zero
 
 __all__ = ["symbols", "symbolic_tensor", "constant", "ElementCheck", "GradientReport",
-           "GradientMismatch", "verify_gradients", "SpecReport", "verify_elementwise_spec",
+           "GradientMismatch", "verify_gradients", "verify_leaves", "graph_nodes", "node_key",
+           "node_report", "SpecReport", "verify_elementwise_spec",
            "elementwise_engine_check"]
 
 # -- symbols and tensors on the symbolic backend ------------------------------------------------
@@ -147,7 +148,7 @@ class GradientMismatch(GradError):
 
 # -- verification ---------------------------------------------------------------------------------
 
-def _graph_nodes(out: Tensor) -> list[tuple[Tensor, Node]]:
+def graph_nodes(out: Tensor) -> list[tuple[Tensor, Node]]:
     """The autograd nodes reachable from `out` (the VJPs its backward runs)."""
     seen, order, stack = set(), [], [out]
     while stack:
@@ -161,15 +162,19 @@ def _graph_nodes(out: Tensor) -> list[tuple[Tensor, Node]]:
     return order
 
 
-def _node_key(node: Node) -> tuple:
-    shapes = tuple((tuple(x.shape), str(x.dtype), x.requires_grad) if isinstance(x, Tensor)
-                   else ("scalar", repr(x)) for x in node.inputs)
+def node_key(node: Node) -> tuple:
+    """What a node's own VJP check depends on: the op, its params, the shapes and dtypes
+    of its inputs and the values of its integer and bool inputs (masks, targets)."""
+    shapes = tuple(((tuple(x.shape), str(x.dtype), x.requires_grad) +
+                    ((repr(np.asarray(x._data).tolist()),) if np.dtype(x.dtype).kind in "biu"
+                     else ()))
+                   if isinstance(x, Tensor) else ("scalar", repr(x)) for x in node.inputs)
     return node.op.name, shapes, repr(sorted(node.params.items(), key=lambda kv: kv[0]))
 
 
-def _local_check(node: Node, points: int) -> str | None:
-    """Check one op's VJP on its own: fresh symbols for the inputs that took a
-    gradient, the other inputs as they were. Returns what fails, or None."""
+def node_report(node: Node, points: int = DEFAULT_POINTS) -> GradientReport:
+    """One op's VJP proved on its own: fresh symbols for the inputs that took a
+    gradient, the other inputs (masks, class indices) as they were."""
     grad_pos = [i for i, x in enumerate(node.inputs) if isinstance(x, Tensor) and x.requires_grad]
     shapes = [tuple(node.inputs[i].shape) for i in grad_pos]
     names = [f"in{i}" for i in grad_pos]
@@ -182,9 +187,13 @@ def _local_check(node: Node, points: int) -> str | None:
                 for a in args]
         return node.op(*args, **node.params)
 
-    report = verify_gradients(call, *shapes, names=names, points=points, name=node.op.name,
-                              raise_on_failure=False, blame=False)
-    bad = report.failures
+    return verify_gradients(call, *shapes, names=names, points=points, name=node.op.name,
+                            raise_on_failure=False, blame=False)
+
+
+def _local_check(node: Node, points: int) -> str | None:
+    """`node_report`, as the line naming what fails (None when the VJP is right)."""
+    bad = node_report(node, points).failures
     if not bad:
         return None
     shape_text = ", ".join(str(tuple(x.shape)) if isinstance(x, Tensor) else repr(x)
@@ -260,10 +269,30 @@ def verify_gradients(fn: Callable[..., Tensor], *shapes: Sequence[int],
     if len(names) != len(shapes):
         raise ValueError(f"verify_gradients: {len(shapes)} shapes but {len(names)} names")
     pos = [positive] * len(shapes) if isinstance(positive, bool) else list(positive)
-    arrays = [symbols(n, s, p) for n, s, p in zip(names, shapes, pos)]
-    inputs = [symbolic_tensor(a) for a in arrays]
+    inputs = [symbolic_tensor(symbols(n, s, p)) for n, s, p in zip(names, shapes, pos)]
+    return verify_leaves(lambda: fn(*inputs), dict(zip(names, inputs)), cotangent=cotangent,
+                         closed_form=closed_form, points=points, seed=seed,
+                         name=name or getattr(fn, "__name__", "fn"),
+                         raise_on_failure=raise_on_failure, blame=blame)
+
+
+def verify_leaves(run: Callable[[], Tensor], leaves: dict[str, Tensor], *,
+                  cotangent: str | None = "g", closed_form: Callable[..., Sequence] | None = None,
+                  points: int = DEFAULT_POINTS, seed: int = 0, name: str = "fn",
+                  raise_on_failure: bool = True, blame: bool = True) -> GradientReport:
+    """`verify_gradients` for leaf tensors made by the caller: each of `leaves` (by
+    name) is a symbolic tensor holding distinct symbols and requiring grad, e.g. a
+    module's own Parameters, so the module's forward runs unchanged; `run()` computes
+    the output from them."""
+    names, inputs = list(leaves), list(leaves.values())
+    for nm, t in leaves.items():
+        if t.device != "symbolic" or not t.requires_grad:
+            raise ValueError(f"verify_gradients: leaf {nm!r} must be a symbolic tensor that "
+                             f"requires grad, got device {t.device!r}, "
+                             f"requires_grad={t.requires_grad}")
+    arrays = [t._data.data for t in inputs]
     with keep_graph_inputs():          # _local_check re-runs each node on its inputs
-        out = fn(*inputs)
+        out = run()
     if not isinstance(out, Tensor) or out.device != "symbolic":
         raise TypeError("verify_gradients: fn must return one tensor computed from its inputs")
     y = out._data.data
@@ -273,10 +302,10 @@ def verify_gradients(fn: Callable[..., Tensor], *shapes: Sequence[int],
     else:
         v = symbols(cotangent, out.shape)
     linear = [] if cotangent is None else list(v.reshape(-1))
-    report = GradientReport(name or getattr(fn, "__name__", "fn"),
-                            {n: tuple(s) for n, s in zip(names, shapes)}, tuple(out.shape))
+    report = GradientReport(name, {n: tuple(a.shape) for n, a in zip(names, arrays)},
+                            tuple(out.shape))
     if out.requires_grad:
-        nodes = _graph_nodes(out)
+        nodes = graph_nodes(out)
         report.ops = tuple(sorted({n.op.name for _, n in nodes}))
         grads = _autograd_grad(out, inputs, grad_outputs=symbolic_tensor(v, requires_grad=False),
                                retain_graph=True, allow_unused=True)
@@ -305,7 +334,7 @@ def verify_gradients(fn: Callable[..., Tensor], *shapes: Sequence[int],
         for _, node in nodes:
             if any(isinstance(x, Edge) for x in node.inputs):
                 continue               # recorded outside keep_graph_inputs: values not kept
-            key = _node_key(node)
+            key = node_key(node)
             if key not in checked:
                 checked.add(key)
                 found = _local_check(node, points)
