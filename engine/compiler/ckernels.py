@@ -19,6 +19,7 @@ import numpy as np
 
 from backends import cparallel, rowprint
 from backends.cbuild import address, available, vector_math
+from backends.eager_kernels import merge_axes
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
 from .ir import Value
@@ -80,28 +81,8 @@ def broadcast_strides(shape: tuple, out_shape: tuple) -> list[int]:
 
 
 def loop_nest(shapes: list, out_shape: tuple, keep_last: bool = False) -> tuple[list[int], list[list[int]]]:
-    """(extents, per-input strides) of the loops over the output: size-1 axes dropped,
-    neighbours merged wherever every input steps through them as through one axis
-    (never into the last axis with `keep_last`: it is a row of its own)."""
-    per_input = [broadcast_strides(s, out_shape) for s in shapes]
-    dims: list[int] = []
-    strides: list[list[int]] = [[] for _ in shapes]
-    last = len(out_shape) - 1
-    for k, extent in enumerate(out_shape):
-        if extent == 1 and not (keep_last and k == last):
-            continue
-        if dims and not (keep_last and k == last) and \
-                all(st[-1] == src[k] * extent for st, src in zip(strides, per_input)):
-            dims[-1] *= extent
-            for st, src in zip(strides, per_input):
-                st[-1] = src[k]
-        else:
-            dims.append(extent)
-            for st, src in zip(strides, per_input):
-                st.append(src[k])
-    if not dims:
-        return [1], [[0] for _ in shapes]
-    return dims, strides
+    """(extents, per-input strides) of the loops over the output (see merge_axes)."""
+    return merge_axes(out_shape, [broadcast_strides(s, out_shape) for s in shapes], keep_last)
 
 
 @dataclass
