@@ -71,15 +71,16 @@ def _min_size(spec: Any) -> int | None:
     return 4 * _min_elements if cparallel.threads() > 1 else None
 
 
-_integer_ops: dict[str, bool] = {}
+_integer_ops: dict[Any, bool] = {}
 
 
 def _integer_exact(spec: Any) -> bool:
     """Is the spec only sums, products and positive integer powers, which integer C
-    computes exactly (wrapping) as NumPy does? Read once per spec."""
-    if spec.name not in _integer_ops:
-        _integer_ops[spec.name] = _polynomial(spec.impl_expr)
-    return _integer_ops[spec.name]
+    computes exactly (wrapping) as NumPy does? Read once per spec (the spec object:
+    two specs may share a name)."""
+    if spec not in _integer_ops:
+        _integer_ops[spec] = _polynomial(spec.impl_expr)
+    return _integer_ops[spec]
 
 
 def _polynomial(expr: sympy.Expr) -> bool:
@@ -152,8 +153,10 @@ def kernel_source(name: str, spec: Any, dtype: np.dtype, in_dtypes: tuple, patte
 
 
 def _kernel(spec: Any, dtype: np.dtype, in_dtypes: tuple, pattern: str) -> Any:
-    """The compiled kernel for this key (built once), or None where it has no C form."""
-    key = (spec.name, dtype, in_dtypes, pattern)
+    """The compiled kernel for this key (built once), or None where it has no C form.
+    Keyed by the spec object, not its name: an unregistered op (a row program's map
+    step, a test's) may share a name with another expression."""
+    key = (spec, dtype, in_dtypes, pattern)
     fn = _kernels.get(key, False)
     if fn is not False:
         return fn

@@ -178,3 +178,13 @@ def test_small_arrays_and_unhandled_inputs_stay_on_numpy(rng):
         np.testing.assert_array_equal((eg.tensor(big) < 0).numpy(), big < 0)
     finally:
         eager_kernels.set_min_elements(previous)
+
+
+def test_kernels_are_cached_per_spec_not_per_name(forced, rng):
+    """Two unregistered ops sharing a name each run their own expression."""
+    from ops.elementwise import X, ElementwiseOp
+    twice = ElementwiseOp("scaled", 2 * X, (X,))
+    thrice = ElementwiseOp("scaled", 3 * X, (X,))
+    x = rng.standard_normal(100)
+    np.testing.assert_array_equal(eager_kernels.run(twice, (x,)), 2 * x)
+    np.testing.assert_array_equal(eager_kernels.run(thrice, (x,)), 3 * x)
