@@ -10,7 +10,7 @@ import sympy
 
 from ops import numpy_impls
 
-from . import cbuild, host_kernels
+from . import cbuild, eager_kernels, host_kernels
 from .array_backend import ArrayBackend
 from .host_memory import keep_freed_memory
 
@@ -56,8 +56,9 @@ class NumpyBackend(ArrayBackend):
     # -- elementwise -------------------------------------------------------------
     def elementwise_fn(self, spec: Any) -> Callable[..., Any]:
         """The spec's own NumPy function where it declares one (the registry tests check
-        that it computes the expression), else its lambdified expression."""
-        return spec.numpy if spec.numpy is not None else lambdify_numpy(spec)
+        that it computes the expression), else its lambdified expression; on large
+        arrays its printed C kernel on the thread pool (backends/eager_kernels.py)."""
+        return eager_kernels.wrap(spec, spec.numpy if spec.numpy is not None else lambdify_numpy(spec))
 
     # -- linear algebra ------------------------------------------------------------
     def matmul(self, a: Any, b: Any) -> Any:

@@ -280,13 +280,17 @@ def c_rows_source(program: Any, dtype: Any) -> str:
     return c_helpers(dt) + fn + loop
 
 
-def row_call(program: Any, dtype: Any, row: str, out: str, n: str) -> str:
-    """A C statement running a one-input program on the row at `row` into `out`."""
-    if len(program.rows) != 1 or program.cols or program.params or program.scalars or program.indices \
-            or _reduces(program):
-        raise CPrintError(f"row program {program.name}: only one-input programs with a row output "
-                          f"run on a scratch row")
-    return f"{_rowfn_name(program, dtype)}({row}, {out}, {n});"
+def row_call(program: Any, dtype: Any, row: str, out: str, n: str, cols: tuple = (),
+             params: tuple = ()) -> str:
+    """A C statement running a one-row-input program on the row at `row` into `out`
+    (`cols`: C pointers to its column inputs, `params`: C values of its parameters)."""
+    if program.scalars or program.indices or _reduces(program):
+        raise CPrintError(f"row program {program.name}: only programs with a row output and no "
+                          f"per-row or index inputs run on a scratch row")
+    if len(program.rows) != 1 or len(cols) != len(program.cols) or len(params) != len(program.params):
+        raise CPrintError(f"row program {program.name}: needs one row, {len(program.cols)} column(s) "
+                          f"and {len(program.params)} parameter(s)")
+    return f"{_rowfn_name(program, dtype)}({', '.join([row, *cols, *params, out, n])});"
 
 
 # -- CUDA ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import ops
 from engine import nn
 from engine.compiler.bands import MIN_DIM, BandedMatmul, _plan, causal_band
 
+from .steps import train_steps
+
 
 def test_causal_band_reads_the_triangle_of_a_constant_mask():
     mask = nn.causal_mask(6).numpy()
@@ -121,16 +123,7 @@ def test_causal_lm_training_step_with_bands_matches_eager():
         eg.manual_seed(0)
         model = nn.CausalLM(11, 16, 2, 1, 32, dropout=0.0)
         opt = nn.optim.SGD(model.parameters(), lr=0.1)
-        inp, tgt = eg.tensor(tokens[:, :-1]), eg.tensor(tokens[:, 1:])
-
-        def step(inp, tgt):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(inp), tgt)
-            loss.backward()
-            opt.step()
-            return loss
-        run = eg.jit(step) if use_jit else step
-        losses = [run(inp, tgt).item() for _ in range(3)]
+        losses, run = train_steps(model, opt, eg.tensor(tokens[:, :-1]), eg.tensor(tokens[:, 1:]), use_jit)
         if use_jit:
             assert any(isinstance(n.op, BandedMatmul) for n in run.ir.nodes)
         states.append((losses, {k: v.numpy() for k, v in model.state_dict().items()}))

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import sympy
 
 from backends import cparallel, rowprint
 from backends.cbuild import address, available, vector_math
+from backends.eager_kernels import merge_axes
 from backends.cprint import CPrintError, c_expression, storage_ctype
 
 from .ir import Value
@@ -81,28 +83,8 @@ def broadcast_strides(shape: tuple, out_shape: tuple) -> list[int]:
 
 
 def loop_nest(shapes: list, out_shape: tuple, keep_last: bool = False) -> tuple[list[int], list[list[int]]]:
-    """(extents, per-input strides) of the loops over the output: size-1 axes dropped,
-    neighbours merged wherever every input steps through them as through one axis
-    (never into the last axis with `keep_last`: it is a row of its own)."""
-    per_input = [broadcast_strides(s, out_shape) for s in shapes]
-    dims: list[int] = []
-    strides: list[list[int]] = [[] for _ in shapes]
-    last = len(out_shape) - 1
-    for k, extent in enumerate(out_shape):
-        if extent == 1 and not (keep_last and k == last):
-            continue
-        if dims and not (keep_last and k == last) and \
-                all(st[-1] == src[k] * extent for st, src in zip(strides, per_input)):
-            dims[-1] *= extent
-            for st, src in zip(strides, per_input):
-                st[-1] = src[k]
-        else:
-            dims.append(extent)
-            for st, src in zip(strides, per_input):
-                st.append(src[k])
-    if not dims:
-        return [1], [[0] for _ in shapes]
-    return dims, strides
+    """(extents, per-input strides) of the loops over the output (see merge_axes)."""
+    return merge_axes(out_shape, [broadcast_strides(s, out_shape) for s in shapes], keep_last)
 
 
 @dataclass
@@ -301,6 +283,16 @@ def row_group_source(name: str, group: Any, dtype: np.dtype) -> str:
                       f"      {ct} tail = 0;",
                       f"      for (; j < {n}LL; ++j) {{ const long long jj = j; tail += {body}; }}",
                       f"      s{m} = acc[0] + tail;", "    }"]
+        elif st.kind == "rowop":          # the op's per-row function, on rows in hand
+            def pointer(v: Value) -> str:
+                if v in local:
+                    return f"f{local[v]}"
+                return f"p{inputs[v]} + base" if value_kind(v.shape, space) == "full" else f"p{inputs[v]}"
+            prog = st.row_op.rows
+            params = tuple(c_expression(sympy.Float(st.params[str(p)], 30), {}, dtype) for p in prog.params)
+            lines.append("    " + rowprint.row_call(prog, dtype, pointer(st.inputs[0]), f"f{m}", f"{n}LL",
+                                                    tuple(pointer(c) for c in st.inputs[1:]), params))
+            continue
         elif st.kind == "colsum":
             names = {sym: access(v, "j") for sym, v in zip(symbols, st.inputs)}
             lines.append(f"    for (long long j = 0; j < {n}LL; ++j) c{m}[j] += "
@@ -354,8 +346,14 @@ def plan_row_group(group: Any) -> Planned | None:
         return None
     src, name = _named(src, "k", "rows")
     out = group.stored[0] if group.stored else group.steps[-1].out
+    programs = {st.row_op.rows.name: st.row_op.rows for st in group.steps if st.kind == "rowop"}
+    try:
+        helpers = tuple(rowprint.c_row_function(p, dtype) for p in programs.values())
+    except CPrintError:
+        return None
     return Planned(src, name, (), ["same"] * len(group.inputs),
                    [int(np.prod(v.shape)) for v in group.inputs], group.space, out.shape, dtype,
+                   helpers=(rowprint.c_helpers(dtype),) + helpers if helpers else (),
                    n_out=len(group.stored), scratch=row_group_scratch(group))
 
 
@@ -370,7 +368,7 @@ class Planned:
     full_shape: tuple          # the shape inputs broadcast to
     out_shape: tuple
     dtype: np.dtype
-    helpers: str = ""          # static C functions it calls (a row program's per-row function)
+    helpers: tuple = ()        # static C functions it calls (row programs' per-row functions)
     n_out: int | None = None   # a row group: called as run(*inputs, *outputs)
     scratch: int = 0           # a row group: elements of scratch for its column sums
 
@@ -511,7 +509,7 @@ def plan_row(op: Any, inputs: tuple, out: Value) -> Planned | None:
     except (CPrintError, TypeError, ValueError):
         return None
     src, name = _named(src, "k", "row")
-    helpers = rowprint.c_helpers(out.dtype) + rowprint.c_row_function(op.row_op.rows, out.dtype)
+    helpers = (rowprint.c_helpers(out.dtype), rowprint.c_row_function(op.row_op.rows, out.dtype))
     return Planned(src, name, (), ["same"] * len(inputs), [int(np.prod(v.shape)) for v in inputs],
                    out.shape, out.shape, out.dtype, helpers=helpers)
 
@@ -522,7 +520,7 @@ def build(planned: list[Planned]) -> list[Callable[..., Any]] | None:
     if not planned:
         return []
     unique = {p.name: p.source for p in planned}
-    helpers = "".join(dict.fromkeys(p.helpers for p in planned if p.helpers))
+    helpers = "".join(dict.fromkeys(h for p in planned for h in p.helpers))
     try:
         lib = cparallel.build(rowprint.C_HEADER + helpers + "\n".join(unique.values()), vector=vector_math())
     except (RuntimeError, OSError):

@@ -154,7 +154,8 @@ def _donations_stream(group: Any, donated: dict, roots: dict) -> bool:
     Only if it reads each such buffer, if at all, as whole rows in its own layout (row
     r is read before row r is written, and no other row is touched)."""
     targets = {donated[v] for v in group.stored if v in donated}
-    return all(value_kind(x.shape, group.space) == "full" and roots.get(x, x) is x
+    whole = {s.inputs[0] for s in group.steps if s.kind == "rowop"}    # may be reread after y is written
+    return all(value_kind(x.shape, group.space) == "full" and roots.get(x, x) is x and x not in whole
                for x in group.inputs if roots.get(x, x) in targets)
 
 
@@ -169,7 +170,8 @@ def _row_group_lines(group: Any, runner: Any, k: int, names: dict, name: Any, sl
         buf = f"_b[{slots[v]}]" if v in slots else (
             names[donated[v]] if v in donated else f"np.empty({literal(v.shape, ns)}, {literal(v.dtype, ns)})")
         lines.append(f"    {names[v]} = {buf}")
-    ops_ = ",".join(s.group.name if s.kind == "map" else f"sum<{s.group.name}>" for s in group.steps)
+    ops_ = ",".join(s.group.name if s.kind == "map" else s.row_op.name if s.kind == "rowop"
+                    else f"sum<{s.group.name}>" for s in group.steps)
     args = [name(v) for v in group.inputs] + [names[v] for v in group.stored]
     lines.append(f"    _rows{k}({', '.join(args)})  # C: {_comment(f'rows[{ops_}]')}")
     inside = {s.out for s in group.steps if s.out not in group.stored}     # never named

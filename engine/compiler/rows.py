@@ -6,8 +6,10 @@ vectors. Each step as its own kernel streams the whole tensor through memory; do
 row by row, a row stays in L1 while every step runs on it and only the values needed
 later are written. A row group is a stretch of consecutive nodes over one space
 (..., C) whose steps are elementwise maps (full rows or per-row scalars), sums over
-the last axis, and sums over all rows (a bias's gradient, accumulated as the rows go
-by); codegen runs it as one C kernel (`ckernels.plan_row_group`).
+the last axis, sums over all rows (a bias's gradient, accumulated as the rows go
+by), and row-program ops over the last axis (layer norm's forward: the residual add
+producing its input and the norm run in one pass); codegen runs it as one C kernel
+(`ckernels.plan_row_group`).
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ from .passes import FusedElementwise, FusedReduction, single_group
 
 @dataclass
 class RowStep:
-    """One member: "map" (an elementwise group), "sum" (a group summed over the row) or
-    "colsum" (a group summed over all rows into one row)."""
+    """One member: "map" (an elementwise group), "sum" (a group summed over the row),
+    "colsum" (a group summed over all rows into one row) or "rowop" (a row-program op
+    over the last axis: `row_op` with its `params`; inputs its rows, then its columns)."""
     kind: str
     group: FusedElementwise
     inputs: tuple
     out: Value
+    row_op: Any = None
+    params: Any = None
 
 
 @dataclass
@@ -69,6 +74,8 @@ def _step(n: Any) -> RowStep | None:
     op = n.op
     if n.out.dtype.kind != "f":
         return None
+    if _last_axis_row_op(n):
+        return RowStep("rowop", FusedElementwise([], 1), tuple(n.inputs), n.out, op, dict(n.params))
     if isinstance(op, FusedElementwise):
         return RowStep("map", op, tuple(n.inputs), n.out)
     if isinstance(op, ElementwiseOp):
@@ -89,6 +96,19 @@ def _step(n: Any) -> RowStep | None:
     if nd >= 2 and tuple(axis) == tuple(range(nd - 1)) and not keepdims:
         return RowStep("colsum", group, inputs, n.out)
     return None
+
+
+def _last_axis_row_op(n: Any) -> bool:
+    """A row-program op (ops/rows.py) over the last axis of one row input, its columns
+    and parameters given: it can run on a row the group has in hand."""
+    prog = getattr(n.op, "rows", None)
+    if prog is None or len(prog.rows) != 1 or not n.inputs or not isinstance(n.inputs[0], Value):
+        return False
+    x = n.inputs[0]
+    axis = n.params.get(prog.axis) if prog.axis else len(x.shape) - 1
+    return (len(x.shape) >= 1 and axis in (len(x.shape) - 1, -1) and tuple(x.shape) == tuple(n.out.shape)
+            and len(n.inputs) == 1 + len(prog.cols) and all(isinstance(v, Value) for v in n.inputs)
+            and all(isinstance(n.params.get(str(p)), (int, float)) for p in prog.params))
 
 
 def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[RowGroup]:
@@ -120,7 +140,7 @@ def find_row_groups(program: Program, roots: dict, min_row: int = 8) -> list[Row
             close()
             continue
         if space is None:
-            full = s.out.shape if s.kind == "map" else _summed_shape(s)
+            full = s.out.shape if s.kind in ("map", "rowop") else _summed_shape(s)
             if len(full) == 0 or full[-1] < min_row or not _fits(s, tuple(full), steps, roots):
                 continue
             space = tuple(full)
@@ -135,6 +155,8 @@ def _fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
     if steps and s.out.dtype != steps[0].out.dtype:
         return False
     out_kind = value_kind(s.out.shape, space)
+    if s.kind == "rowop":
+        return _rowop_fits(s, space, steps, roots)
     if s.kind != "map":
         if out_kind != ("rowscalar" if s.kind == "sum" else "col") or tuple(_summed_shape(s)) != tuple(space):
             return False
@@ -152,6 +174,22 @@ def _fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
         if kind == "full" and roots.get(v, v) is not v:
             return False
     return True
+
+
+def _rowop_fits(s: RowStep, space: tuple, steps: list, roots: dict) -> bool:
+    """A row op reads its row and its columns through pointers: each a full row of the
+    group's (a map's or row op's value, or an input in its own layout) or, for a
+    column, a vector from outside; all of the step's dtype."""
+    if value_kind(s.out.shape, space) != "full" or any(v.dtype != s.out.dtype for v in s.inputs):
+        return False
+    made = {st.out: st for st in steps}
+
+    def whole_row(v: Value) -> bool:
+        if value_kind(v.shape, space) != "full":
+            return False
+        return made[v].kind in ("map", "rowop") if v in made else roots.get(v, v) is v
+    return whole_row(s.inputs[0]) and all(
+        whole_row(v) or (v not in made and value_kind(v.shape, space) == "col") for v in s.inputs[1:])
 
 
 def _summed_shape(s: RowStep) -> tuple:
