@@ -92,6 +92,30 @@ def storage_ctype(dtype: Any, target: str) -> str:
     return compute_ctype(dt)
 
 
+class Constant(sympy.Symbol):
+    """A scalar constant of a fused kernel, kept opaque to sympy and printed as its value.
+
+    sympy simplifies as it builds (0*x -> 0, x - x -> 0), which IEEE arithmetic does not
+    (0*inf and inf - inf are NaN): a constant substituted as a number could change what a
+    kernel computes. As a symbol it stays where the spec put it; `numeric` substitutes
+    the values where an analysis wants them."""
+
+    def __new__(cls, value: Any) -> "Constant":
+        v = float(value) if isinstance(value, float) else int(value)
+        tag = v.hex() if isinstance(v, float) else str(v)
+        return super().__new__(cls, f"const[{type(v).__name__}:{tag}]", real=True)
+
+    @property
+    def value(self) -> float | int:
+        kind, tag = self.name[len("const["):-1].split(":", 1)
+        return float.fromhex(tag) if kind == "float" else int(tag)
+
+
+def numeric(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with every `Constant` replaced by its value (sympy then simplifies)."""
+    return expr.xreplace({c: sympy.sympify(c.value) for c in expr.atoms(Constant)})
+
+
 class _KernelPrinter(C99CodePrinter):
     """sympy's C99 printer with kernel-friendly numbers, powers and kinks."""
 
@@ -151,6 +175,8 @@ class _KernelPrinter(C99CodePrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        if isinstance(expr, Constant):
+            return self.literal(expr.value)
         try:
             return self._names[expr]
         except KeyError:
@@ -208,6 +234,10 @@ class _KernelPrinter(C99CodePrinter):
 
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         b, e = expr.base, expr.exp
+        if isinstance(e, Constant) and float(e.value).is_integer():
+            e = sympy.Integer(int(e.value))        # x**2.0 printed as x*x, as before
+        elif isinstance(e, Constant) and e.value in (0.5, -0.5):
+            e = sympy.Rational(int(e.value * 2), 2)
         one = self.literal(1)
         if e.is_Integer:
             n = int(e)

@@ -90,6 +90,11 @@ MUTATIONS: tuple[Mutation, ...] = (
       "grads=lambda a, b, out: (sympy.Heaviside(a - b, 1),",
       "maximum's ties share the gradient", "tests/test_symbolic_kinks.py"),
     # -- reductions, broadcasting, matmul ----------------------------------------------------
+    M("fused-constants-folded", "engine/compiler/passes.py",
+      "else Constant(int(a) if type(a) is bool else a) for a in args]",
+      "else sympy.sympify(int(a) if type(a) is bool else a, strict=True) for a in args]",
+      "a fused kernel's scalar constants stay opaque to sympy (0*inf stays NaN)",
+      "tests/test_jit_constants.py"),
     M("sum-vjp-keepdims", "ops/reduce.py",
       "    return reshape(g, shape=reduced_shape(x_shape, axis, True))",
       "    return g",

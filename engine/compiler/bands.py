@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import sympy
 
+from backends.cprint import numeric
 from ops.elementwise import ElementwiseOp
 
 from .ir import Node, Program, Value
@@ -115,7 +116,7 @@ def _on_band(n: Node, band: Band, masks: dict, zeros: dict) -> Any:
             subs[s] = sympy.Integer(held[0])
         elif a in zeros and _contains(zeros[a], band):
             subs[s] = sympy.Integer(0)
-    return expr.xreplace(subs)
+    return numeric(expr.xreplace(subs))
 
 
 def _candidate_bands(n: Node, masks: dict, zeros: dict) -> list[Band]:
