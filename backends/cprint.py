@@ -111,6 +111,25 @@ class Constant(sympy.Symbol):
         return float.fromhex(tag) if kind == "float" else int(tag)
 
 
+class Operand(sympy.Function):
+    """One argument of one step of a fused kernel, kept opaque to sympy: Operand(e, k)
+    with a tag k unique in the expression, printed as e.
+
+    Substituting one step's value into the next lets sympy combine terms across steps
+    ((x + 1) - x -> 1, x - x -> 0), which eager evaluation, step by step in IEEE
+    arithmetic, does not do (inf - inf is NaN; (1e20 + 1) - 1e20 is 0). Each operand
+    distinct and opaque, the printed kernel computes each step as its spec says, in the
+    order eager does. A number as `e` is just that number, so analyses that substitute
+    values (the band pass, through `numeric`) still see through it."""
+
+    nargs = 2
+    is_real = True
+
+    @classmethod
+    def eval(cls, e: sympy.Expr, tag: sympy.Expr) -> sympy.Expr | None:
+        return e if e.is_number else None
+
+
 def numeric(expr: sympy.Expr) -> sympy.Expr:
     """`expr` with every `Constant` replaced by its value (sympy then simplifies)."""
     return expr.xreplace({c: sympy.sympify(c.value) for c in expr.atoms(Constant)})
@@ -173,6 +192,9 @@ class _KernelPrinter(C99CodePrinter):
                                           sympy.Min, sympy.Piecewise))):
             raise CPrintError(f"{expr.func.__name__} has no {self._k!r}-kind C form")
         return super()._print(expr, **kwargs)
+
+    def _print_Operand(self, expr: Operand) -> str:
+        return self._wrap(self._print(expr.args[0]))
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         if isinstance(expr, Constant):

@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 
 import engine as eg
+from engine.compiler import ckernels
 
 INF = np.inf
 
 
 def _both(fn, *arrays):
-    ts = [eg.tensor(a) for a in arrays]
+    """Eager and jitted results, on arrays long enough that the jit prints its fused
+    groups as C kernels (small ones it may run op by op)."""
+    reps = -(-ckernels.MIN_ELEMENTS // arrays[0].size)
+    ts = [eg.tensor(np.tile(a, reps)) for a in arrays]
     return fn(*ts).numpy(), eg.jit(fn)(*ts).numpy()
 
 
@@ -31,3 +35,24 @@ def test_jit_keeps_nan_and_inf_where_eager_has_them(case, dtype):
         eager, jit = _both(fn, a, b)
     np.testing.assert_array_equal(np.isnan(jit), np.isnan(eager))
     np.testing.assert_allclose(jit, eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [
+    ("x - x", lambda a, b: (a - a) + b),
+    ("(x + 1) - x", lambda a, b: ((a + 1.0) - a) * b),
+    ("x / x", lambda a, b: (a / a) * b),
+    ("across steps", lambda a, b: ((a * b) - (-(-(a * b)))).exp()),
+    ("(x + y) - y", lambda a, b: ((a + b) - b) * 2.0),
+])
+def test_jit_computes_each_step_as_eager_does(case, dtype):
+    """sympy would combine terms across fused steps ((x + 1) - x -> 1); eager computes
+    step by step, where inf - inf is NaN and (1e20 + 1) - 1e20 is 0."""
+    _, fn = case
+    big = 1e20 if dtype == np.float64 else 1e10
+    a = np.array([INF, -INF, np.nan, big, 3.0, 0.0], dtype=dtype)
+    b = np.array([1.0, 2.0, 0.5, 1.0, INF, -big], dtype=dtype)
+    with np.errstate(all="ignore"):
+        eager, jit = _both(fn, a, b)
+    np.testing.assert_array_equal(np.isnan(jit), np.isnan(eager))
+    np.testing.assert_array_equal(jit, eager)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 import sympy
 
-from backends.cprint import Constant
+from backends.cprint import Constant, Operand
 from ops.elementwise import ElementwiseOp
 
 from .identities import elementwise_identity
@@ -167,13 +167,16 @@ class FusedElementwise:
 
     def expression(self) -> tuple[Any, tuple]:
         """The whole group as one sympy expression of symbols in0..in{n-1}: each
-        step's (stable) spec expression with its arguments substituted, scalar
-        arguments as opaque `Constant`s (so sympy cannot fold 0*x into 0)."""
+        step's (stable) spec expression with its arguments substituted, each argument
+        a distinct opaque `Operand` and each scalar an opaque `Constant`, so that sympy
+        cannot combine terms across steps or fold 0*x into 0 (IEEE does neither)."""
         symbols = tuple(sympy.Symbol(f"in{i}", real=True) for i in range(self.n_inputs))
         vals: list = []
+        tags = iter(range(1 << 30))
         for op, args in self.steps:
-            operands = [(symbols[a[1]] if a[0] == "in" else vals[a[1]]) if isinstance(a, tuple)
-                        else Constant(int(a) if type(a) is bool else a) for a in args]
+            operands = [Operand(symbols[a[1]] if a[0] == "in" else vals[a[1]], next(tags))
+                        if isinstance(a, tuple) else Constant(int(a) if type(a) is bool else a)
+                        for a in args]
             vals.append(op.impl_expr.xreplace(dict(zip(op.symbols, operands))))
         return (vals[-1] if vals else symbols[0]), symbols      # no steps: the input itself
 
