@@ -345,7 +345,7 @@ class CupyBackend(ArrayBackend):
             self._row_kernel(program, dt)(
                 (grid,), (block,),
                 (*moved, *cols, *index, y, np.int64(rows), np.int64(n),
-                 *(acc(params[str(p)]) for p in program.params)))
+                 *(acc(params[p]) for p in program.param_names)))
         return y if last or program.reduces else cp.moveaxis(y, -1, axis)
 
     def _row_kernel(self, program: Any, dtype: np.dtype) -> Any:

@@ -62,13 +62,9 @@ def kernel_calls() -> int:
     return _calls
 
 
-def _min_size(spec: Any) -> int | None:
-    """The input elements from which `spec` runs as a kernel now (None: not at all)."""
-    if spec.cost > 1 or spec.c_math == "vector":
-        return _min_elements
-    if _min_elements == 0:
-        return 0
-    return 4 * _min_elements if cparallel.threads() > 1 else None
+def _heavy(spec: Any) -> bool:
+    """Worth a kernel on one thread too (costly math, or libmvec's vector functions)?"""
+    return spec.cost > 1 or spec.c_math == "vector"
 
 
 _integer_ops: dict[Any, bool] = {}
@@ -304,16 +300,22 @@ def wrap(spec: Any, numpy_fn: Callable[..., Any]) -> Callable[..., Any]:
     if not friendly or spec.result != "same" or not cbuild.available():
         return numpy_fn
 
+    heavy = _heavy(spec)
+
     def elementwise(*args: Any, out: Any = None) -> Any:
-        size = 0
-        for a in args:
-            if type(a) is np.ndarray and a.size > size:
-                size = a.size
-        limit = _min_size(spec)
-        if limit is not None and size >= limit and size:
-            result = run(spec, args, out)
-            if result is not None:
-                return result
+        # the input elements from which the kernel runs now (None: not at all); cheap, as
+        # it runs on every eager op. Cheap math pays for a kernel only on several threads.
+        limit = (_min_elements if heavy or _min_elements == 0
+                 else 4 * _min_elements if cparallel.threads() > 1 else None)
+        if limit is not None:
+            size = 0
+            for a in args:
+                if type(a) is np.ndarray and a.size > size:
+                    size = a.size
+            if size >= limit and size:
+                result = run(spec, args, out)
+                if result is not None:
+                    return result
         return numpy_fn(*args) if out is None else numpy_fn(*args, out=out)
 
     elementwise.writes_out = writes_out

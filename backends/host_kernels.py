@@ -116,7 +116,7 @@ def run_rows(program: Any, arrays: tuple, params: dict) -> np.ndarray | None:
     n = x.shape[-1]
     fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), *(_ptr(a) for a in floats[:n_rows]),
        *(_ptr(c) for c in cols), *(_ptr(i) for i in index),
-       *(ctypes.c_double(params[str(p)]) for p in program.params), _new(y))
+       *(ctypes.c_double(params[p]) for p in program.param_names), _new(y))
     return y
 
 

@@ -93,14 +93,6 @@ def _scalar(sym: Any) -> str:
     return f"v_{sym}"
 
 
-def _row_symbols(program: Any) -> set:
-    full = set(program.rows) | set(program.cols) | ({program.column} if program.column is not None else set())
-    for st in program.steps:
-        if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
-            full.add(st.name)
-    return full
-
-
 def _hoist(expr: Any, row: set, hoisted: list) -> sympy.Expr:
     """`expr` with its calls and roots that do not vary along the row replaced by locals
     (appended to `hoisted` as (symbol, expression)), so they run once per row."""
@@ -127,12 +119,6 @@ def _rowfn_name(program: Any, dtype: Any) -> str:
 def rows_function_name(program: Any, dtype: Any) -> str:
     """The exported C function running `program` over every row."""
     return f"rows_{program.name}_{_TYPES[np.dtype(dtype)][1]}"
-
-
-def _reduces(program: Any) -> bool:
-    """Is the output one value per row (it does not vary along the row)?"""
-    out = program.out
-    return out.how != "map" or not (sympy.sympify(out.expr).free_symbols & _row_symbols(program))
 
 
 def _inliner(program: Any, names: set) -> Any:
@@ -162,8 +148,8 @@ def c_row_function(program: Any, dtype: Any) -> str:
     if dt not in _TYPES:
         raise CPrintError(f"row program {program.name}: no C kernel for dtype {dt}")
     t, s, f = _TYPES[dt]
-    row = _row_symbols(program)
-    reduces = _reduces(program)
+    row = program.row_symbols()
+    reduces = program.reduces
     # A full-row intermediate lives in the output row; a reducing program has none, so
     # its row maps are inlined where they are read.
     stored = [] if reduces else [st.name for st in program.steps[:-1] if st.how == "map" and st.name in row]
@@ -274,7 +260,7 @@ def c_rows_source(program: Any, dtype: Any) -> str:
     call = [f"p_{v} + r * n" for v in program.rows] + [f"p_{v}" for v in program.cols]
     call += [f"({t}){_scalar(v)}" for v in program.params]
     call += [f"p_{v}[r]" for v in tuple(program.scalars) + tuple(program.indices)]
-    call += ["y + r" if _reduces(program) else "y + r * n", "n"]
+    call += ["y + r" if program.reduces else "y + r * n", "n"]
     body = [f"for (long long r = lo; r < hi; ++r) {_rowfn_name(program, dt)}({', '.join(call)});"]
     loop = cparallel.parallel_function(rows_function_name(program, dt), args, "rows", "rows * n", body)
     return c_helpers(dt) + fn + loop
@@ -284,7 +270,7 @@ def row_call(program: Any, dtype: Any, row: str, out: str, n: str, cols: tuple =
              params: tuple = ()) -> str:
     """A C statement running a one-row-input program on the row at `row` into `out`
     (`cols`: C pointers to its column inputs, `params`: C values of its parameters)."""
-    if program.scalars or program.indices or _reduces(program):
+    if program.scalars or program.indices or program.reduces:
         raise CPrintError(f"row program {program.name}: only programs with a row output and no "
                           f"per-row or index inputs run on a scratch row")
     if len(program.rows) != 1 or len(cols) != len(program.cols) or len(params) != len(program.params):
@@ -328,7 +314,7 @@ class CudaRowKernel:
         compute = np.dtype(np.float64) if acc == "double" else np.dtype(np.float32)
         load = (lambda p: f"engine_h2f({p})") if half else (lambda p: p)
         store = "engine_f2h" if half else f"({store_t})"
-        row = _row_symbols(prog)
+        row = prog.row_symbols()
         expand = _inliner(prog, row)
 
         def names(index: str) -> dict:
@@ -352,7 +338,7 @@ class CudaRowKernel:
         lines += [f"    const {store_t}* p_{v}r = p_{v} + r * cols;" for v in prog.rows]
         lines += [f"    const {acc} {_scalar(v)} = {load(f'p_{v}[r]')};" for v in prog.scalars]
         lines += [f"    const long long {_scalar(v)} = p_{v}[r];" for v in prog.indices]
-        lines.append(f"    {store_t}* yr = y + r * cols;" if not _reduces(prog) else "")
+        lines.append(f"    {store_t}* yr = y + r * cols;" if not prog.reduces else "")
         loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
         for st in prog.steps:
             v = _scalar(st.name)
@@ -380,7 +366,7 @@ class CudaRowKernel:
                 lines.append(f"    {loop} yr[j] = {store}({c_expression(body, scope, compute)});")
             elif st.name not in row:
                 lines.append(f"    const {acc} {v} = {c_expression(st.expr, names('0'), compute)};")
-        if _reduces(prog):
+        if prog.reduces:
             lines.append(f"    if (threadIdx.x == 0) y[r] = {store}({_scalar(prog.out.name)});")
         return "\n".join(line for line in lines + ["  }", "}"] if line) + "\n"
 

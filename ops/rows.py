@@ -18,6 +18,7 @@ So the kernels that run are the printed form of the program that is proved.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -108,22 +109,32 @@ class RowProgram:
     def out(self) -> Step:
         return self.steps[-1]
 
-    @property
+    @cached_property
     def reduces(self) -> bool:
-        """Is the output one value per row (logsumexp, a loss) rather than a row?"""
+        """Is the output one value per row (logsumexp, a loss) rather than a row?
+        (Read on every eager call: worked out once.)"""
         return self.out.how != "map" or not self.is_row(self.out.expr)
 
     def is_row(self, expr: Any) -> bool:
         """Does `expr` vary along the row (reads a row/column input or a row step)?"""
-        free = sympy.sympify(expr).free_symbols
-        return any(s in free for s in self.row_symbols())
+        return not sympy.sympify(expr).free_symbols.isdisjoint(self._row_set)
 
     def row_symbols(self) -> set:
+        """The inputs and map steps that vary along the row."""
+        return set(self._row_set)
+
+    @cached_property
+    def param_names(self) -> tuple:
+        """The params' names, in order: the keys of the op's parameters."""
+        return tuple(str(p) for p in self.params)
+
+    @cached_property
+    def _row_set(self) -> frozenset:
         full = set(self.rows) | set(self.cols) | ({self.column} if self.column is not None else set())
         for st in self.steps:
             if st.how == "map" and sympy.sympify(st.expr).free_symbols & full:
                 full.add(st.name)
-        return full
+        return frozenset(full)
 
     def inlined(self, expr: Any) -> sympy.Expr:
         """`expr` with every map step substituted (reductions stay row scalars)."""
