@@ -98,6 +98,12 @@ class DevArray:
     def transpose(self, *axes):
         return DevArray(self.a.transpose(*axes))
 
+    def sum(self, axis=None, dtype=None, keepdims=False):
+        return _launch(lambda: self.a.sum(axis=axis, dtype=dtype, keepdims=keepdims), reads=(self,))
+
+    def max(self, axis=None, keepdims=False):
+        return _launch(lambda: self.a.max(axis=axis, keepdims=keepdims), reads=(self,))
+
     def item(self):
         _host_read("ndarray.item")
         return self.a.item()
