@@ -273,3 +273,30 @@ def test_nvcc_compiles_every_attention_kernel(dtype, tmp_path):
     """Every printed variant in one translation unit (the device functions are shared)."""
     source = "".join(cb.attention_kernel_source(k, dtype) for k in cb.ATTENTION_KERNELS.values())
     codegen._nvcc(tmp_path, f"attention_{dtype}", source, no_double=dtype == "float32")
+
+
+def test_graph_replays_draw_the_eager_dropout_bits(be, rng):
+    """Under eg.jit with CUDA graphs the kernel reads its first counter from the
+    recording's device state: each replay draws new bits, the ones eager draws."""
+    from tests.test_cuda_graphs import _graph_status
+    arrays = [eg.tensor(a, device="cuda") for a in _inputs(rng, np.float32)]
+    mask = eg.tensor(_masks(rng, np.float32)["causal"], device="cuda")
+
+    def f(q, k_t, v, m):
+        out, w = attention(q, k_t, v, m, None, 0.5, True)
+        return out * 2.0, w
+
+    compiled = eg.jit(f)
+    before = be.fused_runs
+    runs = {}
+    for name, run in (("eager", f), ("jit", compiled)):
+        eg.manual_seed(3)
+        runs[name] = [[t.numpy() for t in run(*arrays, mask)] for _ in range(4)]
+        runs[name].append(be.rng_counter)
+    assert _graph_status(compiled)["captured"] and _graph_status(compiled)["replays"] >= 2
+    assert be.fused_runs > before + 4
+    assert runs["jit"][-1] == runs["eager"][-1]
+    for e, j in zip(runs["eager"][:-1], runs["jit"][:-1]):
+        np.testing.assert_array_equal(j[1] == 0, e[1] == 0)
+        np.testing.assert_allclose(j[0], e[0], rtol=1e-6, atol=1e-6)
+    assert len({tuple((r[1] == 0).ravel()) for r in runs["jit"][:-1]}) == 4
