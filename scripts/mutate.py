@@ -271,6 +271,11 @@ MUTATIONS: tuple[Mutation, ...] = (
       'Step(_s, "map", nonzero_or(_s0, 1)))', 'Step(_s, "map", _s0))',
       "a query with no allowed key gets weights 0 (the softmax program the kernel prints)",
       "tests/test_cuda_attention.py -k 'fused_equals and emulated and all_masked'"),
+    M("attention-shared-row-unwritten", "backends/attnprint.py",
+      '"    for (long long c = threadIdx.x; c < D; c += blockDim.x) q_row[c] = q[r * D + c];",',
+      '"    for (long long c = threadIdx.x; c < D - 1; c += blockDim.x) q_row[c] = q[r * D + c];",',
+      "the forward writes the whole query row to shared memory before reading it (the emulation's "
+      "shared memory starts as NaN)", "tests/test_cuda_attention.py -k 'fused_equals and emulated and none'"),
     M("attention-offer-limit", "backends/cupy_backend.py",
       "if max(t, s) > ATTENTION_MAX_SEQ or", "if max(t, s) > ATTENTION_MAX_SEQ + 1 or",
       "beyond T, S = 256 the composite runs", "tests/test_cuda_attention.py -k 'beyond_the_limits and emulated'"),
