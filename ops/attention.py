@@ -122,7 +122,8 @@ def _backward_forward(be: Any, g: Any, y: Any, q: Any, k_t: Any, v: Any, *mask: 
     n = len(batch)
     swap = tuple(range(n)) + (n + 1, n)
     p = _probabilities(be, q, k_t, mask, scale)
-    pd, gw, go = y[..., :s], g[..., :s], g[..., s:]
+    pd, gw, go = (be.getitem(a, (Ellipsis, part)) for a, part in ((y, slice(None, s)), (g, slice(None, s)),
+                                                                 (g, slice(s, None))))
     dpd = add.forward(be, gw, matmul.forward(be, go, be.transpose(v, swap)))
     if dropout_p:
         dpd = mul.forward(be, dpd, where.forward(be, ne.forward(be, pd, 0.0), 1.0 / (1.0 - dropout_p), 0.0))

@@ -300,3 +300,20 @@ def test_graph_replays_draw_the_eager_dropout_bits(be, rng):
         np.testing.assert_array_equal(j[1] == 0, e[1] == 0)
         np.testing.assert_allclose(j[0], e[0], rtol=1e-6, atol=1e-6)
     assert len({tuple((r[1] == 0).ravel()) for r in runs["jit"][:-1]}) == 4
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_the_ops_gradient_is_proved(mask):
+    """fused_attention's VJP (attention_backward, with the SOFTMAX_GRAD row program the
+    kernel prints) equals sympy.diff of its forward, on the symbolic backend; an
+    additive mask's gradient (dScores summed to its shape) too."""
+    from engine.symbolic.verify import constant
+    keep = np.array([[True, False, True], [False, False, False]])       # the second query: no key
+    shapes = [(1, 2, 2), (1, 2, 3), (1, 3, 2)] + ([(2, 3)] if mask == "additive" else [])
+
+    def fn(q, k_t, v, *m):
+        extra = (constant(keep),) if mask == "bool" else m
+        return fused_attention(q, k_t, v, *extra, scale=0.5, dropout_p=0.0)
+
+    report = eg.verify_gradients(fn, *shapes, names=["q", "k", "v", "m"][:len(shapes)])
+    assert report.ok
