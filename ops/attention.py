@@ -17,6 +17,12 @@ mask is the `bernoulli` draw of the composite (same shape, same counters, so the
 bits); the backward reads it back from the weights (a kept weight is p / (1 - p) >= p,
 never 0 where p is not). Gradients of gradients are not offered: attention_backward's
 VJP raises GradError.
+
+The two ops are declared like the registered ones but kept out of ops.REGISTRY: the
+registry-driven tests run every registered op from its samples on every backend and
+hold the random ops to the three draws, while these are optional (called only where
+offered) and draw when dropout is on. tests/test_cuda_attention.py checks them (the
+forward against NumPy and the composite, the VJP proved on the symbolic backend).
 """
 from __future__ import annotations
 
