@@ -114,6 +114,13 @@ class Backend(ABC):
     def setitem(self, x: Any, index: tuple, value: Any) -> None:
         """In-place `x[index] = value`."""
 
+    # -- optional fused ops ----------------------------------------------------------
+    def offers(self, op: Any, args: tuple, params: dict) -> bool:
+        """Does this backend run the optional op `op` (ops.spec.offers: the fused
+        attention) on these inputs (tensors: shape, dtype) and params? None do by default,
+        and a composite then computes the same value from primitives."""
+        return False
+
     # -- random -----------------------------------------------------------------
     # The device's Philox stream (ops/random.py): a 64-bit key as two 32-bit words and
     # the counter of the next element; every draw takes the next `size` counters.

@@ -76,15 +76,21 @@ class GraphRng:
             ins, outs, body = draw_kernel_source(draw, dt)
             kernel = be._kernels[key] = cp.ElementwiseKernel(
                 ins, outs, body, f"engine_philox_graph_{draw.name}_{dt.name}")
-        if self.warm:
-            self.state.set(np.array([be.claim_counters(n), *be.rng_key], dtype=np.uint64))
-            offset = np.uint64(0)
-        else:
-            offset = np.uint64(self.total)
-            self.total += n
-        s = self.state
+        s, offset = self.claim(n)
         scalars = [np.uint32(draw.threshold(p))] if draw.thresholded else []
         return kernel(s[0], offset, s[1], s[2], *scalars, out)
+
+    def claim(self, n: int) -> tuple:
+        """(state, offset) for a kernel drawing `n` counters: it reads the first counter and
+        the key words from `state` (a device array of 3 uint64) and adds `offset`. Warm:
+        the counters are claimed now, as eager does; recording: they come at each replay."""
+        be = self.backend
+        if self.warm:
+            self.state.set(np.array([be.claim_counters(n), *be.rng_key], dtype=np.uint64))
+            return self.state, np.uint64(0)
+        offset = np.uint64(self.total)
+        self.total += n
+        return self.state, offset
 
     def arm(self, stream: Any) -> None:
         """Before a replay: claim this replay's counters and put them and the key (which

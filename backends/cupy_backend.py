@@ -21,7 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cprint, cuda_graphs, rowprint
+from ops import attention as attention_ops
+from ops.fused import SOFTMAX, SOFTMAX_GRAD
+from ops.random import BERNOULLI
+
+from . import attnprint, cprint, cuda_graphs, rowprint
 from .array_backend import ArrayBackend
 from .base import BackendUnavailable
 
@@ -111,6 +115,40 @@ def launch_config(rows: int, cols: int) -> tuple[int, int]:
     return max(1, min(rows, 65536)), threads
 
 
+# The fused attention's kernels, printed from the row programs and the Bernoulli draw.
+ATTENTION_KERNELS = {(k.direction, k.mask, k.dropout, k.scores): k
+                     for k in attnprint.all_kernels(SOFTMAX, SOFTMAX_GRAD, BERNOULLI)}
+# What the fused attention is offered for: a row of scores and a block's worth of keys.
+ATTENTION_MAX_SEQ = 256
+ATTENTION_MAX_HEAD = 128
+
+
+def attention_kernel_source(kernel: Any, dtype: Any) -> str:
+    """The complete CUDA source of a printed attention kernel (what RawKernel compiles)."""
+    return kernel.full_source(dtype, FUSED_PRELUDE + FUSED_HELPERS)
+
+
+def attention_declines(q: Any, k_t: Any, v: Any, mask: Any, scale: Any, dropout_p: Any) -> str | None:
+    """Why the fused attention kernel does not take these inputs (shape and dtype only),
+    or None when it does."""
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        return "the scale is not a Python number"
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+        return "dropout_p is not a probability below 1"
+    dt = np.dtype(q.dtype)
+    if dt not in attnprint.DTYPES:
+        return f"dtype {dt} (the kernel is float32 and float64)"
+    try:
+        attention_ops.fused_attention.infer(q, k_t, v, *(() if mask is None else (mask,)),
+                                            scale=scale, dropout_p=dropout_p)
+    except Exception as e:            # shapes or dtypes the op does not take
+        return str(e)
+    t, d, s, dv = q.shape[-2], q.shape[-1], k_t.shape[-1], v.shape[-1]
+    if max(t, s) > ATTENTION_MAX_SEQ or max(d, dv) > ATTENTION_MAX_HEAD or min(t, s, d, dv) == 0:
+        return f"sizes T={t}, S={s}, d={d}, dv={dv} outside 1..{ATTENTION_MAX_SEQ} / 1..{ATTENTION_MAX_HEAD}"
+    return None
+
+
 # -- the backend --------------------------------------------------------------------------
 
 def _scalar_proto(k: Any) -> Any:
@@ -146,7 +184,7 @@ class CupyBackend(ArrayBackend):
     _DEVICE_METHODS = ("asarray", "full", "arange", "astype", "copy", "sum", "max", "matmul",
                        "reshape", "transpose", "broadcast_to", "concatenate", "pad", "where",
                        "getitem", "index_add", "setitem", "random", "from_dlpack", "run_rows", "to_numpy",
-                       "matmul_out")
+                       "matmul_out", "run_attention", "run_attention_backward")
 
     def __init__(self, cupy_module: Any, device: str = "cuda") -> None:
         self.cp = self.xp = cupy_module      # `cp` reads as CuPy in the device-only code
@@ -154,6 +192,8 @@ class CupyBackend(ArrayBackend):
         index = int(device.split(":", 1)[1]) if ":" in device else None
         self._device = cupy_module.cuda.Device(index) if index is not None else None
         self._kernels: dict[tuple, Callable[..., Any]] = {}
+        self.fused_runs = 0                  # launches of the fused attention kernels (for tests)
+        self._offered = {attention_ops.fused_attention: self._offer_attention}
         if self._device is not None:
             for name in self._DEVICE_METHODS:
                 setattr(self, name, self._on_device(getattr(self, name)))
@@ -348,6 +388,97 @@ class CupyBackend(ArrayBackend):
                  *(acc(params[p]) for p in program.param_names)))
         return y if last or program.reduces else cp.moveaxis(y, -1, axis)
 
+    # -- the fused attention (ops/attention.py) ------------------------------------
+    def offers(self, op: Any, args: tuple, params: dict) -> bool:
+        """The optional ops this backend runs, by op object: the fused attention for short
+        sequences (attention_declines)."""
+        offer = self._offered.get(op)
+        return offer is not None and offer(*args, **params)
+
+    def _offer_attention(self, q: Any, k_t: Any, v: Any, *mask: Any, scale: Any, dropout_p: Any) -> bool:
+        return attention_declines(q, k_t, v, mask[0] if mask else None, scale, dropout_p) is None
+
+    def _attention_kernel(self, kernel: Any, dtype: np.dtype) -> Any:
+        key = ("attention", kernel.kernel_name(dtype))
+        raw = self._kernels.get(key)
+        if raw is None:
+            raw = self._kernels[key] = self.cp.RawKernel(attention_kernel_source(kernel, dtype),
+                                                         kernel.kernel_name(dtype))
+        return raw
+
+    def _attention_args(self, q: Any, k_t: Any, v: Any, mask: Any) -> tuple:
+        """Contiguous q, k_t, v, the mask broadcast to the scores (or none), and sizes."""
+        cp = self.cp
+        dt = np.dtype(q.dtype)
+        t, d, s, dv = q.shape[-2], q.shape[-1], k_t.shape[-1], v.shape[-1]
+        batch = tuple(q.shape[:-2])
+        arrays = [cp.ascontiguousarray(a) for a in (q, k_t, v)]
+        if mask is not None:
+            m = mask if mask.dtype == np.dtype(bool) else mask.astype(dt, copy=False)
+            arrays.append(cp.ascontiguousarray(cp.broadcast_to(m, batch + (t, s))))
+        kind = "none" if mask is None else "bool" if mask.dtype == np.dtype(bool) else "add"
+        return arrays, kind, batch, (t, d, s, dv)
+
+    @staticmethod
+    def _attention_block(s: int, d: int, dv: int) -> int:
+        threads = 32
+        while threads < max(s, d, dv) and threads < FUSED_BLOCK:
+            threads *= 2
+        return threads
+
+    def run_attention(self, q: Any, k_t: Any, v: Any, mask: Any, scale: float, dropout_p: float) -> Any:
+        """[weights | out] of the fused attention: one block per query row."""
+        if attention_declines(q, k_t, v, mask, scale, dropout_p) is not None:
+            return None
+        cp = self.cp
+        dt = np.dtype(q.dtype)
+        arrays, kind, batch, (t, d, s, dv) = self._attention_args(q, k_t, v, mask)
+        rows = math.prod(batch) * t
+        y = cp.empty(batch + (t, s + dv), dtype=dt)
+        acc = dt.type
+        kernel = ATTENTION_KERNELS[("fwd", kind, bool(dropout_p), False)]
+        extra: tuple = ()
+        if dropout_p:
+            # the draw of the composite's dropout: counters for the weights' shape, row-major
+            n = rows * s
+            recording = cuda_graphs.recording_rng()
+            if recording is not None:
+                state, offset = recording.claim(n)
+            else:
+                state = cp.asarray(np.array([self.claim_counters(n), *self.rng_key], dtype=np.uint64))
+                offset = np.uint64(0)
+            p = 1.0 - float(dropout_p)
+            extra = (state, np.uint64(offset), np.uint32(BERNOULLI.threshold(p)), acc(1.0 / p))
+        self._attention_kernel(kernel, dt)(
+            (max(1, min(rows, 65536)),), (self._attention_block(s, d, dv),),
+            (*arrays, y, np.int64(rows), np.int64(t), np.int64(s), np.int64(d), np.int64(dv), acc(scale), *extra),
+            shared_mem=kernel.shared_bytes(dt, s, d, dv))
+        self.fused_runs += 1
+        return y
+
+    def run_attention_backward(self, g: Any, y: Any, q: Any, k_t: Any, v: Any, mask: Any, scale: float,
+                               dropout_p: float, with_scores: bool) -> Any:
+        """[dQ | dK^T | dV | dScores] of the fused attention: one block per batch element."""
+        if attention_declines(q, k_t, v, mask, scale, dropout_p) is not None:
+            return None
+        cp = self.cp
+        dt = np.dtype(q.dtype)
+        arrays, kind, batch, (t, d, s, dv) = self._attention_args(q, k_t, v, mask)
+        n = math.prod(batch)
+        width = t * d + d * s + s * dv + (t * s if with_scores else 0)
+        dx = cp.empty(batch + (width,), dtype=dt)
+        acc = dt.type
+        kernel = ATTENTION_KERNELS[("bwd", kind, False, bool(with_scores))]
+        keep = acc(1.0 / (1.0 - float(dropout_p))) if dropout_p else acc(1.0)
+        self._attention_kernel(kernel, dt)(
+            (max(1, min(n, 65536)),), (self._attention_block(s, d, dv),),
+            (cp.ascontiguousarray(g.astype(dt, copy=False)), cp.ascontiguousarray(y), *arrays, dx,
+             np.int64(n), np.int64(t), np.int64(s), np.int64(d), np.int64(dv), acc(scale), keep,
+             np.int32(1 if dropout_p else 0)),
+            shared_mem=kernel.shared_bytes(dt, s, d, dv))
+        self.fused_runs += 1
+        return dx
+
     def _row_kernel(self, program: Any, dtype: np.dtype) -> Any:
         """The RawKernel of `program` in `dtype`, compiled once (cached on the program)."""
         key = ("cuda", self.name, dtype)
@@ -387,5 +518,6 @@ def create_backend(device: str = "cuda") -> CupyBackend:
     return CupyBackend(cupy, device)
 
 
-__all__ = ["CupyBackend", "create_backend", "FUSED_PRELUDE", "FUSED_HELPERS", "FUSED_DTYPES",
+__all__ = ["CupyBackend", "create_backend", "ATTENTION_KERNELS", "attention_kernel_source",
+           "attention_declines", "FUSED_PRELUDE", "FUSED_HELPERS", "FUSED_DTYPES",
            "FUSED_BLOCK", "row_kernel_source", "launch_config", "INSTALL_HINT"]

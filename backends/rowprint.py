@@ -371,6 +371,62 @@ class CudaRowKernel:
         return "\n".join(line for line in lines + ["  }", "}"] if line) + "\n"
 
 
+def row_device_name(program: Any, dtype: Any) -> str:
+    """The `__device__` function `row_device_function` prints for `program`."""
+    return f"engine_rowdev_{program.name}_{np.dtype(dtype).name}"
+
+
+def row_device_function(program: Any, dtype: Any) -> str:
+    """`program` as a `__device__` function one whole block calls on one row, for kernels
+    that compute rows themselves (the fused attention): `void engine_rowdev_<name>_<t>(
+    const A* p_<row>..., A* y, long long cols, A* buf)`, rows and output of `cols` values
+    in the compute type A (shared or global memory), `buf` the block-reduction buffer.
+    Every thread of the block must call it (it holds __syncthreads); thread j reads and
+    writes only entries j, j + blockDim.x, ... in its last loop, so `y` may be a row input.
+    Programs with a row output and row inputs only (softmax and its gradient)."""
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise CPrintError(f"row program {program.name}: no device function for dtype {dt}")
+    if program.cols or program.scalars or program.indices or program.params or program.reduces \
+            or program.column is not None or program.length is not None:
+        raise CPrintError(f"row program {program.name}: a device function takes row inputs and "
+                          f"gives a row (no columns, per-row inputs, parameters or reductions to one value)")
+    acc = "double" if dt == np.float64 else "float"
+    row = program.row_symbols()
+    expand = _inliner(program, row)
+
+    def names(index: str) -> dict:
+        out = {v: f"p_{v}[{index}]" for v in program.rows}
+        out.update({st.name: _scalar(st.name) for st in program.steps if st.name not in row})
+        return out
+
+    args = [f"const {acc}* p_{v}" for v in program.rows] + [f"{acc}* y", "long long cols", f"{acc}* buf"]
+    lines = [f"__device__ __forceinline__ void {row_device_name(program, dt)}({', '.join(args)}) {{"]
+    loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
+    for st in program.steps:
+        v = _scalar(st.name)
+        if st.how in ("max", "sum", "mean"):
+            body = c_expression(expand(st.expr), names("j"), dt)
+            if st.how == "max":
+                lines += [f"  {acc} {v} = engine_neg_inf_{acc}();", f"  {loop} {v} = engine_max_nan({v}, {body});",
+                          f"  {v} = engine_block_max({v}, buf);"]
+            else:
+                per = f" / ({acc})cols" if st.how == "mean" else ""
+                lines += [f"  {acc} {v} = 0;", f"  {loop} {v} += {body};",
+                          f"  {v} = engine_block_sum({v}, buf){per};"]
+        elif st is program.out:
+            hoisted: list = []
+            body = _hoist(expand(st.expr), row, hoisted)
+            lines += [f"  const {acc} {_scalar(h)} = {c_expression(e, names('j'), dt)};" for h, e in hoisted]
+            scope = {**names("j"), **{h: _scalar(h) for h, _ in hoisted}}
+            lines.append(f"  {loop} y[j] = {c_expression(body, scope, dt)};")
+        elif st.name not in row:
+            lines.append(f"  const {acc} {v} = {c_expression(st.expr, names('0'), dt)};")
+        elif st.how != "map":
+            raise CPrintError(f"row program {program.name}: step {st.name} ({st.how}) has no device form")
+    return "\n".join(lines + ["}"]) + "\n"
+
+
 def cuda_rows_source(program: Any, dtype: Any, prelude: str) -> str:
     """A complete CUDA source of one printed row kernel: `prelude` (the backend's type
     and block-reduction helpers) and the kernel."""
@@ -378,4 +434,4 @@ def cuda_rows_source(program: Any, dtype: Any, prelude: str) -> str:
 
 
 __all__ = ["C_HEADER", "c_helpers", "c_row_function", "c_rows_source", "rows_function_name", "row_call",
-           "CudaRowKernel", "cuda_rows_source"]
+           "CudaRowKernel", "cuda_rows_source", "row_device_function", "row_device_name"]

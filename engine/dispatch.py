@@ -307,4 +307,16 @@ def interpret(interpreter: Any) -> Iterator[Any]:
         stack.pop()
 
 
+def offers(op: ops.Op, args: tuple, params: dict) -> bool:
+    """Does the backend of the tensors in `args` offer a kernel for the optional op `op`
+    (its `offers(op, args, params)`, keyed by the op object)? Never under autocast: an
+    offered kernel runs in its inputs' dtypes, and the composite casts where autocast says."""
+    if autocast_state.dtype is not None:
+        return False
+    backend = next((a._backend for a in args if isinstance(a, Tensor)), None)
+    ask = getattr(backend, "offers", None)
+    return bool(ask is not None and ask(op, args, params))
+
+
 ops.set_dispatcher(apply)
+ops.spec.set_offers(offers)

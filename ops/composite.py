@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .attention import fused_attention
 from .elementwise import add, div, eq, exp, log, maximum, minimum, mul, ne, neg, rsqrt, sub
 from .errors import DTypeError, ShapeError
 from .fused import logsumexp as fused_logsumexp, softmax as fused_softmax
@@ -27,6 +28,7 @@ from .movement import cast, concatenate, getitem, reshape, stop_gradient, transp
 from .random import arange, bernoulli
 from .reduce import sum as sum_op
 from .shapes import normalize_axis, prod, reduced_shape
+from .spec import offers
 
 NEG_INF = float("-inf")
 
@@ -245,6 +247,15 @@ def attention(q: Any, k_t: Any, v: Any, mask: Any = None, scale: float | None = 
     Dropout, when training, acts on the weights (as in the paper).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    masks = () if mask is None else (mask,)
+    params = dict(scale=scale, dropout_p=float(dropout_p) if training else 0.0)
+    if offers(fused_attention, (q, k_t, v, *masks), params):
+        # one kernel (ops/attention.py) where the backend offers it: [weights | out]
+        packed = fused_attention(q, k_t, v, *masks, **params)
+        pre = (("ellipsis",),)
+        s = k_t.shape[-1]
+        return (getitem(packed, index=pre + (("slice", s, None, None),)),
+                getitem(packed, index=pre + (("slice", None, s, None),)))
     scores = mul(matmul(q, k_t), scale)
     if mask is not None:
         if np.dtype(mask.dtype) == np.dtype(bool):

@@ -62,6 +62,16 @@ LOGSUMEXP = RowProgram("logsumexp", rows=(_x,), axis="axis", steps=(
     Step(_out, "map", sympy.Piecewise((-sympy.oo, sympy.Eq(_s0, 0)), (_m + sympy.log(_s0), True)))))
 
 
+_p, _dp = symbols("p dp")
+
+# The softmax's gradient on one row, from its output p and the output's cotangent dp:
+# dx = p * (dp - sum(dp * p)) (the fused attention kernel's backward prints it; a row
+# with p all 0, a fully masked one, gives 0).
+SOFTMAX_GRAD = RowProgram("softmax_grad", rows=(_p, _dp), steps=(
+    Step(_s0, "sum", _p * _dp),
+    Step(_out, "map", _p * (_dp - _s0))))
+
+
 def _softmax_vjp(g: Any, out: Any, inputs: tuple, needs: tuple, axis: int) -> tuple:
     """dx = p * (g - sum(g * p))."""
     return (mul(out, sub(g, sum_op(mul(g, out), axis=(axis,), keepdims=True))),)

@@ -27,6 +27,25 @@ def set_dispatcher(fn: Callable[["Op", tuple, dict], Any]) -> None:
     _dispatch[0] = fn
 
 
+def _never_offered(op: "Op", args: tuple, params: dict) -> bool:
+    return False
+
+
+_offers: list[Callable[["Op", tuple, dict], bool]] = [_never_offered]
+
+
+def set_offers(fn: Callable[["Op", tuple, dict], bool]) -> None:
+    """Install the function `offers` asks (done once by `engine`)."""
+    _offers[0] = fn
+
+
+def offers(op: "Op", args: tuple, params: dict) -> bool:
+    """Does the backend of `args` run the optional op `op` on these inputs? A composite
+    asks before calling a fused op that only some backends have a kernel for (the fused
+    attention), and computes the same value from primitives where the answer is no."""
+    return _offers[0](op, args, params)
+
+
 class Op:
     """A primitive operation.
 

@@ -111,6 +111,7 @@ run_cuda_tests() {
     local parallel=()
     if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-8}"); fi
     timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_codegen.py tests/test_cuda_graphs.py \
+        tests/test_cuda_attention.py \
         "${parallel[@]}" -o addopts="" -q -rA --durations=15 \
         >"$OUT/cuda_tests.log" 2>&1
     local rc=$?

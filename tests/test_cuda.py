@@ -29,7 +29,7 @@ import pytest
 import backends
 import engine as eg
 import ops
-from backends import cprint
+from backends import attnprint, cprint
 from backends import cupy_backend as cb
 from ops.elementwise import ElementwiseOp, _draw
 from tests import test_cuda_codegen as codegen
@@ -489,16 +489,26 @@ class _FakeRawKernel:
 
     def __init__(self, fake, code, name, **kw):
         self.fake = fake
+        attention = [(k, dt) for k in cb.ATTENTION_KERNELS.values() for dt in attnprint.DTYPES
+                     if k.kernel_name(dt) == name]
+        if attention:
+            self.kernel, self.dtype = attention[0]
+            assert code == cb.attention_kernel_source(self.kernel, self.dtype)
+            self.lib = _build_attention(self.kernel, self.dtype, fake.tmp_dir)
+            return
+        self.lib = None
         matches = [(k, dt) for k in codegen.ROW_KERNELS.values() for dt in cb.FUSED_DTYPES
                    if k.kernel_name(dt) == name]
         assert len(matches) == 1, f"unknown row kernel {name}"
         self.kernel, self.dtype = matches[0]
         assert code == cb.row_kernel_source(self.kernel.program, self.dtype)
 
-    def __call__(self, grid, block, args, **kw):
+    def __call__(self, grid, block, args, shared_mem=0, **kw):
         assert len(grid) == 1 and len(block) == 1 and 1 <= grid[0] < 2 ** 31
         b = block[0]
         assert b & (b - 1) == 0 and 32 <= b <= cb.FUSED_BLOCK, f"bad block size {b}"
+        if self.lib is not None:
+            return self._attention(grid[0], b, args, shared_mem)
         acc = np.float64 if self.dtype == np.float64 else np.float32
         want = {"i64": np.int64, "acc": acc, "i32": np.int32}
         host = []
@@ -517,6 +527,46 @@ class _FakeRawKernel:
         self.fake.kernel_devices.append(self.fake.current_device)
         _launch_in_place(lambda: codegen._launch(self.fake.emu_lib, self.kernel, self.dtype.name,
                                                  grid[0], b, host))
+
+
+    def _attention(self, grid, block, args, shared_mem):
+        """An attention kernel: the arguments checked by role, the dynamic shared memory
+        the launch asks for within the emulation's 64 KiB (and under CUDA's default 48 KiB)."""
+        k, dt = self.kernel, self.dtype
+        acc = dt.type
+        want = {"i64": np.int64, "acc": acc, "i32": np.int32, "u32": np.uint32, "u64": np.uint64}
+        host = []
+        dims = {}
+        for (role, pname), a in zip(k.params, args, strict=True):
+            if role in ("in", "out", "mask", "state"):
+                need = {"in": dt, "out": dt, "state": np.dtype(np.uint64),
+                        "mask": np.dtype(bool) if k.mask == "bool" else dt}[role]
+                assert isinstance(a, DevArray) and a.dtype == need and a.flags.c_contiguous, \
+                    f"{pname}: needs a contiguous {need} device array, got {a!r}"
+                host.append(a.a)
+            else:
+                assert type(a) is want[role], f"{pname}: needs {want[role].__name__}, got {type(a)}"
+                host.append(a)
+                dims[pname] = int(a) if role == "i64" else None
+        need = k.shared_bytes(dt, dims["S"], dims["D"], dims["DV"])
+        assert need <= shared_mem <= 48 * 1024, f"dynamic shared memory {shared_mem}, the kernel needs {need}"
+        self.fake.kernel_devices.append(self.fake.current_device)
+        _launch_in_place(lambda: codegen.launch_attention(self.lib, k, dt.name, grid, block, host))
+
+
+def _build_attention(kernel, dtype, tmp_dir) -> ctypes.CDLL:
+    """The emulation of one printed attention kernel, compiled once per source."""
+    source = codegen.attention_emu_source(kernel, dtype.name)
+    key = "attn" + hashlib.sha1(source.encode()).hexdigest()[:16]
+    if key not in _C_CACHE:
+        src = tmp_dir / f"{key}.cpp"
+        src.write_text(source)
+        so = tmp_dir / f"{key}.so"
+        res = codegen._run([codegen.CXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", str(src),
+                            "-o", str(so)])
+        assert res.returncode == 0, f"{codegen.CXX} failed on {kernel.kernel_name(dtype)}:\n{res.stderr[:3000]}"
+        _C_CACHE[key] = ctypes.CDLL(str(so))
+    return _C_CACHE[key]
 
 
 SCATTER_ADD_DTYPES = {np.dtype(t) for t in (np.int32, np.float16, np.float32, np.float64,

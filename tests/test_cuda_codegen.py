@@ -339,11 +339,16 @@ def test_non_finite_constants_evaluate(clib, dtype):
 
 EMU_PRELUDE = r"""
 #include <math.h>
+#include <string.h>
 #include <pthread.h>
 struct engine_dim3 { unsigned x, y, z; };
 static thread_local engine_dim3 threadIdx;
 static engine_dim3 blockIdx, blockDim, gridDim;
 static pthread_barrier_t engine_barrier;
+// Dynamic shared memory: all ones bits (NaN in float and double) before every block, so
+// a kernel reading shared memory it did not write shows it.
+static unsigned char engine_dynamic_smem[1 << 16] __attribute__((aligned(16)));
+#define ENGINE_DYNAMIC_SHARED(name) unsigned char* name = engine_dynamic_smem
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -371,6 +376,7 @@ static void engine_emulate(unsigned grid, unsigned block, void (*body)(void*), v
   engine_thread_args targs[1024];
   for (unsigned b = 0; b < grid; ++b) {
     blockIdx.x = b; blockIdx.y = blockIdx.z = 0;
+    memset(engine_dynamic_smem, 0xff, sizeof engine_dynamic_smem);
     for (unsigned t = 0; t < block; ++t) {
       targs[t].body = body; targs[t].args = args; targs[t].tid = t;
       pthread_create(&threads[t], 0, engine_thread, &targs[t]);
@@ -416,6 +422,40 @@ def emu(tmp_path_factory):
     res = _run([CXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", str(src), "-o", str(so)])
     assert res.returncode == 0, f"{CXX} failed on the emulated fused kernels:\n{res.stderr[:4000]}"
     return ctypes.CDLL(str(so))
+
+
+_ATTN_DECL = {"in": "const {t}*", "mask": "const {m}*", "out": "{t}*", "i64": "long long", "acc": "{t}",
+              "i32": "int", "u32": "unsigned int", "u64": "unsigned long long",
+              "state": "const unsigned long long*"}
+
+
+def attention_emu_source(kernel, dtype: str) -> str:
+    """A C++ file running one printed attention kernel on the emulation: the kernel and
+    `emu_<kernel>(grid, block, params...)`."""
+    t = _EMU_CTYPES[dtype][0]
+    m = "bool" if kernel.mask == "bool" else t
+    decl = {r: d.format(t=t, m=m) for r, d in _ATTN_DECL.items()}
+    kname = kernel.kernel_name(dtype)
+    fields = " ".join(f"{decl[r]} {n};" for r, n in kernel.params)
+    names = ", ".join(n for _, n in kernel.params)
+    params = ", ".join(f"{decl[r]} {n}" for r, n in kernel.params)
+    wrapper = (f"struct args_{kname} {{ {fields} }};\n"
+               f"static void body_{kname}(void* p) {{ args_{kname}* a = (args_{kname}*)p; "
+               f"{kname}({', '.join('a->' + n for _, n in kernel.params)}); }}\n"
+               f'extern "C" void emu_{kname}(unsigned grid, unsigned block, {params}) {{\n'
+               f"  args_{kname} a = {{ {names} }};\n  engine_emulate(grid, block, body_{kname}, &a);\n}}\n")
+    return "\n".join([EMU_PRELUDE, cb.FUSED_HELPERS, kernel.source(dtype), wrapper])
+
+
+def launch_attention(lib, kernel, dtype: str, grid: int, block: int, args: list) -> None:
+    """Run an attention kernel built from attention_emu_source on host arrays/scalars."""
+    acc = ctypes.c_double if dtype == "float64" else ctypes.c_float
+    ptr = lambda v: v.ctypes.data_as(ctypes.c_void_p)      # noqa: E731
+    conv = {"in": ptr, "mask": ptr, "out": ptr, "state": ptr, "i64": ctypes.c_longlong, "acc": acc,
+            "i32": ctypes.c_int, "u32": ctypes.c_uint, "u64": ctypes.c_ulonglong}
+    fn = getattr(lib, f"emu_{kernel.kernel_name(dtype)}")
+    fn.restype = None
+    fn(ctypes.c_uint(grid), ctypes.c_uint(block), *[conv[role](v) for (role, _), v in zip(kernel.params, args)])
 
 
 def _launch(lib, kernel: CudaRowKernel, dtype: str, grid: int, block: int, args: list) -> None:
