@@ -21,7 +21,7 @@ do not vary along the row (`log(s)`) computed once per row (GCC hoists them itse
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import sympy
@@ -281,6 +281,46 @@ def row_call(program: Any, dtype: Any, row: str, out: str, n: str, cols: tuple =
 
 # -- CUDA ---------------------------------------------------------------------------------------
 
+def _block_row_steps(program: Any, names: Callable[[str], dict], compute: np.dtype, indent: str,
+                     write: Callable[[str], str]) -> list[str]:
+    """The steps of `program` for one CUDA block on one row (thread j takes entries j,
+    j + blockDim.x, ...): reductions through the block helpers into per-row scalars,
+    picks, per-row scalars, and the row output, assigned by `write(value)`. `names(i)`
+    maps the program's symbols to C at column index `i`. The row kernel and the device
+    function both print their steps here, so a program reads the same in each."""
+    acc = "double" if compute == np.float64 else "float"
+    row = program.row_symbols()
+    expand = _inliner(program, row)
+    loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
+    lines: list[str] = []
+    for st in program.steps:
+        v = _scalar(st.name)
+        if st.how in ("max", "sum", "mean"):
+            body = c_expression(expand(st.expr), names("j"), compute)
+            if st.how == "max":
+                lines += [f"{acc} {v} = engine_neg_inf_{acc}();", f"{loop} {v} = engine_max_nan({v}, {body});",
+                          f"{v} = engine_block_max({v}, buf);"]
+            else:
+                per = f" / ({acc})cols" if st.how == "mean" else ""
+                lines += [f"{acc} {v} = 0;", f"{loop} {v} += {body};", f"{v} = engine_block_sum({v}, buf){per};"]
+        elif st.how == "pick":
+            at = _scalar(st.at)
+            value = c_expression(expand(st.expr), names(at), compute)
+            lines.append(f"const {acc} {v} = {_pick_guard(at, 'cols')} ? {value} : "
+                         f"{c_expression(sympy.nan, {}, compute)};")
+        elif st is program.out and st.name in row:
+            hoisted: list = []
+            body = _hoist(expand(st.expr), row, hoisted)
+            lines += [f"const {acc} {_scalar(h)} = {c_expression(e, names('j'), compute)};" for h, e in hoisted]
+            scope = {**names("j"), **{h: _scalar(h) for h, _ in hoisted}}
+            lines.append(f"{loop} {write(c_expression(body, scope, compute))};")
+        elif st.name not in row:
+            lines.append(f"const {acc} {v} = {c_expression(st.expr, names('0'), compute)};")
+        elif st.how != "map":
+            raise CPrintError(f"row program {program.name}: step {st.name} ({st.how}) has no CUDA form")
+    return [indent + line for line in lines]
+
+
 class CudaRowKernel:
     """A row program as a CUDA kernel, one block per row (grid-stride over rows): the
     same interface as a hand-written kernel template (`params`, `kernel_name`, `source`).
@@ -315,7 +355,6 @@ class CudaRowKernel:
         load = (lambda p: f"engine_h2f({p})") if half else (lambda p: p)
         store = "engine_f2h" if half else f"({store_t})"
         row = prog.row_symbols()
-        expand = _inliner(prog, row)
 
         def names(index: str) -> dict:
             out = {v: load(f"p_{v}r[{index}]") for v in prog.rows}
@@ -339,33 +378,7 @@ class CudaRowKernel:
         lines += [f"    const {acc} {_scalar(v)} = {load(f'p_{v}[r]')};" for v in prog.scalars]
         lines += [f"    const long long {_scalar(v)} = p_{v}[r];" for v in prog.indices]
         lines.append(f"    {store_t}* yr = y + r * cols;" if not prog.reduces else "")
-        loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
-        for st in prog.steps:
-            v = _scalar(st.name)
-            if st.how in ("max", "sum", "mean"):
-                body = c_expression(expand(st.expr), names("j"), compute)
-                if st.how == "max":
-                    lines += [f"    {acc} {v} = engine_neg_inf_{acc}();",
-                              f"    {loop} {v} = engine_max_nan({v}, {body});",
-                              f"    {v} = engine_block_max({v}, buf);"]
-                else:
-                    per = f" / ({acc})cols" if st.how == "mean" else ""
-                    lines += [f"    {acc} {v} = 0;", f"    {loop} {v} += {body};",
-                              f"    {v} = engine_block_sum({v}, buf){per};"]
-            elif st.how == "pick":
-                at = _scalar(st.at)
-                value = c_expression(expand(st.expr), names(at), compute)
-                lines.append(f"    const {acc} {v} = {_pick_guard(at, 'cols')} ? {value} : "
-                             f"{c_expression(sympy.nan, {}, compute)};")
-            elif st is prog.out and st.name in row:
-                hoisted: list = []
-                body = _hoist(expand(st.expr), row, hoisted)
-                lines += [f"    const {acc} {_scalar(h)} = {c_expression(e, names('j'), compute)};"
-                          for h, e in hoisted]
-                scope = {**names("j"), **{h: _scalar(h) for h, _ in hoisted}}
-                lines.append(f"    {loop} yr[j] = {store}({c_expression(body, scope, compute)});")
-            elif st.name not in row:
-                lines.append(f"    const {acc} {v} = {c_expression(st.expr, names('0'), compute)};")
+        lines += _block_row_steps(prog, names, compute, "    ", lambda c: f"yr[j] = {store}({c})")
         if prog.reduces:
             lines.append(f"    if (threadIdx.x == 0) y[r] = {store}({_scalar(prog.out.name)});")
         return "\n".join(line for line in lines + ["  }", "}"] if line) + "\n"
@@ -393,7 +406,6 @@ def row_device_function(program: Any, dtype: Any) -> str:
                           f"gives a row (no columns, per-row inputs, parameters or reductions to one value)")
     acc = "double" if dt == np.float64 else "float"
     row = program.row_symbols()
-    expand = _inliner(program, row)
 
     def names(index: str) -> dict:
         out = {v: f"p_{v}[{index}]" for v in program.rows}
@@ -402,28 +414,7 @@ def row_device_function(program: Any, dtype: Any) -> str:
 
     args = [f"const {acc}* p_{v}" for v in program.rows] + [f"{acc}* y", "long long cols", f"{acc}* buf"]
     lines = [f"__device__ __forceinline__ void {row_device_name(program, dt)}({', '.join(args)}) {{"]
-    loop = "for (long long j = threadIdx.x; j < cols; j += blockDim.x)"
-    for st in program.steps:
-        v = _scalar(st.name)
-        if st.how in ("max", "sum", "mean"):
-            body = c_expression(expand(st.expr), names("j"), dt)
-            if st.how == "max":
-                lines += [f"  {acc} {v} = engine_neg_inf_{acc}();", f"  {loop} {v} = engine_max_nan({v}, {body});",
-                          f"  {v} = engine_block_max({v}, buf);"]
-            else:
-                per = f" / ({acc})cols" if st.how == "mean" else ""
-                lines += [f"  {acc} {v} = 0;", f"  {loop} {v} += {body};",
-                          f"  {v} = engine_block_sum({v}, buf){per};"]
-        elif st is program.out:
-            hoisted: list = []
-            body = _hoist(expand(st.expr), row, hoisted)
-            lines += [f"  const {acc} {_scalar(h)} = {c_expression(e, names('j'), dt)};" for h, e in hoisted]
-            scope = {**names("j"), **{h: _scalar(h) for h, _ in hoisted}}
-            lines.append(f"  {loop} y[j] = {c_expression(body, scope, dt)};")
-        elif st.name not in row:
-            lines.append(f"  const {acc} {v} = {c_expression(st.expr, names('0'), dt)};")
-        elif st.how != "map":
-            raise CPrintError(f"row program {program.name}: step {st.name} ({st.how}) has no device form")
+    lines += _block_row_steps(program, names, dt, "  ", lambda c: f"y[j] = {c}")
     return "\n".join(lines + ["}"]) + "\n"
 
 

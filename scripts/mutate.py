@@ -233,7 +233,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       "exp(-inf) is patched to exactly 0 in the fast exp path",
       "tests/test_host_kernels.py"),
     M("cuda-row-block-sum", "backends/rowprint.py",
-      'f"    {v} = engine_block_sum({v}, buf){per};"]', 'f"    {v} = {v}{per};"]',
+      'f"{v} = engine_block_sum({v}, buf){per};"]', 'f"{v} = {v}{per};"]',
       "the CUDA row kernel reduces over the whole block",
       "tests/test_cuda_codegen.py -k printed_row_kernels"),
     M("cuda-block-sum-halving", "backends/cupy_backend.py",
