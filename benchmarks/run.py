@@ -1,7 +1,7 @@
 """Side-by-side training-step benchmark on the shared workload (model_spec.md).
 
     python -m benchmarks.run [--configs small base medium] [--json results.json]
-                             [--device cpu|cuda] [--steps N] [--threads 1,all]
+                             [--device cpu|cuda] [--steps N] [--threads 1,all] [--repeat N]
 
 Each (config, implementation) runs in its own process, so memory and thread pools
 do not mix. "peak MB" is the peak RSS during training (warm-up and compilation
@@ -22,6 +22,10 @@ thread, then every core this process may use), set in the child the way a user
 would: eg.set_num_threads(n) for the engine, torch.set_num_threads(n) for PyTorch,
 threadpoolctl for the NumPy floor. The run starts by naming the machine: CPU model,
 cores, NumPy's BLAS and PyTorch's (also in the JSON, next to the rows).
+On a machine whose speed drifts (a shared virtual machine), --repeat N runs the whole
+sweep N times, one round after another, so a slow spell hits one round rather than
+one implementation; every ratio still comes from one round (the rows beside it), and
+the table gives each figure's median over the rounds with the ratios' min-max.
 """
 from __future__ import annotations
 
@@ -238,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_* settings in children")
     ap.add_argument("--threads", default="1,all",
                     help="thread counts to run every implementation at, e.g. 1,all or 1,2,4")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole sweep this many times; the table gives medians and ranges")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--describe-torch", action="store_true", help=argparse.SUPPRESS)
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         counts = thread_counts(args.threads)
     except ValueError as e:
         ap.error(str(e))
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     impls = args.impls or (["eager", "jit", "torch", "floor"] if args.device == "cpu"
                            else ["eager", "jit", "torch", "compile"])
     impls = [i for i in impls if i not in ("torch", "compile") or _has_torch()]
@@ -266,7 +274,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'peak MB':>8s} {'x torch':>8s} {'x floor':>8s} {'loss@1':>10s} {'loss@5':>10s} {'compile s':>9s}"
               + (f" {'GPU MB':>9s}" if args.device != "cpu" else ""))
     print(header)
-    for threads, cfg_name in [(n, c) for n in counts for c in args.configs]:
+    sweep = [(r, n, c) for r in range(args.repeat) for n in counts for c in args.configs]
+    for round_, threads, cfg_name in sweep:
+        if args.repeat > 1 and threads == counts[0] and cfg_name == args.configs[0]:
+            print(f"round {round_ + 1} of {args.repeat}")
         cfg = CONFIGS[cfg_name]
         steps = args.steps or DEFAULT_STEPS[cfg_name]
         res = {impl: _spawn(cfg_name, impl, steps, args.device, args.keep_env, threads)
@@ -278,7 +289,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if r is None:
                 continue
             t = r["median_s"]
-            row = dict(config=cfg_name, impl=impl, device=args.device, threads=threads, ms=t * 1e3,
+            row = dict(config=cfg_name, impl=impl, device=args.device, threads=threads, round=round_,
+                       ms=t * 1e3,
                        steps_per_s=1 / t,
                        gflops=cfg.step_flops / t / 1e9,
                        x_torch=t / torch_s if torch_s else None, x_floor=t / floor_s if floor_s else None,
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             json.dump(dict(machine=host, rows=rows), fh, indent=2)
     if args.markdown:
         print(describe(host))
-        print(markdown(rows))
+        print(markdown(summarize(rows)))
     return rows
 
 
@@ -319,14 +331,47 @@ def describe(host: dict) -> str:
     return text
 
 
+def _median(values: list) -> Any:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (threads, config, impl) over the rounds of a --repeat run: the median
+    of each timing and ratio, the ratios' (min, max) and the number of rounds. Losses do
+    not depend on the round (same parameters and batch); the first round's are kept."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.get("threads"), r["config"], r["impl"]), []).append(r)
+    out = []
+    for group in groups.values():
+        first = dict(group[0])
+        first["rounds"] = len(group)
+        for key in ("ms", "gflops", "peak_growth_mb", "gpu_pool_mb", "x_torch", "x_floor"):
+            if key in first:
+                first[key] = _median([g.get(key) for g in group])
+        for key in ("x_torch", "x_floor"):
+            vals = [g[key] for g in group if g.get(key) is not None]
+            first[key + "_range"] = (min(vals), max(vals)) if vals else None
+        out.append(first)
+    return out
+
+
 _NAMES = {"eager": "engine eager", "jit": "engine jit", "torch": "PyTorch eager", "compile": "torch.compile",
           "floor": "NumPy matmul floor"}
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as the README's performance table."""
+    """The rows (one per implementation: `summarize`'s) as the README's performance table;
+    a ratio over several rounds reads "median (min–max)"."""
     def f(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "–"
+
+    def ratio(r: dict, key: str) -> str:
+        spread = r.get(key + "_range")
+        if r.get("rounds", 1) > 1 and spread and spread[0] != spread[1]:
+            return f"{f(r.get(key), '.2f')} ({spread[0]:.2f}–{spread[1]:.2f})"
+        return f(r.get(key), ".2f")
     gpu = any("gpu_pool_mb" in r for r in rows)
     memory = "GPU pool MB" if gpu else "peak MB"
     lines = [f"| threads | config | impl | ms/step | GFLOP/s | x PyTorch | x matmul floor | {memory} | loss@1 / loss@5 |",
@@ -335,7 +380,7 @@ def markdown(rows: list[dict]) -> str:
         loss = (f"{r['loss1']:.6f} / {r['loss5']:.6f}" if r.get("loss1") is not None else "–")
         mem = r.get("gpu_pool_mb") if gpu else r.get("peak_growth_mb")
         lines.append(f"| {r.get('threads', '–')} | {r['config']} | {_NAMES.get(r['impl'], r['impl'])} | {r['ms']:.2f} | {r['gflops']:.1f} | "
-                     f"{f(r.get('x_torch'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
+                     f"{ratio(r, 'x_torch')} | {ratio(r, 'x_floor')} | "
                      f"{f(mem, '.1f')} | {loss} |")
     return "\n".join(lines)
 

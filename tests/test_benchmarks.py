@@ -46,3 +46,19 @@ def test_op_overhead_cases_run():
     for name, fns in op_overhead.cases():
         for fn in fns.values():
             fn()
+
+
+def test_repeated_rounds_are_summarized_per_implementation():
+    from benchmarks.run import markdown, summarize
+    rows = [dict(config="small", impl=impl, threads=1, round=r, ms=ms, gflops=1.0, x_torch=x, x_floor=None,
+                 peak_growth_mb=1.0, loss1=1.0, loss5=0.5)
+            for r, (eager, torch) in enumerate([(3.0, 2.0), (9.0, 3.0), (4.0, 2.0)])
+            for impl, ms, x in (("eager", eager, eager / torch), ("torch", torch, 1.0))]
+    summary = summarize(rows)
+    assert [(s["impl"], s["rounds"]) for s in summary] == [("eager", 3), ("torch", 3)]
+    eager = summary[0]
+    assert eager["ms"] == 4.0                       # the median, not the mean (5.33)
+    assert eager["x_torch"] == 2.0 and eager["x_torch_range"] == (1.5, 3.0)
+    table = markdown(summary)
+    assert "| 1 | small | engine eager | 4.00 |" in table and "2.00 (1.50–3.00)" in table
+    assert "| 1.00 |" in table                      # the reference row: no range
