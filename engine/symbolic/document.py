@@ -231,7 +231,11 @@ def render_derivations() -> str:
         "kernels that run, host C and CUDA, are printed from the same declarations "
         "(`backends/rowprint.py`) and tested equal to the NumPy references: what trains is "
         "the printed form of the proved program. The printers themselves are not proved: "
-        "the printed kernels are tested numerically against the NumPy references.",
+        "the printed kernels are tested numerically against the NumPy references. The "
+        "fused CUDA attention (`ops/attention.py`) calls the same softmax program and its "
+        "gradient `SOFTMAX_GRAD` (p * (dp - sum(dp * p)), proved equal to the softmax's "
+        "gradient in `tests/test_cuda_attention.py`, where `verify_gradients` also proves the "
+        "fused op's VJP on the symbolic backend) as printed `__device__` functions.",
         "",
         "The closed forms are the sympy expressions of `engine/symbolic/closed_forms.py` "
         "(`FORMULAS`), printed by `sympy.latex`; `tests/test_nn_proofs.py` checks each equals, "
