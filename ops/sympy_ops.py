@@ -12,6 +12,7 @@ import math
 import numbers
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import sympy
 
 from .spec import REGISTRY
@@ -36,6 +37,31 @@ _PY = {
 }
 
 
+# The same functions with IEEE results (inf, nan) where Python raises (0.0 ** -1, log(0),
+# exp(1000)) or leaves the reals ((-8.0) ** (1/3)), and NaN propagated by max/min as the
+# engine's maximum/minimum do.
+_IEEE = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
+    "neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh, "erf": math.erf,
+    "sqrt": np.sqrt, "rsqrt": lambda a: 1.0 / np.sqrt(a), "abs": np.abs, "sign": np.sign,
+    "heaviside": np.heaviside, "maximum": np.maximum, "minimum": np.minimum,
+}
+
+
+def _fold(name: str, args: Sequence[Any]) -> Any:
+    """`name` applied to Python numbers: exact Python arithmetic where it gives a real
+    number (ints stay ints), else the IEEE value a tensor of these numbers would give."""
+    if not any(a != a for a in args):
+        try:
+            r = _PY[name](*args)
+        except (ZeroDivisionError, ValueError, OverflowError):
+            r = None
+        if r is not None and not isinstance(r, complex):
+            return r
+    with np.errstate(all="ignore"):
+        return float(_IEEE[name](*(np.float64(a) for a in args)))
+
+
 _number_types: dict[type, bool] = {int: True, float: True, bool: True}
 
 
@@ -52,7 +78,7 @@ def call(name: str, *args: Any) -> Any:
     """Apply op `name`, folding Python numbers and trivial cases without an op."""
     numeric = [_is_number(a) for a in args]
     if all(numeric):
-        return _PY[name](*args)
+        return _fold(name, args)
     if name == "mul":
         a, b = args
         if _is_number(a) and a == 1:

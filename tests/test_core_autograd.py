@@ -484,3 +484,27 @@ def test_retained_output_of_an_op_saving_it_gets_grad_at_second_order():
     y.grad = None
     g.sum().backward()
     np.testing.assert_allclose(y.grad.numpy(), -2 * np.tanh(x.numpy()))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradients_through_python_numbers_take_ieee_values(jit):
+    """A VJP's sub-expressions in Python numbers only (d(x / c)/dx = 1 / c) are folded in
+    Python; where Python raises or leaves the reals (1 / 0.0, log(0.0), (-8.0) ** (1/3)),
+    the fold gives the IEEE value a tensor would (inf, -inf, nan), as PyTorch does."""
+    x = eg.tensor([1.5, -2.0])
+    cases = [(lambda x: x / 0.0, [np.inf, np.inf]),                 # 1 / 0.0
+             (lambda x: x / -0.0, [-np.inf, -np.inf]),
+             (lambda x: eg.pow(-8.0, x), [np.nan, np.nan])]         # (-8)**x * log(-8)
+    for f, want in cases:
+        g = eg.grad(lambda x: f(x).sum())
+        with np.errstate(all="ignore"):
+            got = (eg.jit(g) if jit else g)(x).numpy()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_folded_python_numbers_keep_exact_arithmetic():
+    from ops.sympy_ops import call
+    assert call("mul", 2, 3) == 6 and type(call("mul", 2, 3)) is int
+    assert call("div", 1.0, 0.0) == np.inf and call("log", 0.0) == -np.inf
+    assert np.isnan(call("maximum", 1.0, float("nan")))      # NaN propagates, as in maximum
+    assert call("exp", 1000.0) == np.inf
