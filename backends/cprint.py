@@ -268,7 +268,8 @@ class _KernelPrinter(C99CodePrinter):
             if n < 0:
                 if not self._floating:
                     raise CPrintError(f"negative power {expr} has no {self._k!r}-kind C form")
-                return f"({one}/{self._print(sympy.Pow(b, -n))})"
+                # the divisor parenthesized: 1/(x + y), never 1.0/x + y
+                return f"({one}/{self.parenthesize(sympy.Pow(b, -n), PRECEDENCE['Mul'], strict=True)})"
             if n == 1:
                 return self._print(b)
             if n <= MAX_EXPANDED_POWER:

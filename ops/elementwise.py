@@ -248,7 +248,7 @@ log = elementwise("log", lambda x: sympy.log(x), float_result=True, domain="posi
 sqrt = elementwise("sqrt", lambda x: sympy.sqrt(x), grads=lambda x, out: (1 / (2 * out),),
                    float_result=True, domain="positive", numpy=np.sqrt)
 rsqrt = elementwise("rsqrt", lambda x: 1 / sympy.sqrt(x), grads=lambda x, out: (-out ** 3 / 2,), cost=2,
-                    float_result=True, domain="positive")
+                    float_result=True, domain="positive", numpy=numpy_impls.rsqrt)
 abs = elementwise("abs", lambda x: sympy.Abs(x), domain="nonzero", numpy=np.abs)
 tanh = elementwise("tanh", lambda x: sympy.tanh(x), grads=lambda x, out: (1 - out ** 2,),
                    float_result=True, numpy=np.tanh)
@@ -273,7 +273,8 @@ silu = elementwise("silu", lambda x: x / (1 + sympy.exp(-x)),
                    float_result=True, doc="x * sigmoid(x) (swish)")
 # log(1 + exp(x)) declared in its overflow-free form (equal for every real x).
 softplus = elementwise("softplus", lambda x: sympy.Max(x, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(x))),
-                       grads=lambda x, out: (1 - sympy.exp(-out),),      # sigmoid(x), from out
+                       # sigmoid(x); not 1 - exp(-out), which cancels in float32 (x = -8: 2e-4 off)
+                       grads=lambda x, out: (1 / (1 + sympy.exp(-x)),),
                        float_result=True, domain="nonzero", doc="log(1 + exp(x)) without overflow")
 erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True, numpy=numpy_impls.erf)
 maximum = elementwise("maximum", lambda a, b: sympy.Max(a, b),       # ties share the gradient

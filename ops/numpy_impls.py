@@ -39,6 +39,13 @@ def relu(x: Any, out: Any = None) -> Any:
     return np.maximum(x, 0, out=out)
 
 
+def rsqrt(x: Any, out: Any = None) -> Any:
+    """1 / sqrt(x), as the printed kernels compute it. (sympy writes the spec as x**-0.5,
+    whose lambdified NumPy power gives 0 at -inf and +inf at -0; here, as in PyTorch and
+    the kernels, those are NaN and -inf.)"""
+    return np.divide(1, np.sqrt(x), out=out)
+
+
 def lerp(start: Any, end: Any, weight: Any, out: Any = None) -> Any:
     """start + weight * (end - start) in the spec's order; the last step writes `out`."""
     return np.add(start, weight * np.subtract(end, start), out=out)
@@ -55,6 +62,6 @@ def adam_param(param: Any, m: Any, v: Any, step_size: Any, bc2_sqrt: Any, decay:
     return np.subtract(decay * param, m * step_size / (eps + np.sqrt(v) / bc2_sqrt), out=out)
 
 
-# The optimizer's update ops, with out= so the jit writes state in place.
-for _fn in (relu, lerp, ema_sq, adam_param):
+# Functions with out= (the jit writes planned buffers and optimizer state in place through them).
+for _fn in (relu, rsqrt, lerp, ema_sq, adam_param):
     _fn.writes_out = True

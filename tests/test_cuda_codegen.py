@@ -52,6 +52,12 @@ INTEGER_PRINTABLE = [n for n in ELEMENTWISE if not ops.REGISTRY[n].float_result 
 SPECIALS = sympy.Piecewise((sympy.oo, X > 1), (-sympy.oo, X < -1), (sympy.nan, True))
 
 
+# Reciprocals of sums, products and powers: a bare 1/(x + y) once printed as 1.0/x + y.
+RECIPROCALS = {"recip_sum": 1 / (X + Y), "recip_sigmoid": 1 / (1 + sympy.exp(-X)),
+               "recip_square_sum": (X + Y) ** -2, "recip_product_sum": 1 / (X * Y + 1),
+               "ratio_sum": X / (Y + 1), "recip_cube": X ** -3}
+
+
 def _kernels(dtype: str) -> list[tuple[str, str, str, str]]:
     """(name, in_params, out_params, body) for every op of the registry in `dtype`:
     forward for all that print, derivatives for the float dtypes."""
@@ -67,6 +73,8 @@ def _kernels(dtype: str) -> list[tuple[str, str, str, str]]:
     if dtype in FLOATS:
         out.append((cprint.kernel_name("specials", dtype),
                     *cprint.expression_kernel_source(SPECIALS, (X,), dtype)))
+        for name, expr in RECIPROCALS.items():
+            out.append((cprint.kernel_name(name, dtype), *cprint.expression_kernel_source(expr, (X, Y), dtype)))
     return out
 
 
@@ -527,3 +535,13 @@ def test_launch_config_covers_rows():
     assert cb.launch_config(10 ** 6, 4096) == (65536, cb.FUSED_BLOCK)
     with pytest.raises(TypeError, match="no kernel"):
         ROW_KERNELS["softmax"].source("int32")
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(RECIPROCALS))
+def test_printed_reciprocals_divide_by_the_whole_divisor(clib, name, dtype, rng):
+    x, y = rng.uniform(0.5, 3.0, 64).astype(dtype), rng.uniform(0.5, 3.0, 64).astype(dtype)
+    want = sympy.lambdify((X, Y), RECIPROCALS[name], "numpy")(x.astype(np.float64), y.astype(np.float64))
+    got = _call(clib[dtype], cprint.kernel_name(name, dtype), [x, y], np.dtype(dtype))
+    np.testing.assert_allclose(got, np.broadcast_to(want, x.shape), rtol=1e-5 if dtype == "float32" else 1e-12)
