@@ -10,7 +10,7 @@ One kernel per (op, dtype, input types, innermost-stride pattern): shapes and
 strides are run-time arguments, so a new shape compiles nothing. Each element is
 computed on its own from the same expression, so the result is the same on any
 number of threads; arithmetic, sqrt and selects are correctly rounded in C as in
-NumPy (bit-identical results), exp/log/tanh/erf come from libm's vector functions
+NumPy (bit-identical results), exp/log/log1p/tanh/erf come from libm's vector functions
 (within the jit's tolerance of NumPy's). Integer kernels are offered only for sums
 and products, computed in unsigned arithmetic so that overflow wraps as in NumPy.
 

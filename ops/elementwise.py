@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import mpmath
 import numpy as np
 import sympy
+from sympy.codegen.cfunctions import log1p
 
 from . import numpy_impls, sympy_ops
 from .errors import DTypeError
@@ -141,15 +143,16 @@ class ElementwiseOp(Op):
         return tuple(grads)
 
 
-# Functions whose C form vectorises only through glibc's vector math library (libmvec).
-_VECTOR_MATH = (sympy.exp, sympy.log, sympy.tanh, sympy.erf)
+# Functions whose C form vectorises only through glibc's vector math library (libmvec;
+# their C names are backends.cbuild's _VECTOR_FUNCTIONS, which a test keeps in step).
+_VECTOR_MATH = (sympy.exp, sympy.log, log1p, sympy.tanh, sympy.erf)
 # Functions the kernel printer writes as plain vectorisable C (compares, selects, fabs).
 _PLAIN = (sympy.Abs, sympy.sign, sympy.Heaviside, sympy.Max, sympy.Min, sympy.Piecewise)
 
 
 def _c_math(expr: sympy.Expr) -> str | None:
     """How a C loop over `expr` vectorises: "plain" (arithmetic, sqrt, selects), "vector"
-    (needs libmvec's exp/log/tanh/erf), or None (a call GCC will not vectorise without
+    (needs libmvec's exp/log/log1p/tanh/erf), or None (a call GCC will not vectorise without
     -ffast-math, such as pow with a variable exponent)."""
     needs = "plain"
     for f in sympy.preorder_traversal(expr):
@@ -202,13 +205,24 @@ def _sample_elementwise(op: ElementwiseOp, rng: np.random.Generator) -> list:
     return cases
 
 
+# Digits the reference works with: the textbook expressions cancel (log(1 + exp(-40)) is
+# 0 at float64's 16 digits). 1 + v, v down to float64's least subnormal 4.9e-324, keeps
+# v's 17 digits at 341.
+_REFERENCE_DIGITS = 350
+
+
 def _mpmath_reference(op: ElementwiseOp) -> Callable[..., np.ndarray]:
-    """An independent evaluation of the expression (mpmath, element by element)."""
+    """An independent evaluation of the expression (mpmath, element by element, at
+    `_REFERENCE_DIGITS` digits so that the reference does not cancel where the op must not)."""
     fn = sympy.lambdify(op.symbols, op.expr, modules="mpmath")
 
+    def one(*a: Any) -> Any:
+        with mpmath.workdps(_REFERENCE_DIGITS):
+            v = fn(*a)
+            return float(v) if op.result != "bool" else bool(v)
+
     def ref(*args: Any) -> np.ndarray:
-        out = np.vectorize(lambda *a: float(fn(*a)) if op.result != "bool" else bool(fn(*a)),
-                           otypes=[object])(*args)
+        out = np.vectorize(one, otypes=[object])(*args)
         return np.asarray(out.tolist(), dtype=bool if op.result == "bool" else np.float64)
     return ref
 
@@ -275,6 +289,9 @@ silu = elementwise("silu", lambda x: x / (1 + sympy.exp(-x)),
 softplus = elementwise("softplus", lambda x: sympy.Max(x, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(x))),
                        # sigmoid(x); not 1 - exp(-out), which cancels in float32 (x = -8: 2e-4 off)
                        grads=lambda x, out: (1 / (1 + sympy.exp(-x)),),
+                       # log1p: 1 + exp(x) rounds to 1 below x = -17 in float32 (-37 in
+                       # float64), so log(1 + ...) gave softplus(-20) = 0, not 2.06e-9
+                       impl=lambda x: sympy.Max(x, 0) + log1p(sympy.exp(-sympy.Abs(x))),
                        float_result=True, domain="nonzero", doc="log(1 + exp(x)) without overflow")
 erf = elementwise("erf", lambda x: sympy.erf(x), float_result=True, numpy=numpy_impls.erf)
 maximum = elementwise("maximum", lambda a, b: sympy.Max(a, b),       # ties share the gradient

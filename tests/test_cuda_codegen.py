@@ -120,8 +120,9 @@ def test_nvcc_compiles_every_elementwise_kernel(dtype, tmp_path):
 
 
 @needs_nvcc
-def test_nvcc_compiles_single_op_translation_unit(tmp_path):
-    _nvcc(tmp_path, "gelu", cprint.elementwise_cuda_source(ops.REGISTRY["gelu"], "float32"),
+@pytest.mark.parametrize("name", ["gelu", "softplus"])
+def test_nvcc_compiles_single_op_translation_unit(name, tmp_path):
+    _nvcc(tmp_path, name, cprint.elementwise_cuda_source(ops.REGISTRY[name], "float32"),
           no_double=True)
 
 
@@ -545,3 +546,17 @@ def test_printed_reciprocals_divide_by_the_whole_divisor(clib, name, dtype, rng)
     want = sympy.lambdify((X, Y), RECIPROCALS[name], "numpy")(x.astype(np.float64), y.astype(np.float64))
     got = _call(clib[dtype], cprint.kernel_name(name, dtype), [x, y], np.dtype(dtype))
     np.testing.assert_allclose(got, np.broadcast_to(want, x.shape), rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_printed_softplus_keeps_its_digits_far_below_zero(clib, dtype):
+    """The body the CuPy backend runs for softplus calls log1p: log(1 + exp(-20)) was 0 in
+    float32 (softplus(-20) is 2.06e-9), log(1 + exp(-40)) 0 in float64."""
+    body = cprint.elementwise_kernel_source(ops.REGISTRY["softplus"], dtype)[2]
+    assert ("log1pf(" if dtype == "float32" else "log1p(") in body, body
+    x = np.array([-100.0, -40.0, -20.0, -17.0], dtype)
+    want = np.log1p(np.exp(x.astype(np.float64)))
+    got = _call(clib[dtype], cprint.kernel_name("softplus", dtype), [x], np.dtype(dtype))
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == "float32" else 1e-13,
+                               atol=np.finfo(np.float32).smallest_subnormal if dtype == "float32" else 0)

@@ -19,6 +19,18 @@ OPS = [name for name, op in ops.REGISTRY.items() if op.kind == "elementwise" and
        and (op.c_math == "plain" or (op.c_math == "vector" and cbuild.vector_math()))]
 
 
+def test_every_vector_math_function_is_declared_simd():
+    """Each function `_c_math` classes "vector" (an op's loop then runs as a kernel only with
+    libmvec) is one the kernels' header declares `simd`, as printed in both float dtypes:
+    else GCC would call it one element at a time."""
+    from backends.cprint import c_expression
+    from ops.elementwise import _VECTOR_MATH, X
+    for f in _VECTOR_MATH:
+        for dtype, ctype in ((np.float32, "float"), (np.float64, "double")):
+            name = c_expression(f(X), {X: "x"}, dtype).split("(")[0]
+            assert f" {name}({ctype});" in cbuild.VECTOR_MATH_HEADER, (f, name)
+
+
 @pytest.fixture
 def forced():
     """Every op through a kernel (threshold 0), split across threads at any size."""
@@ -78,7 +90,7 @@ def test_forced_kernels_equal_numpy(forced, name, dtype, rng):
         assert got.shape == want.shape and got.dtype == want.dtype, (name, layout)
         if name in EXACT:
             np.testing.assert_array_equal(got, want, err_msg=f"{name} {layout}")
-        else:                         # libm's exp/log/tanh/erf, or another order of operations
+        else:                         # libm's exp/log/log1p/tanh/erf, or another order of operations
             tol = dict(rtol=2e-6, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-13)
             np.testing.assert_allclose(got, want, **tol, err_msg=f"{name} {layout}")
 

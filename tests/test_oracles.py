@@ -11,6 +11,7 @@ import pytest
 
 import engine as eg
 from engine import nn
+import ops
 from ops import composite as C
 
 F = nn.functional
@@ -300,3 +301,40 @@ def test_softplus_gradient_keeps_its_relative_precision_in_float32(jit):
     got = (eg.jit(g) if jit else g)(x).numpy()[:points.size]
     want = np.array([float(1 / (1 + mpmath.exp(-mpmath.mpf(float(p))))) for p in points])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+SOFTPLUS_POINTS = [-100.0, -40.0, -20.0, -17.0, -8.0, -1.0, 0.0, 1.0, 8.0, 20.0, 40.0, 100.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("jit", [False, True])
+def test_softplus_keeps_its_relative_precision_far_below_zero(jit, dtype):
+    """softplus(x) against mpmath's log(1 + exp(x)) at 80 digits (50 leave exp(-100) only 6
+    in 1 + exp(-100)), and the op's own mpmath reference. As max(x, 0) + log(1 + exp(-|x|))
+    it was 0 once 1 + exp(-|x|) rounds to 1 (x < -17 in float32, where softplus(-20) is
+    2.06e-9; x < -37 in float64); log1p keeps the digits. A short array (NumPy), and one
+    long enough that eager and the jit run their printed C kernels. exp(-100) is subnormal
+    in float32: there the value is right to its last bit."""
+    from backends import cbuild, eager_kernels
+    from engine.compiler import ckernels
+    points = np.array(SOFTPLUS_POINTS, dtype)
+    with mpmath.workdps(80):
+        want = np.array([float(mpmath.log(1 + mpmath.exp(mpmath.mpf(p)))) for p in SOFTPLUS_POINTS])
+    tol = dict(rtol=1e-6, atol=np.finfo(np.float32).smallest_subnormal) if dtype == np.float32 \
+        else dict(rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ops.REGISTRY["softplus"].reference(points.astype(np.float64)), want,
+                               rtol=1e-15)
+    n = max(ckernels.MIN_ELEMENTS, eager_kernels.MIN_ELEMENTS)
+    long = eg.tensor(np.tile(points, -(-n // points.size)))
+    if jit:
+        j = eg.jit(lambda x: eg.softplus(x))
+        got = j(long).numpy()
+        assert j.stats()[-1]["c_kernels"] == (ckernels.available() and ckernels.vector_math())
+        runs = [got]
+    else:
+        calls = eager_kernels.kernel_calls()
+        runs = [eg.softplus(eg.tensor(points)).numpy(), eg.softplus(long).numpy()]
+        assert eager_kernels.kernel_calls() == calls + (cbuild.available() and cbuild.vector_math())
+    for got in runs:
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got[:points.size], want, **tol)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import sympy
+from sympy.codegen.cfunctions import expm1, log1p
 from sympy.polys.domains import QQ
 from sympy.polys.polyerrors import BasePolynomialError, CoercionFailed, NotAlgebraic
 from sympy.polys.rings import PolyRing
@@ -32,6 +33,15 @@ class Proof:
 
 
 _OPAQUE = (sympy.Function, sympy.Max, sympy.Min)
+# C's accurate spellings of elementary functions (an impl_expr may use them): proved as
+# what they stand for, log1p(u) = log(1 + u), expm1(u) = exp(u) - 1.
+_C_FORMS = (log1p, expm1)
+
+
+def _elementary(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with each of `_C_FORMS` written in the elementary functions it stands for."""
+    reps = {a: sympy.expand_func(a) for a in expr.atoms(*_C_FORMS)}
+    return expr.xreplace(reps) if reps else expr
 
 
 def _atomize(expr: sympy.Expr, keep: frozenset = frozenset()) -> sympy.Expr:
@@ -361,7 +371,7 @@ def decide_zero(expr: Any, points: int = DEFAULT_POINTS, seed: int = 0,
     one cotangent coefficient at a time when it is linear in `linear`; (2) points on
     that atomized form, unknowns included (Schwartz-Zippel); (3) points of the inputs
     only, every function evaluated exactly. (2) and (3) report "rational points"."""
-    expr = sympy.sympify(expr)
+    expr = _elementary(sympy.sympify(expr))
     if expr == 0:
         return Proof(True, "simplified", 0, "identical")
     atomized, parts = _components(expr, linear)
