@@ -6,14 +6,13 @@ each Parameter is moved there and its data replaced by symbols named after it
 smallest that still take every path (2 heads, a query with no allowed key, one with
 one key, one with two; ignored and smoothed loss rows).
 
-A whole TransformerDecoderLayer is too large for an end-to-end sympy proof: at
+A whole TransformerDecoderLayer is too large for sympy.diff of its output: at
 d_model 2 and T 2 its output has ~300 distinct subexpressions but ~10^7 as a tree,
-its input gradient ~10^13, and sympy walks trees (building the backward's products
-alone asks assumptions of them for minutes). So the layer's own forward runs on the
-symbolic backend and every op of its graph has its VJP proved exactly at the
-shapes, parameters and masks it has there (`verify_graph`); its feed-forward block
-is proved end to end, and the chain rule that joins the ops is the engine's autograd,
-proved end to end by the other cases here.
+its input gradient ~10^13, and sympy walks trees. So the layer is proved twice:
+every op of its graph has its VJP proved exactly at the shapes, parameters and
+masks it has there (`verify_graph`), and the whole backward, the chain rule that
+joins them included, is proved by induction over the graph with every value bound
+to a symbol (`engine.symbolic.chain.verify_chain`, `decoder_chain_report`).
 """
 from __future__ import annotations
 
@@ -31,11 +30,13 @@ from backends.symbolic import SymArray
 from ..state import keep_graph_inputs
 from ..tensor import Tensor
 from . import closed_forms as cf
+from .chain import ChainReport, verify_chain
 from .verify import (GradientReport, constant, graph_nodes, node_key, node_report,
                      symbolic_tensor, symbols, verify_leaves)
 
 __all__ = ["symbolic_parameters", "NNCase", "nn_cases", "nn_case_report", "GraphReport",
-           "verify_graph", "decoder_layer", "decoder_run", "decoder_graph_report"]
+           "verify_graph", "decoder_layer", "decoder_run", "decoder_graph_report",
+           "decoder_chain_report"]
 
 _TARGETS = np.array([0, -100, 2])          # the middle row is ignored
 _SMOOTHING = 0.1
@@ -194,3 +195,9 @@ def decoder_run() -> tuple:
 def decoder_graph_report() -> GraphReport:
     """Every op of the decoder layer's graph (`decoder_run`), its VJP proved."""
     return verify_graph(*decoder_run(), "TransformerDecoderLayer")
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_chain_report() -> ChainReport:
+    """The whole decoder layer's backward (`decoder_run`) proved end to end."""
+    return verify_chain(*decoder_run(), "TransformerDecoderLayer")
