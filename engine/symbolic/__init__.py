@@ -31,7 +31,9 @@ document from the verified cases (see `case_keys`).
 The package has one module per job: `zero` (the zero-decision procedure), `verify`
 (the verifier and its reports), `closed_forms` (hand derivations in sympy), `cases`
 (the catalogue of verified cases), `nn_cases` (the same proofs on nn modules and
-losses, run as training runs them) and `document` (the derivations document; it imports nn, so it is not loaded with
+losses, run as training runs them), `chain` (whole-graph proofs by induction
+over the graph, every value bound to a symbol, for networks too large for one
+sympy.diff) and `document` (the derivations document; it imports nn, so it is not loaded with
 the engine: `engine.symbolic.document`).
 """
 from .cases import Case, case_keys, case_report, cases, engine_fns
