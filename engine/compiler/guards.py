@@ -202,7 +202,7 @@ class Guard:
         self.conditions = conditions
         self.count = len(conditions)       # comparisons on the common path (for reports)
         exec(compile(source, "<engine.jit guard>", "exec"), namespace)
-        self.failed: Callable[[list], int] = namespace["failed"]
+        self.failed: Callable[[list], int] = namespace["make"](namespace["K"])
 
     def explain(self, n: int) -> str:
         return "a guarded path no longer exists" if n < 0 else self.conditions[n - 1]
@@ -217,12 +217,13 @@ class _Writer:
         self.consts: list = []
         self.index: dict = {}
         self.conditions: list[str] = []
+        self.dicts: dict[str, str] = {}    # variable -> the variable holding its __dict__
 
     def const(self, x: Any) -> str:
         if id(x) not in self.index:
             self.index[id(x)] = len(self.consts)
             self.consts.append(x)
-        return f"K[{self.index[id(x)]}]"
+        return f"k{self.index[id(x)]}"
 
     def key(self, k: Any) -> str:
         return repr(k) if type(k) in (int, str, bool) else self.const(k)
@@ -244,7 +245,13 @@ class _Writer:
             return f"{parent}[{self.key(key)}]"
         if key == "grad" and isinstance(parent_obj, Tensor):
             return f"{parent}.grad"
-        return f"{parent}.__dict__[{key!r}]"
+        return f"{self.attributes(parent)}[{key!r}]"
+
+    def attributes(self, name: str) -> str:
+        """The variable holding `name`'s __dict__, read once per call."""
+        if name not in self.dicts:
+            self.dicts[name] = self.var(f"{name}.__dict__")
+        return self.dicts[name]
 
     def entry(self, expr: str, value: Any) -> None:
         """`expr` still evaluates to `value`: the same object, or for bool/int/str/None the
@@ -268,7 +275,7 @@ class _Writer:
             d, items = name, list(obj.items() if isinstance(obj, dict) else enumerate(obj))
         elif hasattr(obj, "__dict__") and not isinstance(obj, (Tensor, types.ModuleType, type)) \
                 and not callable(getattr(obj, "__code__", None)):
-            d, items = self.var(f"{name}.__dict__"), list(vars(obj).items())
+            d, items = self.attributes(name), list(vars(obj).items())
         else:
             return
         self.fail_if(f"len({d}) != {len(items)}")
@@ -334,7 +341,10 @@ def build_guard(roots: list, paths: dict, captures: list, grad_none: list,
         w.fail_if(f"({w.const(t)}.grad is None) is not {was_none!r}")
     for t, version in host_reads:
         w.fail_if(f"{w.const(t)}._version[0] != {version}")
-    body = "\n".join("  " + line for line in w.lines) or "      pass"
-    source = (f"def failed(D):\n  try:\n{body}\n  except Exception:\n    return -1\n"
-              f"  return 0\n")
+    body = "\n".join("    " + line for line in w.lines) or "        pass"
+    # The constants are the closure's cells (k0, k1, ...): a cell load is cheaper than
+    # indexing a list, and the guard runs ~1,000 comparisons at every call.
+    unpack = "".join(f"  k{i} = K[{i}]\n" for i in range(len(w.consts)))
+    source = (f"def make(K):\n{unpack}  def failed(D):\n    try:\n{body}\n"
+              f"    except Exception:\n      return -1\n    return 0\n  return failed\n")
     return Guard(source, {"K": w.consts}, w.conditions)
