@@ -69,7 +69,8 @@ def _new(a: np.ndarray) -> ctypes.c_void_p:
 
 def _rows_library(program: Any, dtype: np.dtype) -> Any:
     """The compiled kernel of `program` in `dtype` (built once; cached on the program),
-    or None without a C compiler or when the program has no C form."""
+    or None without a C compiler or when the program has no C form. Its argument types
+    are declared, so a call passes plain ints and floats (no ctypes object per argument)."""
     cache = program._impls
     key = ("c", dtype)
     if key not in cache:
@@ -77,8 +78,14 @@ def _rows_library(program: Any, dtype: np.dtype) -> Any:
         if cbuild.available():
             try:
                 source = rowprint.C_HEADER + rowprint.c_rows_source(program, dtype)
-                cache[key] = getattr(cparallel.build(source, vector=cbuild.vector_math()),
-                                     rowprint.rows_function_name(program, dtype))
+                fn = getattr(cparallel.build(source, vector=cbuild.vector_math()),
+                             rowprint.rows_function_name(program, dtype))
+                pointers = len(program.rows) + len(program.cols) + len(program.scalars) + \
+                    len(program.indices) + 1
+                fn.restype = None
+                fn.argtypes = ([ctypes.c_longlong] * 2 + [ctypes.c_void_p] * (pointers - 1)
+                               + [ctypes.c_double] * len(program.param_names) + [ctypes.c_void_p])
+                cache[key] = fn
             except (CPrintError, RuntimeError, OSError):
                 cache[key] = None
     return cache[key]
@@ -97,26 +104,41 @@ def run_rows(program: Any, arrays: tuple, params: dict) -> np.ndarray | None:
                         f"(rows {program.rows}, columns {program.cols}, per-row {program.scalars}, "
                         f"indices {program.indices}), got {len(arrays)}")
     x = arrays[0]
-    axis = params[program.axis] if program.axis else x.ndim - 1
-    floats, indices = arrays[:n_floats], arrays[n_floats:]
-    if (x.dtype not in _TYPES or x.ndim == 0 or axis != x.ndim - 1 or x.size == 0
-            or any(type(a) is not np.ndarray or a.dtype != x.dtype for a in floats)
-            or any(type(a) is not np.ndarray or a.dtype.kind not in "iu" or a.shape != x.shape[:-1]
-                   for a in indices)
-            or any(a.shape != x.shape[:-1] for a in floats[n_cols:])):
+    if type(x) is not np.ndarray or x.dtype not in _TYPES or x.ndim == 0 or x.size == 0 or \
+            (program.axis and params[program.axis] != x.ndim - 1):
         return None
-    if not all(a.flags.c_contiguous and a.shape == x.shape for a in floats[:n_rows]):
-        return None
-    fn = _rows_library(program, x.dtype)
+    dtype, shape, row_shape = x.dtype, x.shape, x.shape[:-1]
+    pointers = []
+    keep = []                                  # converted copies, alive until the call returns
+    for k, a in enumerate(arrays):
+        if type(a) is not np.ndarray:
+            return None
+        want = dtype
+        if k < n_rows:                         # whole rows: used in place
+            if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+                return None
+        elif k < n_cols:                       # per-column vectors
+            if a.dtype != dtype:
+                return None
+        elif k < n_floats:                     # per-row scalars
+            if a.dtype != dtype or a.shape != row_shape:
+                return None
+        else:                                  # per-row indices
+            if a.dtype.kind not in "iu" or a.shape != row_shape:
+                return None
+            want = np.dtype(np.int64)
+        if a.dtype != want or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=want)
+            keep.append(a)
+            pointers.append(a.ctypes.data)     # a fresh array: not worth remembering
+        else:
+            pointers.append(cbuild.address(a))
+    fn = _rows_library(program, dtype)
     if fn is None:
         return None
-    cols = [np.ascontiguousarray(c) for c in floats[n_rows:]]        # columns, then per-row scalars
-    index = [np.ascontiguousarray(i, dtype=np.int64) for i in indices]
-    y = np.empty(x.shape[:-1] if program.reduces else x.shape, dtype=x.dtype)
-    n = x.shape[-1]
-    fn(ctypes.c_longlong(x.size // n), ctypes.c_longlong(n), *(_ptr(a) for a in floats[:n_rows]),
-       *(_ptr(c) for c in cols), *(_ptr(i) for i in index),
-       *(ctypes.c_double(params[p]) for p in program.param_names), _new(y))
+    y = np.empty(row_shape if program.reduces else shape, dtype=dtype)
+    n = shape[-1]
+    fn(x.size // n, n, *pointers, *(params[p] for p in program.param_names), y.ctypes.data)
     return y
 
 

@@ -70,6 +70,23 @@ def test_printed_loss_kernels_equal_the_numpy_reference(name, smoothing, shape, 
 
 
 @needs_cc
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint8, "strided"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_kernels_read_any_integer_targets_as_int64(name, index_dtype, rng):
+    """The kernel reads class indices as int64: narrower integers and strided views are
+    converted first (read in place they would be other classes, or past the row)."""
+    op = R[name]
+    x, t = _logits(6, 37, np.float32, rng)
+    t = np.where(t < 0, 5, t)                           # no ignored row: every row picks
+    params = dict(ignore_index=-100, label_smoothing=0.0)
+    want = host_kernels.run_rows(op.rows, (x, t.astype(np.int64)), params)
+    other = np.repeat(t, 2)[::2] if index_dtype == "strided" else t.astype(index_dtype)
+    got = host_kernels.run_rows(op.rows, (x, other), params)
+    assert got is not None
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_cc
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_printed_logsumexp_equals_numpy(dtype, rng):
     x = (rng.standard_normal((6, 37)) * 5).astype(dtype)
