@@ -318,6 +318,13 @@ def wrap(spec: Any, numpy_fn: Callable[..., Any]) -> Callable[..., Any]:
                     return result
         return numpy_fn(*args) if out is None else numpy_fn(*args, out=out)
 
+    def for_size(elements: int) -> Callable[..., Any]:
+        """The function to bind where the size is fixed (a compiled program's buffers):
+        NumPy's own below the size from which any thread count runs the kernel, as
+        `elementwise` would decide at every call (set_min_elements applies from then on)."""
+        return numpy_fn if elements < _min_elements else elementwise
+
     elementwise.writes_out = writes_out
+    elementwise.for_size = for_size
     elementwise.__name__ = f"{spec.name}_eager"
     return elementwise

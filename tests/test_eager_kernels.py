@@ -192,6 +192,30 @@ def test_small_arrays_and_unhandled_inputs_stay_on_numpy(rng):
         eager_kernels.set_min_elements(previous)
 
 
+@pytest.mark.skipif(not cbuild.available(), reason="needs a C compiler")
+def test_jit_decides_the_path_of_its_fixed_sizes_once(rng):
+    """A compiled program's elementwise calls below the kernel size bind NumPy's function
+    (no per-call size test); where the kernel applies they keep the deciding function, so
+    the jit runs what eager runs at that size, and both give the same values."""
+    x = eg.tensor(rng.standard_normal((1000,)).astype(np.float32))
+    f = eg.jit(lambda a: eg.exp(a) + 1.0, fuse=False)
+    small = f(x).numpy()
+    assert not any(getattr(v, "__name__", "") == "exp_eager"
+                   for v in f._last.generated.namespace.values())
+    previous = eager_kernels.set_min_elements(0)
+    try:
+        g = eg.jit(lambda a: eg.exp(a) + 1.0, fuse=False)
+        before = eager_kernels.kernel_calls()
+        got = g(x).numpy()
+        assert eager_kernels.kernel_calls() > before
+        assert any(getattr(v, "__name__", "") == "exp_eager"
+                   for v in g._last.generated.namespace.values())
+    finally:
+        eager_kernels.set_min_elements(previous)
+    np.testing.assert_allclose(got, np.exp(x.numpy()) + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(small, got, rtol=1e-6)
+
+
 def test_kernels_are_cached_per_spec_not_per_name(forced, rng):
     """Two unregistered ops sharing a name each run their own expression."""
     from ops.elementwise import X, ElementwiseOp

@@ -68,16 +68,19 @@ def _ufunc(op: Any, backend: Any, node_inputs: tuple, out: Value) -> Any:
     for a in node_inputs:
         if isinstance(a, Value) and a.dtype != out.dtype:
             return None
-    return fn
+    for_size = getattr(fn, "for_size", None)      # the shapes are fixed: decide the path once
+    return fn if for_size is None else for_size(int(np.prod(out.shape)))
 
 
-def _group_ufuncs(group: FusedElementwise, backend: Any, dtype: np.dtype) -> list | None:
+def _group_ufuncs(group: FusedElementwise, backend: Any, out: Value) -> list | None:
     fns = []
+    size = int(np.prod(out.shape))     # every step's result has the group's shape at most
     for op, _ in group.steps:
         fn = op.impl(backend) if isinstance(op, ElementwiseOp) else None
-        if fn is None or not _writes_out(fn) or (op.float_result and dtype.kind != "f"):
+        if fn is None or not _writes_out(fn) or (op.float_result and out.dtype.kind != "f"):
             return None
-        fns.append(fn)
+        for_size = getattr(fn, "for_size", None)
+        fns.append(fn if for_size is None else for_size(size))
     return fns
 
 
@@ -432,7 +435,7 @@ def generate(program: Program, backend: Any, plan: bool = True) -> Generated:
             capable[n.out] = ("ckernel", c_runner[n.out])
         elif isinstance(n.op, FusedElementwise):
             compiled = gpu_group_kernel(n.op, n.inputs, n.out, backend) if backend.name != "cpu" else None
-            fns = _group_ufuncs(n.op, backend, n.out.dtype)
+            fns = _group_ufuncs(n.op, backend, n.out)
             if compiled is not None:
                 capable[n.out] = ("ckernel", compiled[0])
                 kernels.append(compiled[1])
