@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -427,10 +428,13 @@ class Planned:
                     keep.append(a)                   # alive until the call returns
                 args += (address(a), n)
             args += [address(o) for o in outs]
-            if scratch:                              # per call: calls never share it
-                keep.append(np.empty(scratch, dtype))
-                args.append(keep[-1].ctypes.data)
+            if scratch:                              # this thread's: calls never share it
+                buf = getattr(local, "scratch", None)
+                if buf is None:
+                    buf = local.scratch = np.empty(scratch, dtype)
+                args.append(address(buf))
             cfn(*args)
+        local = threading.local()                    # a C call runs to its end on its thread
         return run
 
 
