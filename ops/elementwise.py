@@ -254,8 +254,13 @@ mul = elementwise("mul", lambda a, b: a * b, numpy=np.multiply)
 div = elementwise("div", lambda a, b: a / b, grads=lambda a, b, out: (1 / b, -out / b),
                   float_result=True, domain="positive", numpy=np.true_divide)
 neg = elementwise("neg", lambda x: -x, numpy=np.negative)
+# At a = 0 the textbook partials are 0 * inf = NaN; PyTorch's (pow_backward_self and
+# _exponent) are 0 there: d/da where b = 0 (a**0 is constant), d/db where a = 0 <= b
+# (0**b is constant for b > 0). Equal to sympy.diff on the positive domain.
 pow = elementwise("pow", lambda a, b: a ** b,
-                  grads=lambda a, b, out: (b * a ** (b - 1), out * sympy.log(a)),
+                  grads=lambda a, b, out: (sympy.Piecewise((0, sympy.Eq(b, 0)), (b * a ** (b - 1), True)),
+                                           sympy.Piecewise((0, sympy.Eq(a, 0) & (b >= 0)),
+                                                           (out * sympy.log(a), True))),
                   domain="positive", numpy=np.power)
 exp = elementwise("exp", lambda x: sympy.exp(x), grads=lambda x, out: (out,), float_result=True, numpy=np.exp)
 log = elementwise("log", lambda x: sympy.log(x), float_result=True, domain="positive", numpy=np.log)

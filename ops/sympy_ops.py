@@ -4,7 +4,9 @@ Derivatives of elementwise specs come out of `sympy.diff` as expressions; this
 module turns them back into calls of registered ops, so the backward pass is a
 graph of ops like any other (it traces, differentiates again and runs on every
 backend). Sub-expressions whose values are Python numbers at run time are folded
-in Python, and trivial powers are simplified (x**1 -> x, x**0.5 -> sqrt).
+in Python, and trivial powers are simplified (x**1 -> x, x**0.5 -> sqrt). A
+Piecewise becomes `where` ops over comparisons (a branch whose condition Python
+numbers decide is picked or dropped without one).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ _FUNCTIONS = {
     sympy.Abs: "abs", sympy.sign: "sign", sympy.Heaviside: "heaviside",
     sympy.Max: "maximum", sympy.Min: "minimum",
 }
-_RELATIONS = {
+_RELATIONS = {                 # comparisons and logic: bool-valued ops, a Piecewise's conditions
     sympy.Eq: "eq", sympy.Ne: "ne", sympy.StrictLessThan: "lt", sympy.LessThan: "le",
     sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge",
+    sympy.And: "logical_and", sympy.Or: "logical_or", sympy.Not: "logical_not",
 }
 _PY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -34,6 +37,10 @@ _PY = {
     "sign": lambda a: float((a > 0) - (a < 0)),
     "heaviside": lambda a, h: 1.0 if a > 0 else (h if a == 0 else 0.0),
     "maximum": max, "minimum": min,
+    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
+    "logical_and": lambda a, b: bool(a and b), "logical_or": lambda a, b: bool(a or b),
+    "logical_not": lambda a: not a,
 }
 
 
@@ -45,6 +52,9 @@ _IEEE = {
     "neg": np.negative, "exp": np.exp, "log": np.log, "tanh": np.tanh, "erf": math.erf,
     "sqrt": np.sqrt, "rsqrt": lambda a: 1.0 / np.sqrt(a), "abs": np.abs, "sign": np.sign,
     "heaviside": np.heaviside, "maximum": np.maximum, "minimum": np.minimum,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "ge": np.greater_equal, "logical_and": np.logical_and, "logical_or": np.logical_or,
+    "logical_not": np.logical_not,
 }
 
 
@@ -59,7 +69,8 @@ def _fold(name: str, args: Sequence[Any]) -> Any:
         if r is not None and not isinstance(r, complex):
             return r
     with np.errstate(all="ignore"):
-        return float(_IEEE[name](*(np.float64(a) for a in args)))
+        r = _IEEE[name](*(np.float64(a) for a in args))
+    return bool(r) if isinstance(r, np.bool_) else float(r)    # a comparison stays a truth value
 
 
 _number_types: dict[type, bool] = {int: True, float: True, bool: True}
@@ -95,6 +106,11 @@ def call(name: str, *args: Any) -> Any:
             return b
         if _is_number(b) and b == 0:
             return a
+    elif name in ("logical_and", "logical_or"):
+        # a known truth value decides the op, or leaves the other operand to decide it
+        for known, other in ((args[0], args[1]), (args[1], args[0])):
+            if _is_number(known):
+                return other if bool(known) == (name == "logical_and") else bool(known)
     elif name == "pow" and _is_number(args[1]):
         base, e = args
         if e == 1:
@@ -112,6 +128,29 @@ def _number(expr: sympy.Expr) -> float | int:
     if expr.is_Integer:
         return int(expr)
     return float(expr)
+
+
+def _select(branches: list[tuple[Callable, Callable]], expr: sympy.Piecewise) -> Callable[[tuple], Any]:
+    """A Piecewise as `where` ops: the first branch whose condition holds. Conditions
+    that fold to Python truth values pick or drop their branch without an op, so
+    pow's gradient with a Python-number exponent is the plain formula."""
+    if expr.args[-1][1] is not sympy.true:
+        raise ValueError(f"cannot turn {expr} into ops: it is undefined where no condition holds")
+
+    def select(v: tuple) -> Any:
+        pending = []                            # (tensor condition, value) still to select over
+        for value, cond in branches:
+            c = cond(v)
+            if _is_number(c):
+                if c:
+                    break
+                continue
+            pending.append((c, value(v)))
+        acc = value(v)                          # the first branch that surely holds
+        for c, x in reversed(pending):
+            acc = call("where", c, x, acc)
+        return acc
+    return select
 
 
 def build(expr: sympy.Expr, symbols: Sequence[sympy.Symbol]) -> Callable[..., Any]:
@@ -166,6 +205,16 @@ def build(expr: sympy.Expr, symbols: Sequence[sympy.Symbol]) -> Callable[..., An
         if e.is_Pow:
             fb, fe = walk(e.base), walk(e.exp)
             return lambda v: call("pow", fb(v), fe(v))
+        if e is sympy.true or e is sympy.false:
+            t = bool(e)
+            return lambda v: t
+        if isinstance(e, sympy.Piecewise):
+            return _select([(walk(x), walk(c)) for x, c in e.args], e)
+        if isinstance(e, (sympy.And, sympy.Or)) and len(e.args) > 2:
+            first, rest = e.args[0], e.func(*e.args[1:], evaluate=False)
+            fa, fb = walk(first), walk(rest)
+            name = _RELATIONS[e.func]
+            return lambda v: call(name, fa(v), fb(v))
         if e.func in _FUNCTIONS or e.func in _RELATIONS:
             name = _FUNCTIONS.get(e.func) or _RELATIONS[e.func]
             fargs = [walk(a) for a in e.args]

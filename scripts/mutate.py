@@ -140,6 +140,11 @@ MUTATIONS: tuple[Mutation, ...] = (
       "impl=lambda x: sympy.Max(x, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(x))),",
       "softplus keeps its relative precision far below zero (log1p: softplus(-20) = 2.06e-9, not 0 in float32)",
       "tests/test_oracles.py -k softplus"),
+    M("pow-grad-nan-at-zero-base", "ops/elementwise.py",
+      "sympy.Piecewise((0, sympy.Eq(a, 0) & (b >= 0)),",
+      "sympy.Piecewise(",       # leaves the textbook out * log(a): 0 * -inf = NaN at a = 0
+      "d(a**b)/db is 0 where a = 0 <= b, as PyTorch's (not out * log(a) = 0 * -inf = NaN)",
+      "tests/test_oracles.py -k pow"),
     M("sum-vjp-keepdims", "ops/reduce.py",
       "    return reshape(g, shape=reduced_shape(x_shape, axis, True))",
       "    return g",

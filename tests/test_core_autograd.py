@@ -508,3 +508,21 @@ def test_folded_python_numbers_keep_exact_arithmetic():
     assert call("div", 1.0, 0.0) == np.inf and call("log", 0.0) == -np.inf
     assert np.isnan(call("maximum", 1.0, float("nan")))      # NaN propagates, as in maximum
     assert call("exp", 1000.0) == np.inf
+
+
+def test_piecewise_gradients_become_selects_and_fold_known_conditions():
+    """A declared Piecewise (pow's gradients) runs as `where` ops over comparisons; a
+    condition Python numbers decide picks its branch with no op, so x ** 2.0 keeps its
+    plain 2 * x backward."""
+    import sympy
+    from ops.sympy_ops import build, call
+    x, y = sympy.symbols("x y", real=True)
+    f = build(sympy.Piecewise((0, sympy.Eq(x, 0) & (y >= 0)), (x + y, True)), (x, y))
+    assert f(0.0, 1.0) == 0 and f(0.0, -1.0) == -1.0 and f(2.0, 1.0) == 3.0
+    t = eg.tensor([0.0, 0.0, 2.0])
+    np.testing.assert_array_equal(f(t, eg.tensor([1.0, -1.0, 1.0])).numpy(), [0.0, -1.0, 3.0])
+    np.testing.assert_array_equal(f(t, -1.0).numpy(), [-1.0, -1.0, 1.0])
+    assert call("eq", 0.0, float("nan")) is False and call("logical_and", True, t) is t
+    j = eg.jit(eg.grad(lambda x: (x ** 2.0).sum()))
+    np.testing.assert_array_equal(j(t).numpy(), [0.0, 0.0, 4.0])
+    assert "where" not in str(j.ir) and "eq" not in str(j.ir)

@@ -560,3 +560,21 @@ def test_printed_softplus_keeps_its_digits_far_below_zero(clib, dtype):
     got = _call(clib[dtype], cprint.kernel_name("softplus", dtype), [x], np.dtype(dtype))
     np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == "float32" else 1e-13,
                                atol=np.finfo(np.float32).smallest_subnormal if dtype == "float32" else 0)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_printed_pow_derivatives_are_finite_at_a_zero_base(clib, dtype):
+    """The derivative kernels the CuPy backend runs for pow (its declared Piecewise
+    gradients, printed as selects) give PyTorch's values at x = 0: 0 where the textbook
+    forms are 0 * inf (d/dx at y = 0, d/dy at y >= 0), the infinities of y < 0, NaN in
+    d/dy at a negative base."""
+    x = np.array([0.0, 0.0, 0.0, 0.0, 0.0, -0.0, 2.0, -2.0, -2.0, 0.0], dtype)
+    y = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 2.0, 0.0, 0.0, 3.0, -1.0], dtype)
+    with np.errstate(all="ignore"):
+        out = np.power(x, y)
+    d0 = np.array([0.0, np.inf, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 12.0, -np.inf])
+    d1 = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.log(2.0), np.nan, np.nan, -np.inf])
+    for i, want in enumerate((d0, d1)):
+        got = _call(clib[dtype], cprint.kernel_name("pow", dtype, f"_d{i}"), [x, y, out], np.dtype(dtype))
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-6, err_msg=f"d{i} {dtype}")

@@ -338,3 +338,61 @@ def test_softplus_keeps_its_relative_precision_far_below_zero(jit, dtype):
     for got in runs:
         assert got.dtype == dtype
         np.testing.assert_allclose(got[:points.size], want, **tol)
+
+
+# -- pow's gradients at a zero (or negative) base ----------------------------------------------
+
+# (x, y, d(x**y)/dx, d(x**y)/dy) as PyTorch defines them: the textbook y * x**(y - 1) and
+# x**y * log(x), except 0 where y == 0 (d/dx: x**0 is constant) and where x == 0 <= y
+# (d/dy: 0**y is constant there). Unmasked, those were 0 * inf and 0 * -inf: NaN.
+# A negative base keeps log(x) = NaN in d/dy, as PyTorch's does.
+POW_POINTS = [
+    (0.0, 0.0, 0.0, 0.0), (0.0, 0.5, np.inf, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, 2.0, 0.0, 0.0),
+    (0.0, 3.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), (2.0, 0.0, 0.0, float(np.log(2.0))),
+    (-2.0, 0.0, 0.0, np.nan), (-2.0, 2.0, -4.0, np.nan), (-2.0, 3.0, 12.0, np.nan),
+    (0.0, -1.0, -np.inf, -np.inf), (0.0, -2.0, -np.inf, -np.inf), (0.0, -0.5, -np.inf, -np.inf),
+    (-0.0, 2.0, -0.0, 0.0), (-0.0, -1.0, -np.inf, np.inf),
+]
+
+
+def _pow_grads(dtype, jit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(d/dx, d/dy) of sum(x ** y) at POW_POINTS; under the jit on arrays long enough
+    that it prints its fused groups as C kernels."""
+    from engine.compiler import ckernels
+    x, y = (np.array([p[k] for p in POW_POINTS], dtype) for k in (0, 1))
+    reps = -(-ckernels.MIN_ELEMENTS // x.size) if jit else 1
+    g = eg.grad(lambda a, b: (a ** b).sum(), argnums=(0, 1))
+    with np.errstate(all="ignore"):
+        gx, gy = (eg.jit(g) if jit else g)(eg.tensor(np.tile(x, reps)), eg.tensor(np.tile(y, reps)))
+    return gx.numpy()[:x.size], gy.numpy()[:x.size]
+
+
+def _same_values(got: np.ndarray, want: np.ndarray, dtype) -> None:
+    """Equal NaNs and infinities, finite values to rounding."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.where(np.isinf(got), got, 0), np.where(np.isinf(want), want, 0))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("jit", [False, True])
+def test_pow_gradients_at_a_zero_base_are_pytorchs(jit, dtype):
+    """No silent NaN: d(0**y)/dy = 0 for y >= 0 and d(x**0)/dx = 0 at x = 0 (values
+    written from the math above, no PyTorch needed)."""
+    gx, gy = _pow_grads(dtype, jit)
+    assert gx.dtype == gy.dtype == dtype
+    _same_values(gx, np.array([p[2] for p in POW_POINTS]), dtype)
+    _same_values(gy, np.array([p[3] for p in POW_POINTS]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("jit", [False, True])
+def test_pow_gradients_at_a_zero_base_equal_torch(jit, dtype):
+    torch = _torch()
+    x, y = (torch.tensor([p[k] for p in POW_POINTS], dtype=getattr(torch, np.dtype(dtype).name),
+                         requires_grad=True) for k in (0, 1))
+    tx, ty = (t.numpy() for t in torch.autograd.grad((x ** y).sum(), (x, y)))
+    gx, gy = _pow_grads(dtype, jit)
+    _same_values(gx, tx, dtype)
+    _same_values(gy, ty, dtype)
