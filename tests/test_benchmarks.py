@@ -62,3 +62,14 @@ def test_repeated_rounds_are_summarized_per_implementation():
     table = markdown(summary)
     assert "| 1 | small | engine eager | 4.00 |" in table and "2.00 (1.50–3.00)" in table
     assert "| 1.00 |" in table                      # the reference row: no range
+
+
+def test_paired_comparison_runs_both_trees_in_turn():
+    """The tree against itself: both workers build the step, answer every round, and the
+    ratio is a median of per-round ratios (no timing is asserted)."""
+    from pathlib import Path
+    from benchmarks.paired import compare
+    here = Path(__file__).resolve().parent.parent
+    r = compare(here, here, "small", "jit", steps=1, rounds=3)
+    assert r["other_ms"] > 0 and r["here_ms"] > 0
+    assert r["q1"] <= r["ratio"] <= r["q3"]
