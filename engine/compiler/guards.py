@@ -209,7 +209,7 @@ class Guard:
 
 
 class _Writer:
-    """Straight-line guard source: named intermediate values, constants in K."""
+    """Straight-line guard source: named intermediate values, constants as k0, k1, ... (cells)."""
 
     def __init__(self, touched: set) -> None:
         self.touched = touched             # ids of tensors the trace used (their .grad: grad_none)
