@@ -85,6 +85,18 @@ def test_decoder_layer_whole_backward_proved_by_the_chain_rule():
     assert report.elements >= 300 and report.unreached == []
 
 
+@pytest.mark.parametrize("key", ["causal_lm_loss", "seq2seq_loss"])
+def test_whole_model_training_losses_proved_by_the_chain_rule(key):
+    """What users train, end to end: embedding (tied to the output projection, so its
+    cotangent sums two paths), positions, attention with its masks, LayerNorms, the
+    feed-forward blocks and the loss, every parameter's gradient proved."""
+    report = N.chain_report(key)
+    assert report.ok, report.summary()
+    run, leaves = N.CHAIN_CASES[key][1]()
+    assert report.tensors == report.nodes + len(leaves) - 1 and report.unreached == []
+    assert any("embed" in k or "token" in k for k in leaves)
+
+
 def test_chain_proof_names_a_miswired_gradient(monkeypatch):
     """A backward that sends a cotangent to the wrong place (LayerNorm's weight and bias
     gradients swapped: same shapes, every value plausible) fails the induction at the

@@ -203,7 +203,9 @@ def verify_chain(run: Callable[[], Tensor], leaves: dict[str, Tensor], name: str
             if id(x) not in reference:
                 report.failures.append(f"{_describe(node)} reads a tensor outside the graph")
                 continue
-            reference[id(x)] = reference[id(x)] + arr
+            total = np.empty(arr.shape, dtype=object)     # (a 0-d sum would be a bare scalar)
+            total[...] = reference[id(x)] + arr
+            reference[id(x)] = total
             consumers[id(x)].append(t)
     read = {id(x) for _, node in nodes for x in node.inputs}
     report.unreached = [k for k, t in leaves.items() if id(t) not in read]

@@ -36,7 +36,8 @@ from .verify import (GradientReport, constant, graph_nodes, node_key, node_repor
 
 __all__ = ["symbolic_parameters", "NNCase", "nn_cases", "nn_case_report", "GraphReport",
            "verify_graph", "decoder_layer", "decoder_run", "decoder_graph_report",
-           "decoder_chain_report"]
+           "decoder_chain_report",
+           "causal_lm_run", "seq2seq_run", "CHAIN_CASES", "chain_report"]
 
 _TARGETS = np.array([0, -100, 2])          # the middle row is ignored
 _SMOOTHING = 0.1
@@ -197,7 +198,53 @@ def decoder_graph_report() -> GraphReport:
     return verify_graph(*decoder_run(), "TransformerDecoderLayer")
 
 
+def causal_lm_run() -> tuple:
+    """(run, leaves) of a decoder-only language model's training loss: nn.CausalLM
+    (vocab 3, d_model 2, 2 heads, one layer, output tied to the embedding) on tokens
+    [0, 2, 1], cross_entropy against [2, 1, ignored] with label smoothing 0.1."""
+    lm = nn.CausalLM(3, d_model=2, nhead=2, num_layers=1, dim_feedforward=2, dropout=0.0,
+                     max_len=4, dtype=np.float64).eval()
+    leaves = symbolic_parameters(lm)
+    tokens, targets = constant(np.array([[0, 2, 1]])), constant(np.array([2, 1, -100]))
+    return (lambda: nn.functional.cross_entropy(lm(tokens).reshape(-1, 3), targets,
+                                                ignore_index=-100,
+                                                label_smoothing=_SMOOTHING)), leaves
+
+
+def seq2seq_run() -> tuple:
+    """(run, leaves) of an encoder-decoder Transformer's training loss:
+    nn.Seq2SeqTransformer (vocab 3, d_model 2, 2 heads, one encoder and one decoder layer)
+    from source [0, 2, 1] and target input [1, 2], cross_entropy against [2, 0]."""
+    model = nn.Seq2SeqTransformer(3, d_model=2, nhead=2, num_encoder_layers=1,
+                                  num_decoder_layers=1, dim_feedforward=2, dropout=0.0,
+                                  dtype=np.float64).eval()
+    leaves = symbolic_parameters(model)
+    src, tgt_in = constant(np.array([[0, 2, 1]])), constant(np.array([[1, 2]]))
+    tgt_out = constant(np.array([2, 0]))
+    return (lambda: nn.functional.cross_entropy(model(src, tgt_in).reshape(-1, 3),
+                                                tgt_out)), leaves
+
+
+# Whole graphs proved end to end by `verify_chain`: key -> (label, build).
+CHAIN_CASES: dict[str, tuple[str, Callable[[], tuple]]] = {
+    "decoder_layer": ("a `TransformerDecoderLayer(2, 2, 2)`'s output (the layer above)",
+                      decoder_run),
+    "causal_lm_loss": ("a decoder-only LM's training loss: `nn.CausalLM` (vocab 3, d_model 2, "
+                       "2 heads, 1 layer, output tied to the embedding), `cross_entropy` with "
+                       "an ignored target and label smoothing 0.1", causal_lm_run),
+    "seq2seq_loss": ("an encoder-decoder's training loss: `nn.Seq2SeqTransformer` (vocab 3, "
+                     "d_model 2, 2 heads, 1 + 1 layers, tied embeddings), `cross_entropy`",
+                     seq2seq_run),
+}
+
+
 @functools.lru_cache(maxsize=None)
+def chain_report(key: str) -> ChainReport:
+    """One whole graph of `CHAIN_CASES` proved end to end (computed once per process)."""
+    label, build = CHAIN_CASES[key]
+    return verify_chain(*build(), key)
+
+
 def decoder_chain_report() -> ChainReport:
     """The whole decoder layer's backward (`decoder_run`) proved end to end."""
-    return verify_chain(*decoder_run(), "TransformerDecoderLayer")
+    return chain_report("decoder_layer")
