@@ -411,6 +411,7 @@ class Planned:
         cfn.argtypes = ([ctypes.c_void_p, ctypes.c_longlong] * n_in
                         + [ctypes.c_void_p] * (self.n_out + (self.scratch > 0)))
         sizes, scratch, dtype = self.sizes, self.scratch, self.dtype
+        local = threading.local()           # scratch per thread: a C call ends on its thread
 
         def run(*arrays: Any) -> None:
             outs = arrays[n_in:]
@@ -434,7 +435,6 @@ class Planned:
                     buf = local.scratch = np.empty(scratch, dtype)
                 args.append(address(buf))
             cfn(*args)
-        local = threading.local()                    # a C call runs to its end on its thread
         return run
 
 

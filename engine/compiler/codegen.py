@@ -68,8 +68,14 @@ def _ufunc(op: Any, backend: Any, node_inputs: tuple, out: Value) -> Any:
     for a in node_inputs:
         if isinstance(a, Value) and a.dtype != out.dtype:
             return None
-    for_size = getattr(fn, "for_size", None)      # the shapes are fixed: decide the path once
-    return fn if for_size is None else for_size(int(np.prod(out.shape)))
+    return _at_size(fn, int(np.prod(out.shape)))
+
+
+def _at_size(fn: Any, size: int) -> Any:
+    """`fn` as bound for a fixed size: a backend function that picks its path by size
+    (`for_size`) decides it once here instead of at every call."""
+    for_size = getattr(fn, "for_size", None)
+    return fn if for_size is None else for_size(size)
 
 
 def _group_ufuncs(group: FusedElementwise, backend: Any, out: Value) -> list | None:
@@ -79,8 +85,7 @@ def _group_ufuncs(group: FusedElementwise, backend: Any, out: Value) -> list | N
         fn = op.impl(backend) if isinstance(op, ElementwiseOp) else None
         if fn is None or not _writes_out(fn) or (op.float_result and out.dtype.kind != "f"):
             return None
-        for_size = getattr(fn, "for_size", None)
-        fns.append(fn if for_size is None else for_size(size))
+        fns.append(_at_size(fn, size))
     return fns
 
 

@@ -92,7 +92,6 @@ class ChainReport:
     methods: dict = field(default_factory=dict)       # proof method -> elements
     failures: list[str] = field(default_factory=list)
     unreached: list[str] = field(default_factory=list)  # leaves no op reads
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,17 +117,15 @@ def _consumer_terms(node: Any, out: Tensor, w_out: np.ndarray, defs: dict, point
     """J_c^T w_c for each input of op c that takes a gradient, as {input position: array},
     from sympy.diff of c's forward re-run on fresh symbols, at the values c read."""
     grad_pos = [i for i, x in enumerate(node.inputs) if isinstance(x, Tensor) and x.requires_grad]
-    fresh = {}
+    fresh, at = {}, {}                 # fresh symbols per input; each one -> the value read
     for i in grad_pos:      # an infinite entry (a masked score) stays itself: no derivative there
         z, actual = symbols(f"z{i}", node.inputs[i].shape), node.inputs[i]._data.data
         fresh[i] = np.where(np.vectorize(_infinite, otypes=[bool])(actual), actual, z)
+        at.update((s, a) for s, a in zip(fresh[i].reshape(-1), actual.reshape(-1))
+                  if isinstance(s, sympy.Symbol))
     args = [symbolic_tensor(fresh[i]) if i in fresh else
             (x.detach() if isinstance(x, Tensor) else x) for i, x in enumerate(node.inputs)]
     f = node.op(*args, **node.params)._data.data
-    at = {}
-    for i in grad_pos:
-        at.update((z, a) for z, a in zip(fresh[i].reshape(-1), node.inputs[i]._data.data.reshape(-1))
-                  if isinstance(z, sympy.Symbol))
     # the recorded output is the op at the recorded inputs (so the graph computes y)
     for idx in np.ndindex(*f.shape):
         got, want = out._data.data[idx], sympy.sympify(f[idx]).xreplace(at)
@@ -211,7 +208,6 @@ def verify_chain(run: Callable[[], Tensor], leaves: dict[str, Tensor], name: str
     report.unreached = [k for k, t in leaves.items() if id(t) not in read]
     labels = {id(t): _describe(node) for t, node in nodes}
     labels.update({id(t): f"leaf {k}" for k, t in leaves.items()})
-    outputs_of = {id(t): t for t, _ in nodes}
     for t in tensors:
         if t is out:
             continue
@@ -219,7 +215,7 @@ def verify_chain(run: Callable[[], Tensor], leaves: dict[str, Tensor], name: str
                 if isinstance(s, sympy.Symbol)}
         linear = sorted(stop, key=sympy.default_sort_key)
         # the forward values a VJP saved as outputs, written in its inputs (as J is)
-        expand = {s: forward.defs[s] for c in consumers[id(t)] if id(c) in outputs_of
+        expand = {s: forward.defs[s] for c in consumers[id(t)]
                   for s in c._data.data.reshape(-1) if s in forward.defs}
         cache: dict = {}
         report.tensors += 1
